@@ -1,0 +1,34 @@
+# Two commands for users: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-mpi bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's metadata changes; editable, so code edits need no reinstall.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[mpich,data,test]"
+	touch $(STAMP)
+
+# 1 server + 3 workers, Sync, the classic MNIST MLP on the 5,000-image subset.
+demo: install
+	timeout 600 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m psframe train \
+	  --model mlp:784,128,10 --data mnist --policy sync --optimizer sgd --lr 0.05 \
+	  --momentum 0.9 --batch-size 32 --epochs 8
+
+# Unit tests, then MPI tests at 2, 3 and 4 ranks; one closing line for the whole run.
+test: install
+	$(PY) tests/run_suite.py
+
+bench: install
+	$(MPIEXEC) -n 2 $(PY) benchmarks/transport.py
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .test-logs

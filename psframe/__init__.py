@@ -1,0 +1,17 @@
+"""psframe: a parameter-server framework for distributed training over MPI."""
+from . import data, layers, losses, models
+from .backend import xp
+from .metrics import TrainResult
+from .models import Model, Sequential
+from .optim import SGD, Adam, Optimizer
+from .policies import Policy, Sync
+from .runtime import ConfigError, train
+from .server import GradientError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "train", "TrainResult", "ConfigError", "GradientError",
+    "Model", "Sequential", "layers", "losses", "models", "data", "xp",
+    "Policy", "Sync", "Optimizer", "SGD", "Adam",
+]

@@ -1,0 +1,121 @@
+"""Wire protocol: message tags, the fixed int64 header, buffer frames, and a wait that yields."""
+import enum
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["Tag", "Op", "Field", "Status", "HEADER_LEN", "Channel", "new_header", "wait"]
+
+
+class Tag(enum.IntEnum):
+    """MPI tags; one per kind of message so frames never match a header's receive."""
+
+    REQUEST = 11  # worker → server: header of a pull, push or done
+    PUSH = 12  # worker → server: gradient frames of a push
+    REPLY = 13  # server → worker: header answering a pull
+    WEIGHTS = 14  # server → worker: weight frames of a pull
+    CONTROL = 15  # either way: small pickled objects (final stats), never on the hot path
+
+
+class Op(enum.IntEnum):
+    PULL = 1
+    PUSH = 2
+    DONE = 3
+
+
+class Status(enum.IntEnum):
+    """Carried in a REPLY header: whether weights follow or the worker must stop."""
+
+    OK = 0
+    STOP = 1
+
+
+class Field(enum.IntEnum):
+    """Slots of the fixed int64 header; LOSS holds a float64 by bit pattern."""
+
+    OP = 0
+    WORKER = 1
+    CLOCK = 2  # steps this worker has completed (a push carries the clock it computed at)
+    SHARD_LO = 3
+    SHARD_HI = 4
+    COUNT = 5  # payload elements that follow, so the receiver can check the size
+    VERSION = 6  # server version the weights came from (pull reply) or were pulled at (push)
+    LOSS = 7
+    SAMPLES = 8
+    STATUS = 9
+
+
+HEADER_LEN = len(Field)
+
+
+def new_header():
+    return np.zeros(HEADER_LEN, dtype=np.int64)
+
+
+def set_loss(header, loss):
+    header[Field.LOSS : Field.LOSS + 1].view(np.float64)[0] = loss
+
+
+def get_loss(header):
+    return float(header[Field.LOSS : Field.LOSS + 1].view(np.float64)[0])
+
+
+# Waiting: MPICH's blocking calls spin at 100% of a core. On a node where ranks outnumber
+# cores that spin steals the CPU the workers need, so every wait polls with backoff instead.
+_SPIN_TESTS = 64
+_MIN_SLEEP_S = 20e-6
+_MAX_SLEEP_S = 1e-3
+
+
+def wait(request):
+    """Wait for one request without spinning a core; returns its MPI.Status."""
+    status = MPI.Status()
+    for _ in range(_SPIN_TESTS):
+        if request.Test(status):
+            return status
+    pause = _MIN_SLEEP_S
+    while not request.Test(status):
+        time.sleep(pause)
+        pause = min(pause * 2, _MAX_SLEEP_S)
+    return status
+
+
+def wait_all(requests):
+    """Waitall with the same yielding policy."""
+    if not requests:
+        return
+    for _ in range(_SPIN_TESTS):
+        if MPI.Request.Testall(requests):
+            return
+    pause = _MIN_SLEEP_S
+    while not MPI.Request.Testall(requests):
+        time.sleep(pause)
+        pause = min(pause * 2, _MAX_SLEEP_S)
+
+
+class Channel:
+    """Buffer send/receive of headers and flat-buffer frames on one communicator."""
+
+    def __init__(self, comm, layout):
+        self.comm = comm
+        self.layout = layout
+        self.mpi_dtype = MPI.DOUBLE if layout.dtype == np.float64 else MPI.FLOAT
+
+    def send_header(self, header, dest, tag):
+        wait(self.comm.Isend([header, MPI.INT64_T], dest=dest, tag=tag))
+
+    def recv_header(self, header, source, tag):
+        return wait(self.comm.Irecv([header, MPI.INT64_T], source=source, tag=tag))
+
+    def isend_frames(self, flat, lo, hi, dest, tag):
+        return [
+            self.comm.Isend([flat[a:b], self.mpi_dtype], dest=dest, tag=tag)
+            for a, b in self.layout.frames(lo, hi)
+        ]
+
+    def irecv_frames(self, flat, lo, hi, source, tag):
+        return [
+            self.comm.Irecv([flat[a:b], self.mpi_dtype], source=source, tag=tag)
+            for a, b in self.layout.frames(lo, hi)
+        ]

@@ -1,0 +1,102 @@
+"""Run metrics: server counters, staleness histogram, history, and the TrainResult users get."""
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["ServerStats", "TrainResult", "Stopwatch"]
+
+
+class Stopwatch:
+    """Accumulates seconds spent inside ``with`` blocks."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._start = None
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._start
+
+
+@dataclass
+class ServerStats:
+    """Counters the server keeps while it serves; ``as_dict`` becomes ``TrainResult.stats``."""
+
+    updates_applied: int = 0
+    updates_dropped: int = 0
+    updates_rejected: int = 0
+    staleness: Counter = field(default_factory=Counter)
+    pulls_answered: int = 0
+    pushes_received: int = 0
+    bytes_pulled: int = 0
+    bytes_pushed: int = 0
+    samples: int = 0
+
+    def record_update(self, staleness):
+        self.updates_applied += 1
+        self.staleness[int(staleness)] += 1
+
+    def as_dict(self):
+        return {
+            "updates_applied": self.updates_applied,
+            "updates_dropped": self.updates_dropped,
+            "updates_rejected": self.updates_rejected,
+            "max_staleness": max(self.staleness, default=0),
+            "staleness_hist": dict(sorted(self.staleness.items())),
+            "pulls_answered": self.pulls_answered,
+            "pushes_received": self.pushes_received,
+            "bytes_pulled": self.bytes_pulled,
+            "bytes_pushed": self.bytes_pushed,
+            "samples": self.samples,
+        }
+
+
+def _fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+
+
+@dataclass
+class TrainResult:
+    """What ``ps.train`` returns on the server rank."""
+
+    params: dict
+    history: list
+    stats: dict
+    config: dict = field(default_factory=dict)
+
+    @property
+    def final(self):
+        return self.history[-1] if self.history else {}
+
+    def summary(self):
+        s, c, last = self.stats, self.config, self.final
+        rows = [
+            ("mode / policy", f"{c.get('mode')} / {c.get('policy')}"),
+            ("workers", s.get("n_workers")),
+            ("optimizer", c.get("optimizer")),
+            ("steps per worker", s.get("steps_per_worker")),
+            ("updates applied", s["updates_applied"]),
+            ("max staleness", s["max_staleness"]),
+            ("train loss", _num(last.get("train_loss"))),
+            ("test loss", _num(last.get("eval_loss"))),
+            ("test accuracy", _num(last.get("eval_accuracy"))),
+            ("wall time", f"{s['wall_s']:.2f} s"),
+            ("samples/s", f"{s['samples_per_s']:,.0f}"),
+            ("bytes pulled", _fmt_bytes(s["bytes_pulled"])),
+            ("bytes pushed", _fmt_bytes(s["bytes_pushed"])),
+            ("worker wait share", f"{s.get('worker_wait_share', 0.0):.1%}"),
+            ("server CPU share", f"{s.get('server_cpu_share', 0.0):.1%}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = ["psframe run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+        return "\n".join(lines)
+
+
+def _num(x):
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,275 @@
+"""Models: the custom-model base class, Sequential, and ready-made MLP and linear models."""
+import numbers
+
+import numpy as np
+
+from .backend import xp
+from .layers import Dense, Layer, ReLU, Tanh
+from .losses import MSE, Loss, SoftmaxCrossEntropy
+
+__all__ = ["Model", "Sequential", "MLP", "SoftmaxRegression", "LinearRegression"]
+
+
+def _check_chunk(chunk):
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk <= 0:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    return int(chunk)
+
+
+def _integer_valued(y):
+    if y.dtype.kind in "iub":
+        return True
+    if y.dtype.kind != "f":
+        return False
+    m = xp(y)
+    return bool(m.isfinite(y).all()) and bool((y == m.floor(y)).all())
+
+
+def _count_equal(pred, y):
+    pred = pred.reshape(-1) if pred.size == y.shape[0] else pred
+    return int((pred == y).sum())
+
+
+class Model:
+    """Base class for custom models.
+
+    Subclasses implement ``init_params(rng) -> dict[str, array]`` and
+    ``loss_and_grad(params, X, y) -> (float, dict[str, array])``, and may
+    implement ``predict(params, X)`` and ``validate_data(X, y)``.
+    """
+
+    def init_params(self, rng):
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement init_params(rng) returning a dict "
+            "of parameter name -> numpy array"
+        )
+
+    def loss_and_grad(self, params, X, y):
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement loss_and_grad(params, X, y) returning "
+            "(loss as float, dict of gradients with the same names as the parameters)"
+        )
+
+    def predict(self, params, X):
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement predict(params, X)"
+        )
+
+    def has_predict(self):
+        """Whether a subclass provides ``predict`` (accuracy needs it)."""
+        return type(self).predict is not Model.predict
+
+    def validate_data(self, X, y):
+        return None
+
+    def evaluate(self, params, X, y, chunk=4096):
+        """Mean loss over ``X`` (in chunks) and accuracy where it is defined, else None."""
+        chunk = _check_chunk(chunk)
+        n = X.shape[0]
+        if n == 0:
+            raise ValueError("cannot evaluate on an empty data set")
+        scored = self.has_predict() and _integer_valued(y)
+        total, correct = 0.0, 0
+        for lo in range(0, n, chunk):
+            Xc, yc = X[lo:lo + chunk], y[lo:lo + chunk]
+            loss, _ = self.loss_and_grad(params, Xc, yc)
+            total += float(loss) * Xc.shape[0]
+            if scored:
+                correct += _count_equal(self.predict(params, Xc), yc)
+        return {"loss": total / n, "accuracy": correct / n if scored else None}
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Sequential(Model):
+    """A chain of layers followed by a loss; parameters are named ``"{i}.{name}"``."""
+
+    def __init__(self, layers, loss):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"layer {i} is a {type(layer).__name__}, not a psframe.layers.Layer"
+                )
+        if not isinstance(loss, Loss):
+            raise TypeError(f"loss must be a psframe.losses.Loss, got {type(loss).__name__}")
+        width = None
+        for i, layer in enumerate(layers):
+            try:
+                width = layer.out_features(width)
+            except ValueError as exc:
+                raise ValueError(f"layer {i}: {exc}") from None
+        self.layers = layers
+        self.loss = loss
+        self._n_outputs = width
+        # (local, global) parameter names per layer, fixed once here.
+        self._names = [
+            [(name, f"{i}.{name}") for name in layer.param_shapes()]
+            for i, layer in enumerate(layers)
+        ]
+
+    @property
+    def n_features(self):
+        """Input width: the first Dense layer's n_in (None without one)."""
+        for layer in self.layers:
+            if isinstance(layer, Dense):
+                return layer.n_in
+        return None
+
+    @property
+    def n_outputs(self):
+        """Output width: the last Dense layer's n_out (None without one)."""
+        return self._n_outputs
+
+    def param_shapes(self):
+        shapes = {}
+        for i, layer in enumerate(self.layers):
+            for name, shape in layer.param_shapes().items():
+                shapes[f"{i}.{name}"] = tuple(shape)
+        return shapes
+
+    def layer_param_names(self, i):
+        return [full for _, full in self._names[i]]
+
+    def flops(self, batch):
+        """Approximate forward FLOPs for a batch of ``batch`` rows."""
+        return sum(layer.flops(batch) for layer in self.layers)
+
+    def init_params(self, rng):
+        params = {}
+        for i, layer in enumerate(self.layers):
+            local = layer.init_params(rng)
+            expected = [name for name, _ in self._names[i]]
+            if sorted(local) != sorted(expected):
+                raise ValueError(
+                    f"layer {i} ({layer!r}) initialised parameters {sorted(local)} "
+                    f"but param_shapes() declares {sorted(expected)}"
+                )
+            for name, full in self._names[i]:
+                params[full] = local[name]
+        return params
+
+    def _layer_params(self, params, i):
+        return {local: params[full] for local, full in self._names[i]}
+
+    def _forward(self, params, X, keep_caches):
+        caches = []
+        h = X
+        for i, layer in enumerate(self.layers):
+            h, cache = layer.forward(self._layer_params(params, i), h)
+            if keep_caches:
+                caches.append(cache)
+        return h, caches
+
+    def loss_and_grad(self, params, X, y):
+        out, caches = self._forward(params, X, keep_caches=True)
+        loss, loss_cache = self.loss.forward(out, y)
+        d = self.loss.backward(loss_cache)
+        grads = {}
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            lp = self._layer_params(params, i)
+            if i == 0 and isinstance(layer, Dense):
+                g, d = layer.backward(lp, caches[i], d, need_dx=False)
+            else:
+                g, d = layer.backward(lp, caches[i], d)
+            for local, full in self._names[i]:
+                grads[full] = g[local]
+        return float(loss), grads
+
+    def predict(self, params, X):
+        out, _ = self._forward(params, X, keep_caches=False)
+        return self.loss.predict(out)
+
+    def evaluate(self, params, X, y, chunk=4096):
+        chunk = _check_chunk(chunk)
+        n = X.shape[0]
+        if n == 0:
+            raise ValueError("cannot evaluate on an empty data set")
+        scored = bool(getattr(self.loss, "classification", False))
+        total, correct = 0.0, 0
+        for lo in range(0, n, chunk):
+            Xc, yc = X[lo:lo + chunk], y[lo:lo + chunk]
+            out, _ = self._forward(params, Xc, keep_caches=False)
+            loss, _ = self.loss.forward(out, yc)
+            total += float(loss) * Xc.shape[0]
+            if scored:
+                correct += _count_equal(self.loss.predict(out), yc)
+        return {"loss": total / n, "accuracy": correct / n if scored else None}
+
+    def validate_data(self, X, y):
+        X = np.asarray(X) if xp(X) is np else X
+        if X.ndim != 2:
+            raise ValueError(f"data must be a 2-D array (rows x features); got shape {X.shape}")
+        if X.shape[0] == 0:
+            raise ValueError("data has no rows")
+        n_features = self.n_features
+        if n_features is not None and X.shape[1] != n_features:
+            raise ValueError(
+                f"data has {X.shape[1]} features but the model's first layer expects {n_features}"
+            )
+        if X.dtype.kind not in "iuf":
+            raise ValueError(f"data must be numeric; got dtype {X.dtype}")
+        if not bool(xp(X).isfinite(X).all()):
+            raise ValueError("data contains non-finite values (nan or inf)")
+        n_y = len(y)
+        if n_y != X.shape[0]:
+            raise ValueError(f"data has {X.shape[0]} rows but {n_y} labels/targets")
+        if self.n_outputs is not None:
+            self.loss.check_targets(y, self.n_outputs)
+        return None
+
+    def __repr__(self):
+        layers = ", ".join(repr(layer) for layer in self.layers)
+        return f"Sequential([{layers}], {self.loss!r})"
+
+
+_ACTIVATIONS = {"relu": ReLU, "tanh": Tanh}
+
+
+class MLP(Sequential):
+    """Dense layers of the given sizes with an activation between them, softmax cross-entropy."""
+
+    def __init__(self, sizes, activation="relu"):
+        sizes = list(sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"MLP needs at least 2 sizes (inputs and outputs), got {sizes}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}"
+            )
+        layers = []
+        for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            if k:
+                layers.append(_ACTIVATIONS[activation]())
+            layers.append(Dense(n_in, n_out))
+        super().__init__(layers, SoftmaxCrossEntropy())
+        self.sizes = [int(s) for s in sizes]
+        self.activation = activation
+
+    def __repr__(self):
+        extra = "" if self.activation == "relu" else f", activation={self.activation!r}"
+        return f"MLP({self.sizes}{extra})"
+
+
+class SoftmaxRegression(Sequential):
+    """Multinomial logistic regression: one Dense layer and softmax cross-entropy."""
+
+    def __init__(self, n_in, n_classes):
+        super().__init__([Dense(n_in, n_classes, init="glorot")], SoftmaxCrossEntropy())
+
+    def __repr__(self):
+        return f"SoftmaxRegression({self.n_features}, {self.n_outputs})"
+
+
+class LinearRegression(Sequential):
+    """Least squares: one Dense layer with a single output and mean squared error."""
+
+    def __init__(self, n_in):
+        super().__init__([Dense(n_in, 1, init="glorot")], MSE())
+
+    def __repr__(self):
+        return f"LinearRegression({self.n_features})"

@@ -1,0 +1,129 @@
+"""Parameter layout: every tensor at an offset in one flat buffer, cut into shards and frames."""
+import numpy as np
+
+__all__ = ["ParamLayout", "DEFAULT_SHARD_ELEMS"]
+
+# 256 Ki elements (1 MiB in float32): large enough that per-message cost vanishes next to the
+# copy (benchmarks/transport.py), small enough that an optimizer pass over a shard stays in L2.
+DEFAULT_SHARD_ELEMS = 1 << 18
+
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
+class ParamLayout:
+    """Names → (offset, shape) in a flat buffer; shards are the server's units of update.
+
+    Shards: at least one per tensor; a tensor larger than ``shard_elems`` is split further.
+    Frames: consecutive shards coalesced up to ``shard_elems``, so a pull or push of many
+    small tensors is still a few large messages. Both sides derive the same plan from the
+    layout, so frame sizes never travel on the wire.
+    """
+
+    def __init__(self, shapes, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS):
+        if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+        if int(shard_elems) < 1:
+            raise ValueError(f"shard_elems must be >= 1, got {shard_elems}")
+        self.dtype = np.dtype(dtype)
+        self.shard_elems = int(shard_elems)
+        self.names = list(shapes)
+        self.shapes = {n: tuple(int(d) for d in shapes[n]) for n in self.names}
+        self.sizes = {n: int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names}
+        self.offsets = {}
+        offset = 0
+        for n in self.names:
+            self.offsets[n] = offset
+            offset += self.sizes[n]
+        self.size = offset
+        self.nbytes = self.size * self.dtype.itemsize
+
+        bounds = [0]
+        for n in self.names:
+            start, stop = self.offsets[n], self.offsets[n] + self.sizes[n]
+            for cut in range(start + self.shard_elems, stop, self.shard_elems):
+                bounds.append(cut)
+            if stop > bounds[-1]:
+                bounds.append(stop)
+        # shard_bounds[k]..shard_bounds[k+1] is shard k, contiguous and in order.
+        self.shard_bounds = np.asarray(bounds, dtype=np.int64)
+        self.n_shards = len(bounds) - 1
+        self.tensor_shards = {
+            n: self.shards_of_range(self.offsets[n], self.offsets[n] + self.sizes[n])
+            for n in self.names
+        }
+
+    @classmethod
+    def from_params(cls, params, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS):
+        return cls({n: np.shape(a) for n, a in params.items()}, dtype, shard_elems)
+
+    def signature(self):
+        """A hashable description; ranks compare it to agree on one layout."""
+        return (str(self.dtype), self.shard_elems, tuple((n, self.shapes[n]) for n in self.names))
+
+    # -- ranges -----------------------------------------------------------------------------
+    def shard_range(self, lo, hi):
+        """Element range [start, stop) covered by shards [lo, hi)."""
+        return int(self.shard_bounds[lo]), int(self.shard_bounds[hi])
+
+    def shards_of_range(self, start, stop):
+        """Shard range [lo, hi) that exactly covers elements [start, stop)."""
+        lo = int(np.searchsorted(self.shard_bounds, start, side="left"))
+        hi = int(np.searchsorted(self.shard_bounds, stop, side="left"))
+        if self.shard_bounds[lo] != start or self.shard_bounds[hi] != stop:
+            raise ValueError(f"elements [{start}, {stop}) do not fall on shard bounds")
+        return lo, hi
+
+    def frames(self, lo=0, hi=None):
+        """Element ranges of the messages that carry shards [lo, hi)."""
+        hi = self.n_shards if hi is None else hi
+        if hi <= lo:
+            return []
+        frames = []
+        start = stop = int(self.shard_bounds[lo])
+        for k in range(lo, hi):
+            end = int(self.shard_bounds[k + 1])
+            if end - start > self.shard_elems and stop > start:
+                frames.append((start, stop))
+                start = stop
+            stop = end
+        frames.append((start, stop))
+        return frames
+
+    # -- buffers ----------------------------------------------------------------------------
+    def empty(self, xp=np):
+        return xp.empty(self.size, dtype=self.dtype)
+
+    def views(self, flat):
+        """Dict name → reshaped view into ``flat`` (no copies)."""
+        return {
+            n: flat[self.offsets[n] : self.offsets[n] + self.sizes[n]].reshape(self.shapes[n])
+            for n in self.names
+        }
+
+    def flatten(self, params, out=None):
+        """Copy a dict of arrays into a flat buffer, checking names and shapes."""
+        out = self.empty() if out is None else out
+        missing = [n for n in self.names if n not in params]
+        extra = [n for n in params if n not in self.shapes]
+        if missing or extra:
+            raise ValueError(
+                f"parameters do not match the model: missing {missing}, unexpected {extra}"
+            )
+        for n in self.names:
+            if tuple(np.shape(params[n])) != self.shapes[n]:
+                raise ValueError(
+                    f"parameter {n!r} has shape {tuple(np.shape(params[n]))}, "
+                    f"expected {self.shapes[n]}"
+                )
+            out[self.offsets[n] : self.offsets[n] + self.sizes[n]] = params[n].reshape(-1)
+        return out
+
+    def unflatten(self, flat):
+        """Dict name → independent copies (for results handed to users)."""
+        return {n: v.copy() for n, v in self.views(flat).items()}
+
+    def __repr__(self):
+        return (
+            f"ParamLayout({len(self.names)} tensors, {self.size} elements, {self.dtype}, "
+            f"{self.n_shards} shards)"
+        )

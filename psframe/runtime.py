@@ -1,0 +1,265 @@
+"""train(): validate on every rank, agree on errors, split roles, abort the job on any failure."""
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from .backend import select_backend
+from .data import ArrayDataset, BatchStream, steps_per_epoch, worker_block
+from .models import Model
+from .optim import SGD, Optimizer
+from .params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout
+from .policies import policy_from_spec
+
+__all__ = ["train", "ConfigError"]
+
+MODES = ("data", "model", "hybrid")
+BAD_GRADIENT_ACTIONS = ("raise", "skip")
+
+
+class ConfigError(ValueError):
+    """Bad input to ``train``: raised with the same message on every rank, before any work."""
+
+
+def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=None,
+          batch_size=32, epochs=1, steps=None, shuffle=True, seed=0, dtype="float32",
+          init=None, eval_every=None, threads=None, backend="auto", shard_elems=None,
+          on_bad_gradient="raise", verbose=False, comm=None):
+    """Train ``model`` on ``data`` with a parameter server; call it on every rank.
+
+    Rank 0 of ``comm`` (default COMM_WORLD) serves the weights and returns a TrainResult;
+    the other ranks are workers and return None. See README.md for every option.
+    """
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD if comm is None else comm
+    run = None
+    try:
+        run = _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size,
+                        epochs, steps, shuffle, seed, dtype, init, eval_every, threads, backend,
+                        shard_elems, on_bad_gradient)
+        local_error = None
+    except Exception as exc:  # noqa: B902 - an error on one rank must reach all, not hang them
+        local_error = exc
+    _agree_or_raise(world, local_error)
+
+    from threadpoolctl import threadpool_limits
+
+    n_threads = run["threads"] or _default_threads(world)
+    comm = world.Dup()
+    try:
+        with threadpool_limits(limits=n_threads):
+            if comm.Get_rank() == 0:
+                result = _serve(comm, run, verbose)
+                result.config["threads"] = n_threads
+                return result
+            _work(comm, run)
+            return None
+    except BaseException:  # noqa: B902 - any failure must take every rank down, never hang
+        _abort(world)
+    finally:
+        comm.Free()
+
+
+# -- validation ------------------------------------------------------------------------------
+def _as_dataset(data, what):
+    if isinstance(data, ArrayDataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return ArrayDataset(*data)
+    raise TypeError(f"{what} must be a ps.data.ArrayDataset or an (X, y) pair, got {type(data)}")
+
+
+def _check_int(name, value, minimum=1, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size, epochs,
+              steps, shuffle, seed, dtype, init, eval_every, threads, backend, shard_elems,
+              on_bad_gradient):
+    """Everything that can be wrong with the call, checked identically on each rank."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode != "data":
+        raise ValueError(f"mode={mode!r} is not implemented yet; use mode='data'")
+    policy = policy_from_spec("sync" if policy is None else policy)
+    optimizer = SGD(lr=0.1) if optimizer is None else optimizer
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a psframe optimizer such as ps.SGD(...), got {optimizer!r}")
+    optimizer.validate()
+    _check_int("batch_size", batch_size)
+    _check_int("epochs", epochs)
+    _check_int("steps", steps, allow_none=True)
+    _check_int("eval_every", eval_every, allow_none=True)
+    _check_int("threads", threads, allow_none=True)
+    _check_int("seed", seed, minimum=0)
+    _check_int("shard_elems", shard_elems, allow_none=True)
+    if str(dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+    if on_bad_gradient not in BAD_GRADIENT_ACTIONS:
+        raise ValueError(f"on_bad_gradient must be one of {BAD_GRADIENT_ACTIONS}, got {on_bad_gradient!r}")
+    backend = select_backend(backend)
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a ps.Model (or ps.Sequential), got {type(model).__name__}")
+
+    size = world.Get_size()
+    if size < 2:
+        raise ValueError(
+            f"psframe needs at least 2 MPI ranks (1 server + 1 worker), got {size}; "
+            "launch with e.g. `mpiexec -n 4 python train.py`"
+        )
+    n_workers = size - 1
+
+    train_set = _as_dataset(data, "data")
+    train_set.check_finite("training data")
+    model.validate_data(train_set.X, train_set.y)
+    if len(train_set) < n_workers:
+        raise ValueError(f"{len(train_set)} training rows cannot be split among {n_workers} workers")
+    if eval_data is not None:
+        eval_data = _as_dataset(eval_data, "eval_data")
+        eval_data.check_finite("eval data")
+        model.validate_data(eval_data.X, eval_data.y)
+
+    params = model.init_params(np.random.default_rng(seed))
+    layout = ParamLayout.from_params(params, dtype, shard_elems or DEFAULT_SHARD_ELEMS)
+    if init is not None:
+        if not isinstance(init, dict):
+            raise TypeError(f"init must be a dict name -> array, got {type(init).__name__}")
+        params = {k: np.asarray(v) for k, v in init.items()}
+        layout.flatten(params, out=layout.empty())  # checks names and shapes
+        if not all(np.isfinite(v).all() for v in params.values()):
+            raise ValueError("init has non-finite values")
+    weights = layout.flatten(params, out=layout.empty())
+    _probe(model, layout, weights, train_set)
+
+    per_epoch = steps_per_epoch(len(train_set), n_workers, batch_size)
+    return {
+        "model": model, "train": train_set, "eval": eval_data, "mode": mode, "policy": policy,
+        "optimizer": optimizer, "batch_size": int(batch_size), "shuffle": bool(shuffle),
+        "seed": int(seed), "dtype": np.dtype(dtype), "layout": layout, "weights": weights,
+        "steps": int(steps) if steps is not None else int(epochs) * per_epoch,
+        "steps_per_epoch": per_epoch, "eval_every": eval_every or per_epoch,
+        "threads": threads, "backend": backend, "on_bad_gradient": on_bad_gradient,
+        "n_workers": n_workers,
+    }
+
+
+def _probe(model, layout, weights, train_set):
+    """One loss_and_grad on two rows, so a model/data mismatch fails here, not mid-run."""
+    X = train_set.X[:2].astype(layout.dtype)
+    y = train_set.y[:2]
+    try:
+        loss, grads = model.loss_and_grad(layout.views(weights.copy()), X, y)
+    except Exception as exc:
+        raise ValueError(
+            f"the model failed on the first rows of the data ({type(exc).__name__}: {exc}); "
+            "check that the data's features and labels fit the model"
+        ) from exc
+    if not isinstance(grads, dict) or set(grads) != set(layout.names):
+        got = sorted(grads) if isinstance(grads, dict) else type(grads).__name__
+        raise ValueError(f"loss_and_grad must return gradients for {layout.names}, got {got}")
+    for name in layout.names:
+        if tuple(np.shape(grads[name])) != layout.shapes[name]:
+            raise ValueError(
+                f"gradient {name!r} has shape {tuple(np.shape(grads[name]))}, "
+                f"parameter has {layout.shapes[name]}"
+            )
+    if not np.isfinite(float(loss)):
+        raise ValueError(f"the model's loss on the first rows is not finite ({loss})")
+
+
+def _agree_or_raise(world, local_error):
+    """Every rank learns of any rank's error and raises the same ConfigError."""
+    mine = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
+    errors = world.allgather(mine)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    rank, message = failed[0]
+    if len(failed) < len(errors):
+        message = f"{message} (on rank {rank})"
+    raise ConfigError(message) from local_error
+
+
+def _default_threads(world):
+    """Cores on this node shared evenly among the ranks on it; at least one each."""
+    from mpi4py import MPI
+
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    local_ranks = node.Get_size()
+    node.Free()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_ranks)
+
+
+def _abort(world):
+    rank = world.Get_rank()
+    sys.stdout.flush()
+    print(f"psframe: rank {rank} failed; aborting all ranks", file=sys.stderr)
+    traceback.print_exc()
+    sys.stderr.flush()
+    world.Abort(1)
+
+
+# -- roles ------------------------------------------------------------------------------------
+def _serve(comm, run, verbose):
+    from .server import ParameterServer
+
+    eval_data = None
+    if run["eval"] is not None:
+        eval_data = (
+            np.ascontiguousarray(run["eval"].X, dtype=run["dtype"]),
+            _labels(run["model"], run["eval"].y, run["dtype"]),
+        )
+    server = ParameterServer(
+        comm, run["layout"], run["weights"], model=run["model"], optimizer=run["optimizer"],
+        policy_state=run["policy"].state(run["n_workers"]), workers=range(1, comm.Get_size()),
+        eval_data=eval_data, eval_every=run["eval_every"], total_steps=run["steps"],
+        steps_per_epoch=run["steps_per_epoch"], on_bad_gradient=run["on_bad_gradient"],
+        log=_print_progress if verbose else None,
+    )
+    result = server.run()
+    result.config.update(
+        mode=run["mode"], policy=repr(run["policy"]), optimizer=repr(run["optimizer"]),
+        batch_size=run["batch_size"], steps=run["steps"], dtype=str(run["dtype"]),
+        seed=run["seed"], shuffle=run["shuffle"], backend=run["backend"].name,
+    )
+    return result
+
+
+def _work(comm, run):
+    from .worker import Worker
+
+    index = comm.Get_rank() - 1
+    block = worker_block(len(run["train"]), run["n_workers"], index)
+    X = np.ascontiguousarray(run["train"].X[block], dtype=run["dtype"])
+    y = np.ascontiguousarray(_labels(run["model"], run["train"].y[block], run["dtype"]))
+    stream = BatchStream(np.arange(len(block)), run["batch_size"], run["shuffle"], run["seed"], index)
+    Worker(comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, run["steps"]).run()
+
+
+def _labels(model, y, dtype):
+    """Class labels become int64; real-valued regression targets follow the run's dtype."""
+    classification = getattr(getattr(model, "loss", None), "classification", False)
+    if y.dtype.kind in "biu" or classification:
+        return y.astype(np.int64)
+    return y.astype(dtype)
+
+
+def _print_progress(row, total_steps):
+    def fmt(x):
+        return "  n/a " if x is None else f"{x:.4f}"
+
+    print(
+        f"step {row['step']:>6}/{total_steps}  epoch {row['epoch']:6.2f}  "
+        f"train_loss {fmt(row['train_loss'])}  eval_loss {fmt(row['eval_loss'])}  "
+        f"eval_acc {fmt(row['eval_accuracy'])}  {row['time_s']:7.2f} s",
+        flush=True,
+    )

@@ -1,0 +1,239 @@
+"""ParameterServer: the one writer of the weights; serves pulls, gathers pushes, steps the optimizer."""
+import math
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header, wait_all
+from .metrics import ServerStats, Stopwatch, TrainResult
+from .policies import ProtocolError
+
+__all__ = ["ParameterServer", "GradientError"]
+
+
+class GradientError(RuntimeError):
+    """A pushed gradient the server refused: wrong size or non-finite."""
+
+
+class ParameterServer:
+    """Serves workers over ``comm`` until each has sent DONE.
+
+    Requests are dispatched through ``self.handlers`` (op → method); what to do with each
+    pull and push is the policy state's decision, the server only carries it out.
+    """
+
+    def __init__(self, comm, layout, weights, *, model, optimizer, policy_state, workers,
+                 eval_data=None, eval_every=None, total_steps=None, steps_per_epoch=1,
+                 on_bad_gradient="raise", log=None):
+        self.comm = comm
+        self.layout = layout
+        self.channel = Channel(comm, layout)
+        self.w = weights
+        self.model = model
+        self.optimizer = optimizer
+        self.opt_state = optimizer.init_state(layout.size, layout.dtype)
+        self.policy = policy_state
+        self.workers = list(workers)  # ranks, worker index i is self.workers[i]
+        self.index_of = {rank: i for i, rank in enumerate(self.workers)}
+        self.eval_data = eval_data
+        self.eval_every = eval_every
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.on_bad_gradient = on_bad_gradient
+        self.log = log
+
+        n = len(self.workers)
+        # One landing slot per worker: pushes never wait on each other's buffers, and a step's
+        # mean is summed in worker order, so Sync results are bitwise reproducible.
+        self.slots = np.empty((n, layout.size), dtype=layout.dtype)
+        self.acc = layout.empty()
+        # x·0 is 0 for every finite x and NaN otherwise: one BLAS dot checks a whole frame.
+        self._zeros = np.zeros(layout.size, dtype=layout.dtype)
+        self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
+        self.pending = []  # workers whose slot holds a gradient of the step being gathered
+        self.pending_range = None
+        self.held = {}  # worker index -> (lo, hi) of a pull the policy holds
+        self.finished = set()
+        self.worker_reports = {}
+        self.stats = ServerStats()
+        self.history = []
+        self._loss_sum = 0.0
+        self._loss_n = 0
+        self._last_logged = -1
+        self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push, Op.DONE: self._on_done}
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self):
+        header = new_header()
+        waiting, busy = Stopwatch(), Stopwatch()
+        self.t0 = time.perf_counter()
+        cpu0 = time.process_time()
+        while len(self.finished) < len(self.workers):
+            with waiting:
+                status = self.channel.recv_header(header, MPI.ANY_SOURCE, Tag.REQUEST)
+            with busy:
+                src = status.Get_source()
+                if src not in self.index_of:
+                    raise ProtocolError(f"request from rank {src}, which is not a worker")
+                try:
+                    handler = self.handlers[Op(int(header[Field.OP]))]
+                except (ValueError, KeyError):
+                    raise ProtocolError(f"unknown op {int(header[Field.OP])} from rank {src}")
+                handler(self.index_of[src], header)
+        wall = time.perf_counter() - self.t0
+        cpu = time.process_time() - cpu0
+        if self.policy.version != self._last_logged:
+            self._record(final=True)
+        return self._result(wall, cpu, waiting.total, busy.total)
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _on_pull(self, w, header):
+        lo, hi = self._shard_range(w, header)
+        if self.policy.pull(w, int(header[Field.CLOCK])):
+            wait_all(self._send_weights(w, lo, hi))
+        else:
+            self.held[w] = (lo, hi)
+
+    def _on_push(self, w, header):
+        lo, hi = self._shard_range(w, header)
+        start, stop = self.layout.shard_range(lo, hi)
+        count = int(header[Field.COUNT])
+        clock = int(header[Field.CLOCK])
+        if count != stop - start:
+            raise GradientError(
+                f"worker {w} pushed {count} elements for step {clock}, but shards [{lo}, {hi}) "
+                f"hold {stop - start}; the model's gradients do not match its parameters"
+            )
+        slot = self.slots[w]
+        wait_all(self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH))
+        self.stats.pushes_received += 1
+        self.stats.bytes_pushed += count * self.layout.dtype.itemsize
+        accepted = self._check_finite(w, clock, slot[start:stop])
+        if accepted:
+            samples = int(header[Field.SAMPLES])
+            self.stats.samples += samples
+            self._loss_sum += get_loss(header) * samples
+            self._loss_n += samples
+        decision = self.policy.push(w, clock, int(header[Field.VERSION]), accepted=accepted)
+        if decision.accumulate:
+            if self.pending_range not in (None, (lo, hi)):
+                raise ProtocolError("pushes of one step cover different shard ranges")
+            self.pending.append(w)
+            self.pending_range = (lo, hi)
+        self._carry_out(decision)
+
+    def _on_done(self, w, header):
+        self.worker_reports[w] = self.comm.recv(source=self.workers[w], tag=Tag.CONTROL)
+        self.finished.add(w)
+        self._carry_out(self.policy.finish(w))
+
+    # -- actions ----------------------------------------------------------------------------
+    def _carry_out(self, decision):
+        if decision.complete:
+            if self.pending:
+                self._apply_mean(decision.scale)
+            self.stats.record_update(decision.staleness)
+            self.pending, self.pending_range = [], None
+            if self.eval_every and self.policy.version % self.eval_every == 0:
+                self._record()
+        requests = []
+        for w in decision.release:
+            requests += self._send_weights(w, *self.held.pop(w))
+        wait_all(requests)
+
+    def _apply_mean(self, scale):
+        """Sum the pending slots in worker order, scale, and step the optimizer shard by shard."""
+        lo, hi = self.pending_range
+        bounds = self.layout.shard_bounds
+        order = sorted(self.pending)
+        for k in range(lo, hi):
+            a, b = int(bounds[k]), int(bounds[k + 1])
+            acc = self.acc[a:b]
+            if len(order) == 1:
+                np.multiply(self.slots[order[0], a:b], scale, out=acc)
+            else:
+                np.add(self.slots[order[0], a:b], self.slots[order[1], a:b], out=acc)
+                for w in order[2:]:
+                    acc += self.slots[w, a:b]
+                acc *= scale
+            self.shard_updates[k] += 1
+            self.optimizer.apply(self.opt_state, self.w, acc, a, b, int(self.shard_updates[k]))
+
+    def _send_weights(self, w, lo, hi):
+        start, stop = self.layout.shard_range(lo, hi)
+        reply = new_header()
+        reply[Field.STATUS] = Status.OK
+        reply[Field.VERSION] = self.policy.version
+        reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
+        reply[Field.COUNT] = stop - start
+        rank = self.workers[w]
+        self.channel.send_header(reply, rank, Tag.REPLY)
+        self.stats.pulls_answered += 1
+        self.stats.bytes_pulled += (stop - start) * self.layout.dtype.itemsize
+        return self.channel.isend_frames(self.w, lo, hi, rank, Tag.WEIGHTS)
+
+    def _check_finite(self, w, clock, grad):
+        if math.isfinite(float(np.dot(grad, self._zeros[: len(grad)]))):
+            return True
+        self.stats.updates_rejected += 1
+        message = (
+            f"worker {w} pushed a non-finite gradient (NaN or inf) for step {clock}; "
+            "it was rejected and the weights are untouched"
+        )
+        if self.on_bad_gradient == "raise":
+            raise GradientError(message + ". Lower the learning rate, check the data, or pass "
+                                "on_bad_gradient='skip' to drop such gradients and go on.")
+        print(f"psframe: warning: {message}", file=sys.stderr, flush=True)
+        return False
+
+    def _shard_range(self, w, header):
+        lo, hi = int(header[Field.SHARD_LO]), int(header[Field.SHARD_HI])
+        if not 0 <= lo < hi <= self.layout.n_shards:
+            raise ProtocolError(f"worker {w} asked for shards [{lo}, {hi}) of {self.layout.n_shards}")
+        return lo, hi
+
+    # -- history and result -----------------------------------------------------------------
+    def _record(self, final=False):
+        version = self.policy.version
+        self._last_logged = version
+        row = {
+            "step": version,
+            "epoch": version / self.steps_per_epoch,
+            "time_s": time.perf_counter() - self.t0,
+            "train_loss": self._loss_sum / self._loss_n if self._loss_n else None,
+            "eval_loss": None,
+            "eval_accuracy": None,
+        }
+        self._loss_sum, self._loss_n = 0.0, 0
+        if self.eval_data is not None:
+            X, y = self.eval_data
+            scores = self.model.evaluate(self.layout.views(self.w), X, y)
+            row["eval_loss"] = float(scores["loss"])
+            acc = scores.get("accuracy")
+            row["eval_accuracy"] = None if acc is None else float(acc)
+        self.history.append(row)
+        if self.log is not None:
+            self.log(row, self.total_steps)
+
+    def _result(self, wall, cpu, wait_s, busy_s):
+        stats = self.stats.as_dict()
+        reports = [self.worker_reports.get(i, {}) for i in range(len(self.workers))]
+        worker_wait = [r.get("wait_s", 0.0) for r in reports]
+        worker_wall = [r.get("wall_s", 0.0) for r in reports]
+        stats.update(
+            n_workers=len(self.workers),
+            wall_s=wall,
+            samples_per_s=stats["samples"] / wall if wall > 0 else 0.0,
+            steps_per_worker=[r.get("steps", 0) for r in reports],
+            worker_wait_s=worker_wait,
+            worker_wait_share=sum(worker_wait) / max(sum(worker_wall), 1e-12),
+            server_wait_s=wait_s,
+            server_busy_s=busy_s,
+            server_cpu_s=cpu,
+            server_cpu_share=cpu / wall if wall > 0 else 0.0,
+            n_shards=self.layout.n_shards,
+            n_params=self.layout.size,
+        )
+        return TrainResult(params=self.layout.unflatten(self.w), history=self.history, stats=stats)

@@ -1,0 +1,112 @@
+"""Data-parallel worker loop: pull the weights, compute a gradient on a batch, push it back."""
+import time
+
+import numpy as np
+
+from .comm import Channel, Field, Op, Status, Tag, new_header, set_loss, wait, wait_all
+from .metrics import Stopwatch
+
+__all__ = ["Worker", "StopTraining"]
+
+
+class StopTraining(Exception):
+    """The server answered a pull with STOP: the run is ending early."""
+
+
+class Worker:
+    """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
+
+    def __init__(self, comm, server_rank, index, layout, model, backend, X, y, stream, steps):
+        self.comm = comm
+        self.server = server_rank
+        self.index = index
+        self.layout = layout
+        self.channel = Channel(comm, layout)
+        self.model = model
+        self.backend = backend
+        self.X, self.y = X, y
+        self.stream = stream
+        self.steps = steps
+        self.weights = layout.empty()
+        self.params = layout.views(self.weights)
+        self.grad = layout.empty()
+        self.grad_views = layout.views(self.grad)
+        self.version = 0
+        self._request = new_header()
+        self._reply = new_header()
+        # Batches land in preallocated buffers: np.take(out=) instead of a fresh copy per step.
+        self._xb = np.empty((stream.batch_size,) + X.shape[1:], dtype=X.dtype)
+        self._yb = np.empty((stream.batch_size,) + y.shape[1:], dtype=y.dtype)
+        self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
+
+    def run(self):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for step in range(self.steps):
+            with self.waiting:
+                self.pull(step)
+            with self.computing:
+                rows = self.stream.rows(step)
+                np.take(self.X, rows, axis=0, out=self._xb)
+                np.take(self.y, rows, axis=0, out=self._yb)
+                loss, grads = self.model.loss_and_grad(self.params, self._xb, self._yb)
+                self._pack(grads, step)
+            with self.pushing:
+                self.push(step, loss, len(rows))
+        self._send_header(Op.DONE, self.steps, 0, 0)
+        self.comm.send(
+            {
+                "steps": self.steps,
+                "wall_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - cpu0,
+                "wait_s": self.waiting.total,
+                "compute_s": self.computing.total,
+                "push_s": self.pushing.total,
+            },
+            dest=self.server,
+            tag=Tag.CONTROL,
+        )
+
+    def pull(self, clock, lo=0, hi=None):
+        hi = self.layout.n_shards if hi is None else hi
+        # Post the receives before asking, so the reply lands straight in the weight buffer.
+        reply = self.comm.Irecv(self._reply, source=self.server, tag=Tag.REPLY)
+        frames = self.channel.irecv_frames(self.weights, lo, hi, self.server, Tag.WEIGHTS)
+        self._send_header(Op.PULL, clock, lo, hi)
+        wait(reply)
+        if self._reply[Field.STATUS] != Status.OK:
+            for r in frames:
+                r.Cancel()
+            wait_all(frames)
+            raise StopTraining(f"server stopped the run at step {clock}")
+        wait_all(frames)
+        self.version = int(self._reply[Field.VERSION])
+
+    def push(self, clock, loss, samples, lo=0, hi=None):
+        hi = self.layout.n_shards if hi is None else hi
+        start, stop = self.layout.shard_range(lo, hi)
+        self._send_header(Op.PUSH, clock, lo, hi, count=stop - start, loss=loss, samples=samples)
+        wait_all(self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
+
+    def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0):
+        h = self._request
+        h[Field.OP], h[Field.WORKER], h[Field.CLOCK] = op, self.index, clock
+        h[Field.SHARD_LO], h[Field.SHARD_HI], h[Field.COUNT] = lo, hi, count
+        h[Field.VERSION], h[Field.SAMPLES] = self.version, samples
+        set_loss(h, loss)
+        self.channel.send_header(h, self.server, Tag.REQUEST)
+
+    def _pack(self, grads, step):
+        """Copy the model's gradients into the flat push buffer, checking names and shapes."""
+        if not isinstance(grads, dict) or grads.keys() != self.grad_views.keys():
+            got = sorted(grads) if isinstance(grads, dict) else type(grads).__name__
+            raise ValueError(
+                f"loss_and_grad must return a gradient for exactly the parameters "
+                f"{sorted(self.grad_views)}; got {got} at step {step}"
+            )
+        for name, view in self.grad_views.items():
+            g = grads[name]
+            if g.shape != view.shape:
+                raise ValueError(
+                    f"gradient {name!r} has shape {g.shape}, but the parameter is {view.shape}"
+                )
+            self.backend.to_host(g, out=view)

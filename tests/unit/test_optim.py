@@ -1,0 +1,220 @@
+"""Optimizers: hand-computed and reference-formula updates, shards, dtype, scratch, validation."""
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from psframe.optim import SGD, Adam
+
+W0 = [1.0, -2.0]
+GRADS = [[0.5, 1.0], [0.25, -1.0], [1.0, 0.0]]
+
+
+def run(opt, w0, grads, lr_scale=1.0, dtype=np.float64):
+    w = np.array(w0, dtype=dtype)
+    state = opt.init_state(w.size, dtype)
+    history = []
+    for step, g in enumerate(grads, start=1):
+        opt.apply(state, w, np.array(g, dtype=dtype), 0, w.size, step, lr_scale)
+        history.append(w.copy())
+    return history
+
+
+def test_sgd_momentum_by_hand():
+    # v1 = [.5, 1]            w1 = [1 - .05, -2 - .1]      = [.95, -2.1]
+    # v2 = .9 v1 + g2 = [.7, -.1]   w2 = [.95 - .07, -2.1 + .01] = [.88, -2.09]
+    # v3 = .9 v2 + g3 = [1.63, -.09] w3 = [.88 - .163, -2.09 + .009] = [.717, -2.081]
+    hist = run(SGD(lr=0.1, momentum=0.9), W0, GRADS)
+    np.testing.assert_allclose(hist, [[0.95, -2.1], [0.88, -2.09], [0.717, -2.081]], rtol=1e-12)
+
+
+def test_sgd_nesterov_by_hand():
+    # d = g + .9 v with v as above:
+    # d1 = [.95, 1.9]    w1 = [.905, -2.19]
+    # d2 = [.88, -1.09]  w2 = [.817, -2.081]
+    # d3 = [2.467, -.081] w3 = [.5703, -2.0729]
+    hist = run(SGD(lr=0.1, momentum=0.9, nesterov=True), W0, GRADS)
+    np.testing.assert_allclose(
+        hist, [[0.905, -2.19], [0.817, -2.081], [0.5703, -2.0729]], rtol=1e-12
+    )
+
+
+def test_sgd_plain_and_weight_decay_by_hand():
+    hist = run(SGD(lr=0.1), W0, GRADS)
+    np.testing.assert_allclose(hist, [[0.95, -2.1], [0.925, -2.0], [0.825, -2.0]], rtol=1e-12)
+    # g' = g + .5 w: step 1 g' = [1, 0] -> w = [.9, -2]; step 2 with the same g:
+    # g' = [.95, 0] -> w = [.805, -2]
+    hist = run(SGD(lr=0.1, weight_decay=0.5), W0, [[0.5, 1.0], [0.5, 1.0]])
+    np.testing.assert_allclose(hist, [[0.9, -2.0], [0.805, -2.0]], rtol=1e-12)
+
+
+def sgd_reference(w, grads, lr, mu, wd, nesterov):
+    w = np.array(w, dtype=np.float64)
+    v = np.zeros_like(w)
+    for g in grads:
+        gp = np.asarray(g) + wd * w
+        v = mu * v + gp
+        w = w - lr * (gp + mu * v if nesterov else v)
+    return w
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_with_weight_decay_matches_formula(nesterov):
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=6)
+    grads = rng.normal(size=(5, 6))
+    opt = SGD(lr=0.05, momentum=0.8, weight_decay=0.01, nesterov=nesterov)
+    got = run(opt, w0, grads)[-1]
+    np.testing.assert_allclose(got, sgd_reference(w0, grads, 0.05, 0.8, 0.01, nesterov),
+                               rtol=1e-12)
+
+
+def adam_reference(w, grads, lr, b1, b2, eps, wd, lr_scale=1.0):
+    """PyTorch Adam, written out from its documented update rule."""
+    w = np.array(w, dtype=np.float64)
+    m = np.zeros_like(w)
+    v = np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g) + wd * w
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        mhat = m / (1 - b1 ** t)
+        vhat = v / (1 - b2 ** t)
+        w = w - lr * lr_scale * mhat / (np.sqrt(vhat) + eps)
+    return w
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adam_matches_reference(wd):
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(size=8)
+    grads = rng.normal(size=(6, 8))
+    opt = Adam(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd)
+    got = run(opt, w0, grads)[-1]
+    np.testing.assert_allclose(got, adam_reference(w0, grads, 0.01, 0.8, 0.99, 1e-6, wd),
+                               rtol=1e-12)
+
+
+def test_adam_first_step_moves_by_lr_times_sign():
+    # Step 1: mhat = g and vhat = g^2, so the update is lr * g / (|g| + eps).
+    hist = run(Adam(lr=0.01), [1.0, 1.0, 1.0], [[3.0, -0.5, 0.0]])
+    np.testing.assert_allclose(hist[0], [0.99, 1.01, 1.0], rtol=1e-7)
+
+
+def test_lr_scale_scales_the_step():
+    rng = np.random.default_rng(2)
+    w0 = rng.normal(size=5)
+    grads = rng.normal(size=(3, 5))
+    half = run(SGD(lr=0.1, momentum=0.9), w0, grads, lr_scale=0.5)[-1]
+    np.testing.assert_allclose(half, run(SGD(lr=0.05, momentum=0.9), w0, grads)[-1], rtol=1e-12)
+    got = run(Adam(lr=0.01), w0, grads, lr_scale=0.25)[-1]
+    ref = adam_reference(w0, grads, 0.01, 0.9, 0.999, 1e-8, 0.0, lr_scale=0.25)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+OPTIMIZERS = [
+    SGD(lr=0.1),
+    SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+    SGD(lr=0.1, momentum=0.9, nesterov=True),
+    Adam(lr=0.01, weight_decay=0.01),
+]
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
+def test_shards_equal_whole_buffer(opt):
+    rng = np.random.default_rng(3)
+    w_whole = rng.normal(size=10)
+    w_shard = w_whole.copy()
+    s_whole = opt.init_state(10, np.float64)
+    s_shard = opt.init_state(10, np.float64)
+    bounds = [(0, 3), (3, 7), (7, 10)]
+    for step in range(1, 4):
+        g = rng.normal(size=10)
+        opt.apply(s_whole, w_whole, g, 0, 10, step)
+        for lo, hi in bounds:
+            opt.apply(s_shard, w_shard, g[lo:hi].copy(), lo, hi, step)
+    np.testing.assert_array_equal(w_shard, w_whole)
+    for key in s_whole:
+        if not key.startswith("_"):
+            np.testing.assert_array_equal(s_shard[key], s_whole[key])
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
+def test_only_the_shard_changes_and_gradient_is_untouched(opt):
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=10)
+    before = w.copy()
+    state = opt.init_state(10, np.float64)
+    g = rng.normal(size=4)
+    g_copy = g.copy()
+    opt.apply(state, w, g, 3, 7, 1)
+    np.testing.assert_array_equal(w[:3], before[:3])
+    np.testing.assert_array_equal(w[7:], before[7:])
+    assert not np.array_equal(w[3:7], before[3:7])
+    np.testing.assert_array_equal(g, g_copy)
+    with pytest.raises(ValueError, match="shard"):
+        opt.apply(state, w, g, 0, 5, 2)
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
+def test_float32_is_preserved(opt):
+    rng = np.random.default_rng(5)
+    w0 = rng.normal(size=6)
+    grads = rng.normal(size=(3, 6))
+    w = w0.astype(np.float32)
+    state = opt.init_state(6, np.float32)
+    assert all(a.dtype == np.float32 and a.shape == (6,) for a in state.values())
+    for step, g in enumerate(grads, start=1):
+        opt.apply(state, w, g.astype(np.float32), 0, 6, step, lr_scale=np.float64(0.5))
+    assert w.dtype == np.float32
+    assert all(a.dtype == np.float32 for a in state.values())
+    ref = run(opt, w0, grads, lr_scale=0.5)[-1]
+    np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=repr)
+def test_apply_does_not_allocate_buffers(opt):
+    n = 200_000
+    w = np.ones(n)
+    g = np.full(n, 0.5)
+    state = opt.init_state(n, np.float64)
+    opt.apply(state, w, g, 0, n, 1)
+    tracemalloc.start()
+    try:
+        opt.apply(state, w, g, 0, n, 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < n * 8 // 10  # far below one shard-sized temporary
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        SGD(lr=0.0), SGD(lr=-0.1), SGD(lr=math.inf), SGD(lr=math.nan), SGD(lr="0.1"),
+        SGD(momentum=1.0), SGD(momentum=-0.1), SGD(weight_decay=-1e-4),
+        SGD(nesterov=True),
+        Adam(lr=0.0), Adam(betas=(1.0, 0.999)), Adam(betas=(0.9, -0.1)),
+        Adam(betas=(0.9,)), Adam(eps=0.0), Adam(eps=-1e-8), Adam(weight_decay=-1.0),
+    ],
+    ids=repr,
+)
+def test_validate_rejects_bad_hyperparameters(opt):
+    with pytest.raises(ValueError):
+        opt.validate()
+
+
+def test_validate_accepts_defaults_and_repr_names():
+    for opt in [SGD(), SGD(lr=0.1, momentum=0.9, nesterov=True), Adam(), Adam(weight_decay=0.1)]:
+        assert opt.validate() is None
+    assert repr(SGD(lr=0.1, momentum=0.9)) == "SGD(lr=0.1, momentum=0.9)"
+    assert repr(Adam()) == "Adam(lr=0.001, betas=(0.9, 0.999), eps=1e-08)"
+    assert SGD().name == "sgd" and Adam().name == "adam"
+
+
+def test_adam_rejects_step_zero():
+    opt = Adam()
+    state = opt.init_state(2, np.float64)
+    with pytest.raises(ValueError, match="step"):
+        opt.apply(state, np.zeros(2), np.zeros(2), 0, 2, 0)
