@@ -132,9 +132,9 @@ class ParameterServer:
     # -- actions ----------------------------------------------------------------------------
     def _carry_out(self, decision):
         if decision.complete:
-            if self.pending:
+            if self.pending:  # a step whose every gradient was rejected changes nothing
                 self._apply_mean(decision.scale)
-            self.stats.record_update(decision.staleness)
+                self.stats.record_update(decision.staleness)
             self.pending, self.pending_range = [], None
             if self.eval_every and self.policy.version % self.eval_every == 0:
                 self._record()
