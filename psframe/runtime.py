@@ -1,6 +1,7 @@
 """train(): validate on every rank, agree on errors, split roles, abort the job on any failure."""
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -202,10 +203,15 @@ def _default_threads(world):
 def _abort(world):
     rank = world.Get_rank()
     sys.stdout.flush()
-    print(f"psframe: rank {rank} failed; aborting all ranks", file=sys.stderr)
-    traceback.print_exc()
-    sys.stderr.flush()
+    report = f"psframe: rank {rank} failed; aborting all ranks\n{traceback.format_exc()}"
+    # One write, then a moment for mpiexec's proxy to forward it: on abort, hydra drops
+    # output it has not forwarded yet, and the traceback is the one thing the user needs.
+    os.write(2, report.encode(errors="replace"))
+    time.sleep(0.3)
     world.Abort(1)
+    # MPICH's Abort can return before the process manager kills us; never let a failed
+    # rank run on as if training had finished.
+    os._exit(1)
 
 
 # -- roles ------------------------------------------------------------------------------------

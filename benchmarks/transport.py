@@ -1,0 +1,243 @@
+"""Transport: psframe's pull + push round trip against raw mpi4py Send/Recv, by model and shard size."""
+import argparse
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
+
+import psframe
+import psframe.comm
+from psframe.backend import NumpyBackend
+from psframe.comm import Op, Tag
+from psframe.data import BatchStream
+from psframe.optim import SGD, Optimizer
+from psframe.params import DEFAULT_SHARD_ELEMS, ParamLayout
+from psframe.policies import Sync
+from psframe.server import ParameterServer
+from psframe.worker import Worker
+
+MiB = 1 << 20
+N_TENSORS = 4  # the model is 4 equal float32 tensors, so shards and frames have boundaries
+PER_TENSOR = 1 << 40  # a shard_elems no tensor reaches: one shard per tensor, one frame per pull
+SHARD_LABELS = {1 << 16: "64Ki", 1 << 18: "256Ki", 1 << 20: "1Mi", PER_TENSOR: "per-tensor"}
+
+
+class FlatModel(psframe.Model):
+    """Four tensors of the requested total size; pull/push are driven directly, so no loss."""
+
+    def __init__(self, n_elems):
+        self.n = n_elems // N_TENSORS
+
+    def init_params(self, rng):
+        return {f"t{i}": np.full(self.n, 0.5, np.float32) for i in range(N_TENSORS)}
+
+    def loss_and_grad(self, params, X, y):
+        return 0.0, {k: np.zeros_like(v) for k, v in params.items()}
+
+
+class NoApply(Optimizer):
+    """Stub optimizer: the server loop runs as usual but no weight is touched."""
+
+    name = "none"
+
+    def __init__(self):
+        super().__init__(lr=1.0)
+
+    def apply(self, state, w, g, lo, hi, step, lr_scale=1.0):
+        pass
+
+
+def make_layout(mb, shard_elems):
+    n = mb * MiB // 4
+    return ParamLayout({f"t{i}": (n // N_TENSORS,) for i in range(N_TENSORS)}, "float32",
+                       shard_elems)
+
+
+def raw_round_trips(comm, buf, warmup, reps):
+    """rank 1 → rank 0 → rank 1 with blocking Send/Recv; rank 1's per-trip seconds."""
+    rank = comm.Get_rank()
+    times = []
+    comm.Barrier()
+    for i in range(warmup + reps):
+        t = time.perf_counter()
+        if rank == 1:
+            comm.Send([buf, MPI.FLOAT], dest=0, tag=1)
+            comm.Recv([buf, MPI.FLOAT], source=0, tag=2)
+        else:
+            comm.Recv([buf, MPI.FLOAT], source=1, tag=1)
+            comm.Send([buf, MPI.FLOAT], dest=1, tag=2)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def psframe_round_trips(comm, layout, optimizer, warmup, reps):
+    """Rank 0 runs a real ParameterServer (Sync, 1 worker); rank 1 times Worker.pull + push."""
+    steps = warmup + reps
+    model = FlatModel(layout.size)
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        weights = layout.flatten(model.init_params(None))
+        server = ParameterServer(comm, layout, weights, model=model, optimizer=optimizer,
+                                 policy_state=Sync().state(1), workers=[1], total_steps=steps)
+        server.run()
+        return []
+    X, y = np.zeros((2, 1), np.float32), np.zeros(2, np.int64)
+    stream = BatchStream(np.arange(2), 1, False, 0, 0)
+    worker = Worker(comm, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps)
+    worker.grad[:] = 1e-3  # a finite gradient, or the server rejects the push
+    times = []
+    for step in range(steps):
+        t = time.perf_counter()
+        worker.pull(step)
+        worker.push(step, 0.0, 1)
+        if step >= warmup:
+            times.append(time.perf_counter() - t)
+    # End the server loop as Worker.run does: a DONE header, then the small pickled report.
+    worker._send_header(Op.DONE, steps, 0, 0)
+    comm.send({"steps": steps}, dest=0, tag=Tag.CONTROL)
+    return times
+
+
+def server_compute_ms(layout, reps):
+    """Rank 0's per-push work besides the transfer, each part alone: ms (check, mean, SGD)."""
+    size = layout.size
+    grad = np.full(size, 1e-3, np.float32)
+    zeros, acc = np.zeros(size, np.float32), np.empty(size, np.float32)
+    w = np.full(size, 0.5, np.float32)
+    opt = SGD(lr=1e-6)
+    state = opt.init_state(size, layout.dtype)
+    bounds = layout.shard_bounds
+
+    def check():
+        float(np.dot(grad, zeros))
+
+    def mean():
+        for k in range(layout.n_shards):
+            a, b = int(bounds[k]), int(bounds[k + 1])
+            np.multiply(grad[a:b], 1.0, out=acc[a:b])
+
+    def sgd():
+        for k in range(layout.n_shards):
+            a, b = int(bounds[k]), int(bounds[k + 1])
+            opt.apply(state, w, acc[a:b], a, b, 1)
+
+    out = []
+    for fn in (check, mean, sgd):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        out.append(1e3 * float(np.median(ts)))
+    return out
+
+
+def measure(comm, mb, shard_elems_list, args, with_raw=True):
+    """Interleave raw and psframe runs over args.rounds rounds; pooled samples per variant."""
+    layouts = {s: make_layout(mb, s) for s in shard_elems_list}
+    buf = np.full(mb * MiB // 4, 0.5, np.float32)
+    samples = {}
+    for _ in range(args.rounds):
+        if with_raw:
+            samples.setdefault("raw", []).extend(
+                raw_round_trips(comm, buf, args.warmup, args.reps))
+        for s, layout in layouts.items():
+            samples.setdefault(("sgd", s), []).extend(
+                psframe_round_trips(comm, layout, SGD(lr=1e-6), args.warmup, args.reps))
+            samples.setdefault(("noapply", s), []).extend(
+                psframe_round_trips(comm, layout, NoApply(), args.warmup, args.reps))
+    return {k: float(np.median(v)) if v else None for k, v in samples.items()}
+
+
+def gbps(mb, seconds):
+    return 2 * mb * MiB / seconds / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64],
+                        help="model sizes in MiB of float32 (default: 1 4 16 64)")
+    parser.add_argument("--sweep-sizes", type=int, nargs="+", default=[16, 64],
+                        help="model sizes for the shard-size sweep (default: 16 64)")
+    parser.add_argument("--shards", type=int, nargs="+",
+                        default=[1 << 16, 1 << 18, 1 << 20, PER_TENSOR],
+                        help="shard_elems values to sweep (default: 64Ki 256Ki 1Mi per-tensor)")
+    parser.add_argument("--reps", type=int, default=10, help="timed round trips per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed round trips per run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs per variant, interleaved; medians pool all rounds")
+    parser.add_argument("--spin", action="store_true",
+                        help="diagnostic: make psframe.comm.wait spin instead of sleeping")
+    args = parser.parse_args()
+
+    comm = MPI.COMM_WORLD.Dup()
+    if comm.Get_size() != 2:
+        if comm.Get_rank() == 0:
+            print("run with: mpiexec -n 2 python benchmarks/transport.py", file=sys.stderr)
+        return 2
+    if args.spin:
+        psframe.comm._SPIN_TESTS = 1 << 62
+    root = comm.Get_rank() == 0
+    out = (lambda *a: print(*a, flush=True)) if root else (lambda *a: None)
+    t_start = time.perf_counter()
+
+    out(f"psframe transport: {MPI.Get_library_version().splitlines()[0].strip()}, "
+        f"{args.rounds} rounds x {args.reps} reps (+{args.warmup} warmup), medians; "
+        f"model = {N_TENSORS} float32 tensors; Sync policy, 1 worker"
+        + ("; comm.wait SPINS (diagnostic)" if args.spin else ""))
+    out("round trip = rank 1 sends the model's bytes to rank 0 and gets them back "
+        "(psframe: Worker.pull + Worker.push); GB/s = 2 x bytes / time")
+
+    with threadpool_limits(limits=1):  # what ps.train picks for 2 ranks on 2 cores
+        # -- by model size, default shard size ----------------------------------------------
+        rows = []
+        for mb in args.sizes:
+            r = measure(comm, mb, [DEFAULT_SHARD_ELEMS], args)
+            parts = server_compute_ms(make_layout(mb, DEFAULT_SHARD_ELEMS), args.reps) \
+                if root else [0, 0, 0]
+            rows.append((mb, r, parts))
+
+        out("")
+        out(f"(a)-(c) by model size, shard_elems = {DEFAULT_SHARD_ELEMS} (256Ki, psframe default)")
+        head = (f"{'size':>6} | {'raw ms':>7} {'GB/s':>6} | {'psframe ms':>10} {'GB/s':>6} "
+                f"{'ratio':>6} | {'no-apply ms':>11} {'GB/s':>6} {'ratio':>6} | "
+                f"{'check ms':>8} {'mean ms':>7} {'SGD ms':>7}")
+        out(head)
+        out("-" * len(head))
+        for mb, r, (chk, mean, sgd) in rows:
+            raw, full, noapp = r["raw"], r[("sgd", DEFAULT_SHARD_ELEMS)], \
+                r[("noapply", DEFAULT_SHARD_ELEMS)]
+            out(f"{mb:>4}MB | {raw * 1e3:7.2f} {gbps(mb, raw):6.2f} | {full * 1e3:10.2f} "
+                f"{gbps(mb, full):6.2f} {raw / full:6.2f} | {noapp * 1e3:11.2f} "
+                f"{gbps(mb, noapp):6.2f} {raw / noapp:6.2f} | {chk:8.2f} {mean:7.2f} {sgd:7.2f}")
+        out("ratio = psframe GB/s / raw GB/s (target >= 0.8 from 4 MB). no-apply: same server "
+            "loop with a stub optimizer. check/mean/SGD: rank 0's per-push compute, timed alone "
+            "(finite check dot, 1/n mean copy, SGD apply).")
+
+        # -- shard-size sweep ---------------------------------------------------------------
+        sweep = [(mb, measure(comm, mb, args.shards, args)) for mb in args.sweep_sizes]
+        out("")
+        out("shard_elems sweep (psframe round trip with SGD / with the stub optimizer)")
+        head = (f"{'size':>6} {'shard_elems':>11} {'frames':>6} | {'psframe ms':>10} "
+                f"{'ratio':>6} | {'no-apply ms':>11} {'ratio':>6} | raw ms")
+        out(head)
+        out("-" * len(head))
+        for mb, r in sweep:
+            for s in args.shards:
+                frames = len(make_layout(mb, s).frames())
+                full, noapp = r[("sgd", s)], r[("noapply", s)]
+                label = SHARD_LABELS.get(s, str(s))
+                out(f"{mb:>4}MB {label:>11} {frames:>6} | {full * 1e3:10.2f} "
+                    f"{r['raw'] / full:6.2f} | {noapp * 1e3:11.2f} {r['raw'] / noapp:6.2f} | "
+                    f"{r['raw'] * 1e3:.2f}")
+    out(f"\ntotal {time.perf_counter() - t_start:.1f} s")
+    comm.Free()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
