@@ -47,6 +47,7 @@ class ParamLayout:
         # shard_bounds[k]..shard_bounds[k+1] is shard k, contiguous and in order.
         self.shard_bounds = np.asarray(bounds, dtype=np.int64)
         self.n_shards = len(bounds) - 1
+        self._frames = {}
         self.tensor_shards = {
             n: self.shards_of_range(self.offsets[n], self.offsets[n] + self.sizes[n])
             for n in self.names
@@ -74,8 +75,14 @@ class ParamLayout:
         return lo, hi
 
     def frames(self, lo=0, hi=None):
-        """Element ranges of the messages that carry shards [lo, hi)."""
+        """Element ranges of the messages that carry shards [lo, hi); cached, it is per step."""
         hi = self.n_shards if hi is None else hi
+        key = (lo, hi)
+        if key not in self._frames:
+            self._frames[key] = self._plan_frames(lo, hi)
+        return self._frames[key]
+
+    def _plan_frames(self, lo, hi):
         if hi <= lo:
             return []
         frames = []

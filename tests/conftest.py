@@ -1,11 +1,10 @@
-"""Test plumbing: quiet non-root MPI ranks, and one merged outcome per test across all ranks."""
+"""Test plumbing: one merged outcome per test across all MPI ranks, for tests/run_suite.py."""
 import json
 import os
 
 import pytest
 
 _outcomes = {}  # nodeid -> "passed" | "failed" | "skipped"
-_RANK = None
 
 
 def _mpi_world(config):
@@ -14,24 +13,6 @@ def _mpi_world(config):
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    global _RANK
-    world = _mpi_world(config)
-    _RANK = 0 if world is None else world.Get_rank()
-    if _RANK > 0:
-        # Every rank runs the same tests; only rank 0 talks to the terminal. The others keep
-        # their output in a file that tests/run_suite.py shows when something fails.
-        log_dir = os.environ.get("PSFRAME_TEST_LOGS", ".test-logs")
-        os.makedirs(log_dir, exist_ok=True)
-        label = os.environ.get("PSFRAME_TEST_LABEL", "mpi")
-        fd = os.open(os.path.join(log_dir, f"{label}-rank{_RANK}.log"),
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
 
 
 def pytest_runtest_logreport(report):
