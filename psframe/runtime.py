@@ -175,7 +175,12 @@ def _probe(model, layout, weights, train_set):
 
 def _agree_or_raise(world, local_error):
     """Every rank learns of any rank's error and raises the same ConfigError."""
-    mine = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
+    if local_error is None:
+        mine = None
+    elif isinstance(local_error, ValueError):
+        mine = str(local_error)
+    else:  # a TypeError or a user model's own exception: its type is part of the story
+        mine = f"{type(local_error).__name__}: {local_error}"
     errors = world.allgather(mine)
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     if not failed:
