@@ -58,6 +58,16 @@ class Optimizer:
     def __repr__(self):
         return f"{type(self).__name__}(lr={self.lr!r})"
 
+    @staticmethod
+    def _decayed_grad(state, wv, g, lo, hi, wd):
+        """g + wd*w in the preallocated scratch, or g itself when there is no decay."""
+        if not wd:
+            return g
+        gp = state["_grad"][lo:hi]
+        xp(wv).multiply(wv, wd, out=gp)
+        gp += g
+        return gp
+
 
 class SGD(Optimizer):
     """SGD with optional (Nesterov) momentum and weight decay, as in PyTorch."""
@@ -94,12 +104,7 @@ class SGD(Optimizer):
         mu, wd = float(self.momentum), float(self.weight_decay)
         lr = float(self.lr) * float(lr_scale)
         wv, d = w[lo:hi], state["_step"][lo:hi]
-        if wd:
-            gp = state["_grad"][lo:hi]
-            m.multiply(wv, wd, out=gp)
-            gp += g
-        else:
-            gp = g
+        gp = self._decayed_grad(state, wv, g, lo, hi, wd)
         if mu:
             v = state["momentum"][lo:hi]
             v *= mu
@@ -166,12 +171,7 @@ class Adam(Optimizer):
         lr = float(self.lr) * float(lr_scale)
         wv, t = w[lo:hi], state["_tmp"][lo:hi]
         exp_avg, exp_avg_sq = state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi]
-        if wd:
-            gp = state["_grad"][lo:hi]
-            m.multiply(wv, wd, out=gp)
-            gp += g
-        else:
-            gp = g
+        gp = self._decayed_grad(state, wv, g, lo, hi, wd)
         exp_avg *= b1
         m.multiply(gp, 1.0 - b1, out=t)
         exp_avg += t
