@@ -55,19 +55,24 @@ def make_layout(mb, shard_elems):
                        shard_elems)
 
 
-def raw_round_trips(comm, buf, warmup, reps):
-    """rank 1 → rank 0 → rank 1 with blocking Send/Recv; rank 1's per-trip seconds."""
+def raw_round_trips(comm, bufs, warmup, reps):
+    """rank 1 → rank 0 → rank 1 with blocking Send/Recv; rank 1's per-trip seconds.
+
+    Each rank sends from one buffer and receives into another, as psframe does (worker:
+    gradient out, weights in; server: slot in, weights out), so both touch the same memory.
+    """
     rank = comm.Get_rank()
+    out, into = bufs
     times = []
     comm.Barrier()
     for i in range(warmup + reps):
         t = time.perf_counter()
         if rank == 1:
-            comm.Send([buf, MPI.FLOAT], dest=0, tag=1)
-            comm.Recv([buf, MPI.FLOAT], source=0, tag=2)
+            comm.Send([out, MPI.FLOAT], dest=0, tag=1)
+            comm.Recv([into, MPI.FLOAT], source=0, tag=2)
         else:
-            comm.Recv([buf, MPI.FLOAT], source=1, tag=1)
-            comm.Send([buf, MPI.FLOAT], dest=1, tag=2)
+            comm.Recv([into, MPI.FLOAT], source=1, tag=1)
+            comm.Send([out, MPI.FLOAT], dest=1, tag=2)
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times
@@ -136,21 +141,20 @@ def server_compute_ms(layout, reps):
     return out
 
 
-def measure(comm, mb, shard_elems_list, args, with_raw=True):
+def measure(comm, mb, shard_elems_list, args):
     """Interleave raw and psframe runs over args.rounds rounds; pooled samples per variant."""
     layouts = {s: make_layout(mb, s) for s in shard_elems_list}
-    buf = np.full(mb * MiB // 4, 0.5, np.float32)
+    bufs = [np.full(mb * MiB // 4, 0.5, np.float32) for _ in range(2)]
     samples = {}
     for _ in range(args.rounds):
-        if with_raw:
-            samples.setdefault("raw", []).extend(
-                raw_round_trips(comm, buf, args.warmup, args.reps))
+        samples.setdefault("raw", []).extend(raw_round_trips(comm, bufs, args.warmup, args.reps))
         for s, layout in layouts.items():
             samples.setdefault(("sgd", s), []).extend(
                 psframe_round_trips(comm, layout, SGD(lr=1e-6), args.warmup, args.reps))
             samples.setdefault(("noapply", s), []).extend(
                 psframe_round_trips(comm, layout, NoApply(), args.warmup, args.reps))
-    return {k: float(np.median(v)) if v else None for k, v in samples.items()}
+    samples = comm.bcast(samples, root=1)  # rank 1 holds the timings; a small pickle
+    return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def gbps(mb, seconds):
@@ -168,7 +172,7 @@ def main():
                         help="shard_elems values to sweep (default: 64Ki 256Ki 1Mi per-tensor)")
     parser.add_argument("--reps", type=int, default=10, help="timed round trips per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed round trips per run")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=2,
                         help="runs per variant, interleaved; medians pool all rounds")
     parser.add_argument("--spin", action="store_true",
                         help="diagnostic: make psframe.comm.wait spin instead of sleeping")
@@ -194,12 +198,15 @@ def main():
 
     with threadpool_limits(limits=1):  # what ps.train picks for 2 ranks on 2 cores
         # -- by model size, default shard size ----------------------------------------------
-        rows = []
-        for mb in args.sizes:
-            r = measure(comm, mb, [DEFAULT_SHARD_ELEMS], args)
-            parts = server_compute_ms(make_layout(mb, DEFAULT_SHARD_ELEMS), args.reps) \
-                if root else [0, 0, 0]
-            rows.append((mb, r, parts))
+        # Every size once, interleaving raw and psframe; sweep sizes with every shard size.
+        results, parts = {}, {}
+        for mb in sorted(set(args.sizes) | set(args.sweep_sizes)):
+            shards = [DEFAULT_SHARD_ELEMS]
+            if mb in args.sweep_sizes:
+                shards += [s for s in args.shards if s != DEFAULT_SHARD_ELEMS]
+            results[mb] = measure(comm, mb, shards, args)
+            if root and mb in args.sizes:
+                parts[mb] = server_compute_ms(make_layout(mb, DEFAULT_SHARD_ELEMS), args.reps)
 
         out("")
         out(f"(a)-(c) by model size, shard_elems = {DEFAULT_SHARD_ELEMS} (256Ki, psframe default)")
@@ -208,7 +215,8 @@ def main():
                 f"{'check ms':>8} {'mean ms':>7} {'SGD ms':>7}")
         out(head)
         out("-" * len(head))
-        for mb, r, (chk, mean, sgd) in rows:
+        for mb in args.sizes:
+            r, (chk, mean, sgd) = results[mb], parts.get(mb, (0, 0, 0))
             raw, full, noapp = r["raw"], r[("sgd", DEFAULT_SHARD_ELEMS)], \
                 r[("noapply", DEFAULT_SHARD_ELEMS)]
             out(f"{mb:>4}MB | {raw * 1e3:7.2f} {gbps(mb, raw):6.2f} | {full * 1e3:10.2f} "
@@ -219,14 +227,14 @@ def main():
             "(finite check dot, 1/n mean copy, SGD apply).")
 
         # -- shard-size sweep ---------------------------------------------------------------
-        sweep = [(mb, measure(comm, mb, args.shards, args)) for mb in args.sweep_sizes]
         out("")
         out("shard_elems sweep (psframe round trip with SGD / with the stub optimizer)")
         head = (f"{'size':>6} {'shard_elems':>11} {'frames':>6} | {'psframe ms':>10} "
                 f"{'ratio':>6} | {'no-apply ms':>11} {'ratio':>6} | raw ms")
         out(head)
         out("-" * len(head))
-        for mb, r in sweep:
+        for mb in args.sweep_sizes:
+            r = results[mb]
             for s in args.shards:
                 frames = len(make_layout(mb, s).frames())
                 full, noapp = r[("sgd", s)], r[("noapply", s)]
@@ -240,4 +248,12 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except BaseException:  # one failing rank must not leave the other spinning in MPI
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+    sys.exit(code)

@@ -1,6 +1,7 @@
 """psframe: a parameter-server framework for distributed training over MPI."""
 from . import data, layers, losses, models
 from .backend import xp
+from .callbacks import Callback
 from .metrics import TrainResult
 from .models import Model, Sequential
 from .optim import SGD, Adam, Optimizer
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "train", "TrainResult", "ConfigError", "GradientError",
     "Model", "Sequential", "layers", "losses", "models", "data", "xp",
-    "Policy", "Sync", "Optimizer", "SGD", "Adam",
+    "Policy", "Sync", "Optimizer", "SGD", "Adam", "Callback",
 ]

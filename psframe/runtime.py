@@ -7,6 +7,7 @@ import traceback
 import numpy as np
 
 from .backend import select_backend
+from .callbacks import CallbackList, PrintProgress
 from .data import ArrayDataset, BatchStream, steps_per_epoch, worker_block
 from .models import Model
 from .optim import SGD, Optimizer
@@ -26,7 +27,7 @@ class ConfigError(ValueError):
 def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=None,
           batch_size=32, epochs=1, steps=None, shuffle=True, seed=0, dtype="float32",
           init=None, eval_every=None, threads=None, backend="auto", shard_elems=None,
-          on_bad_gradient="raise", verbose=False, comm=None):
+          on_bad_gradient="raise", verbose=False, callbacks=None, comm=None):
     """Train ``model`` on ``data`` with a parameter server; call it on every rank.
 
     Rank 0 of ``comm`` (default COMM_WORLD) serves the weights and returns a TrainResult;
@@ -52,7 +53,7 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
     try:
         with threadpool_limits(limits=n_threads):
             if comm.Get_rank() == 0:
-                result = _serve(comm, run, verbose)
+                result = _serve(comm, run, verbose, callbacks)
                 result.config["threads"] = n_threads
                 return result
             _work(comm, run)
@@ -220,9 +221,10 @@ def _abort(world):
 
 
 # -- roles ------------------------------------------------------------------------------------
-def _serve(comm, run, verbose):
+def _serve(comm, run, verbose, callbacks):
     from .server import ParameterServer
 
+    hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
     eval_data = None
     if run["eval"] is not None:
         eval_data = (
@@ -234,7 +236,7 @@ def _serve(comm, run, verbose):
         policy_state=run["policy"].state(run["n_workers"]), workers=range(1, comm.Get_size()),
         eval_data=eval_data, eval_every=run["eval_every"], total_steps=run["steps"],
         steps_per_epoch=run["steps_per_epoch"], on_bad_gradient=run["on_bad_gradient"],
-        log=_print_progress if verbose else None,
+        callbacks=hooks,
     )
     result = server.run()
     result.config.update(
@@ -242,6 +244,7 @@ def _serve(comm, run, verbose):
         batch_size=run["batch_size"], steps=run["steps"], dtype=str(run["dtype"]),
         seed=run["seed"], shuffle=run["shuffle"], backend=run["backend"].name,
     )
+    hooks.on_end(result)
     return result
 
 
@@ -262,15 +265,3 @@ def _labels(model, y, dtype):
     if y.dtype.kind in "biu" or classification:
         return y.astype(np.int64)
     return y.astype(dtype)
-
-
-def _print_progress(row, total_steps):
-    def fmt(x):
-        return "  n/a " if x is None else f"{x:.4f}"
-
-    print(
-        f"step {row['step']:>6}/{total_steps}  epoch {row['epoch']:6.2f}  "
-        f"train_loss {fmt(row['train_loss'])}  eval_loss {fmt(row['eval_loss'])}  "
-        f"eval_acc {fmt(row['eval_accuracy'])}  {row['time_s']:7.2f} s",
-        flush=True,
-    )

@@ -6,6 +6,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from .callbacks import CallbackList
 from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header, wait_all
 from .metrics import ServerStats, Stopwatch, TrainResult
 from .policies import ProtocolError
@@ -26,7 +27,7 @@ class ParameterServer:
 
     def __init__(self, comm, layout, weights, *, model, optimizer, policy_state, workers,
                  eval_data=None, eval_every=None, total_steps=None, steps_per_epoch=1,
-                 on_bad_gradient="raise", log=None):
+                 on_bad_gradient="raise", callbacks=None):
         self.comm = comm
         self.layout = layout
         self.channel = Channel(comm, layout)
@@ -42,7 +43,7 @@ class ParameterServer:
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.on_bad_gradient = on_bad_gradient
-        self.log = log
+        self.callbacks = callbacks if callbacks is not None else CallbackList()
 
         n = len(self.workers)
         # One landing slot per worker: pushes never wait on each other's buffers, and a step's
@@ -67,6 +68,7 @@ class ParameterServer:
     # -- main loop --------------------------------------------------------------------------
     def run(self):
         header = new_header()
+        self.callbacks.on_start({"total_steps": self.total_steps, "n_workers": len(self.workers)})
         waiting, busy = Stopwatch(), Stopwatch()
         self.t0 = time.perf_counter()
         cpu0 = time.process_time()
@@ -135,6 +137,7 @@ class ParameterServer:
             if self.pending:  # a step whose every gradient was rejected changes nothing
                 self._apply_mean(decision.scale)
                 self.stats.record_update(decision.staleness)
+                self.callbacks.on_update(self.policy.version, self.stats)
             self.pending, self.pending_range = [], None
             if self.eval_every and self.policy.version % self.eval_every == 0:
                 self._record()
@@ -214,8 +217,7 @@ class ParameterServer:
             acc = scores.get("accuracy")
             row["eval_accuracy"] = None if acc is None else float(acc)
         self.history.append(row)
-        if self.log is not None:
-            self.log(row, self.total_steps)
+        self.callbacks.on_record(row)
 
     def _result(self, wall, cpu, wait_s, busy_s):
         stats = self.stats.as_dict()
