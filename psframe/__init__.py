@@ -2,12 +2,12 @@
 from . import data, layers, losses, models
 from .backend import xp
 from .callbacks import Callback
+from .errors import ConfigError, GradientError
 from .metrics import TrainResult
 from .models import Model, Sequential
 from .optim import SGD, Adam, Optimizer
 from .policies import Policy, Sync
-from .runtime import ConfigError, train
-from .server import GradientError
+from .runtime import train
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,9 @@
 """Update policies as pure state machines: they decide, the server carries out; no MPI here."""
 from dataclasses import dataclass, field
 
+from .errors import ProtocolError
+
 __all__ = ["Policy", "Sync", "PushDecision", "ProtocolError", "policy_from_spec"]
-
-
-class ProtocolError(RuntimeError):
-    """A worker sent something the policy's state cannot have allowed (a bug, not bad data)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import numpy as np
 from .backend import select_backend
 from .callbacks import CallbackList, PrintProgress
 from .data import ArrayDataset, BatchStream, steps_per_epoch, worker_block
+from .errors import ConfigError
 from .models import Model
 from .optim import SGD, Optimizer
 from .params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout
@@ -18,10 +19,6 @@ __all__ = ["train", "ConfigError"]
 
 MODES = ("data", "model", "hybrid")
 BAD_GRADIENT_ACTIONS = ("raise", "skip")
-
-
-class ConfigError(ValueError):
-    """Bad input to ``train``: raised with the same message on every rank, before any work."""
 
 
 def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=None,

@@ -8,14 +8,10 @@ from mpi4py import MPI
 
 from .callbacks import CallbackList
 from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header, wait_all
+from .errors import GradientError, ProtocolError
 from .metrics import ServerStats, Stopwatch, TrainResult
-from .policies import ProtocolError
 
 __all__ = ["ParameterServer", "GradientError"]
-
-
-class GradientError(RuntimeError):
-    """A pushed gradient the server refused: wrong size or non-finite."""
 
 
 class ParameterServer:

@@ -1,0 +1,15 @@
+"""The errors psframe raises on purpose, importable without starting MPI."""
+
+__all__ = ["ConfigError", "GradientError", "ProtocolError"]
+
+
+class ConfigError(ValueError):
+    """Bad input to ``train``: raised with the same message on every rank, before any work."""
+
+
+class GradientError(RuntimeError):
+    """A pushed gradient the server refused: wrong size or non-finite."""
+
+
+class ProtocolError(RuntimeError):
+    """A worker sent something the policy's state cannot have allowed (a bug, not bad data)."""
