@@ -1,4 +1,4 @@
-"""Overhead: one-worker ps.train samples/s against a plain single-process NumPy loop of the same MLP."""
+"""Overhead: one-worker ps.train samples/s against a plain one-process NumPy loop of one MLP."""
 import os
 
 # One BLAS thread for both sides, set before NumPy loads; mpiexec passes it on to the ranks.
@@ -76,7 +76,8 @@ def model_only(X, y, batch, steps, seed=0):
     import psframe as ps
 
     model = ps.models.MLP(list(SIZES))
-    params = {k: v.astype(np.float32) for k, v in model.init_params(np.random.default_rng(seed)).items()}
+    init = model.init_params(np.random.default_rng(seed))
+    params = {k: v.astype(np.float32) for k, v in init.items()}
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(X))
     t0 = time.perf_counter()
@@ -175,12 +176,13 @@ def main():
         lp, lq = plain[b][-1][1], ps_runs[b][-1]["loss"]
         print(f"{b:>5} | {p:>15,.0f} | {q:>17,.0f} | {q / p:5.2f} | {wait:>11.1%} | {cpu:>10.1%} | "
               f"{g:>16,.0f} | {lp:9.3f} / {lq:<9.3f}")
-    print("ratio = psframe / plain (target >= 0.8). psframe samples/s = result.stats['samples_per_s'] "
-          "(server loop wall). worker wait = share of the worker's wall time in pull; server CPU = "
-          "CPU s / wall s of rank 0. ps.MLP grad only: psframe's own loss_and_grad, one process, no "
-          "MPI and no update (an upper bound for psframe). loss, a sanity check: mean of the last "
-          "10% of steps (plain) / last logged train_loss (psframe).")
-    print(f"per-run samples/s  plain: "
+    print("ratio = psframe / plain (target >= 0.8). psframe samples/s = "
+          "result.stats['samples_per_s'] (server loop wall). worker wait = share of the worker's "
+          "wall time in pull; server CPU = CPU s / wall s of rank 0. ps.MLP grad only: psframe's "
+          "own loss_and_grad, one process, no MPI and no update (an upper bound for psframe). "
+          "loss, a sanity check: mean of the last 10% of steps (plain) / last logged train_loss "
+          "(psframe).")
+    print("per-run samples/s  plain: "
           + "; ".join(f"b{b}: " + ", ".join(f"{s:,.0f}" for s, _ in plain[b]) for b in args.batches)
           + "  psframe: "
           + "; ".join(f"b{b}: " + ", ".join(f"{r['samples_per_s']:,.0f}" for r in ps_runs[b])

@@ -1,4 +1,4 @@
-"""Transport: psframe's pull + push round trip against raw mpi4py Send/Recv, by model and shard size."""
+"""Transport: psframe's pull + push round trip against raw mpi4py Send/Recv, by size and shard."""
 import argparse
 import sys
 import time
@@ -205,8 +205,9 @@ def main():
             if mb in args.sweep_sizes:
                 shards += [s for s in args.shards if s != DEFAULT_SHARD_ELEMS]
             results[mb] = measure(comm, mb, shards, args)
-            if root and mb in args.sizes:
-                parts[mb] = server_compute_ms(make_layout(mb, DEFAULT_SHARD_ELEMS), args.reps)
+            if root:
+                for shard in shards:
+                    parts[mb, shard] = server_compute_ms(make_layout(mb, shard), args.reps)
 
         out("")
         out(f"(a)-(c) by model size, shard_elems = {DEFAULT_SHARD_ELEMS} (256Ki, psframe default)")
@@ -216,7 +217,8 @@ def main():
         out(head)
         out("-" * len(head))
         for mb in args.sizes:
-            r, (chk, mean, sgd) = results[mb], parts.get(mb, (0, 0, 0))
+            r = results[mb]
+            chk, mean, sgd = parts.get((mb, DEFAULT_SHARD_ELEMS), (0, 0, 0))
             raw, full, noapp = r["raw"], r[("sgd", DEFAULT_SHARD_ELEMS)], \
                 r[("noapply", DEFAULT_SHARD_ELEMS)]
             out(f"{mb:>4}MB | {raw * 1e3:7.2f} {gbps(mb, raw):6.2f} | {full * 1e3:10.2f} "
@@ -230,7 +232,8 @@ def main():
         out("")
         out("shard_elems sweep (psframe round trip with SGD / with the stub optimizer)")
         head = (f"{'size':>6} {'shard_elems':>11} {'frames':>6} | {'psframe ms':>10} "
-                f"{'ratio':>6} | {'no-apply ms':>11} {'ratio':>6} | raw ms")
+                f"{'ratio':>6} | {'no-apply ms':>11} {'ratio':>6} | {'raw ms':>6} | "
+                f"{'mean ms':>7} {'SGD ms':>7}")
         out(head)
         out("-" * len(head))
         for mb in args.sweep_sizes:
@@ -239,9 +242,10 @@ def main():
                 frames = len(make_layout(mb, s).frames())
                 full, noapp = r[("sgd", s)], r[("noapply", s)]
                 label = SHARD_LABELS.get(s, str(s))
+                _, mean, sgd = parts.get((mb, s), (0, 0, 0))
                 out(f"{mb:>4}MB {label:>11} {frames:>6} | {full * 1e3:10.2f} "
                     f"{r['raw'] / full:6.2f} | {noapp * 1e3:11.2f} {r['raw'] / noapp:6.2f} | "
-                    f"{r['raw'] * 1e3:.2f}")
+                    f"{r['raw'] * 1e3:6.2f} | {mean:7.2f} {sgd:7.2f}")
     out(f"\ntotal {time.perf_counter() - t_start:.1f} s")
     comm.Free()
     return 0

@@ -44,6 +44,7 @@ class Field(enum.IntEnum):
     LOSS = 7
     SAMPLES = 8
     STATUS = 9
+    BATCH = 10  # dynamic dispatch: the batch a pull reply assigns, and a push trained on
 
 
 HEADER_LEN = len(Field)

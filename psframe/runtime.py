@@ -1,4 +1,5 @@
 """train(): validate on every rank, agree on errors, split roles, abort the job on any failure."""
+import math
 import os
 import sys
 import time
@@ -9,6 +10,7 @@ import numpy as np
 from .backend import select_backend
 from .callbacks import CallbackList, PrintProgress
 from .data import ArrayDataset, BatchStream, steps_per_epoch, worker_block
+from .dispatch import BatchDispatcher
 from .errors import ConfigError
 from .models import Model
 from .optim import SGD, Optimizer
@@ -18,13 +20,15 @@ from .policies import policy_from_spec
 __all__ = ["train", "ConfigError"]
 
 MODES = ("data", "model", "hybrid")
+DISPATCH = ("static", "dynamic")
 BAD_GRADIENT_ACTIONS = ("raise", "skip")
 
 
 def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=None,
           batch_size=32, epochs=1, steps=None, shuffle=True, seed=0, dtype="float32",
           init=None, eval_every=None, threads=None, backend="auto", shard_elems=None,
-          on_bad_gradient="raise", verbose=False, callbacks=None, comm=None):
+          dispatch="static", delay=None, on_bad_gradient="raise", verbose=False,
+          callbacks=None, comm=None):
     """Train ``model`` on ``data`` with a parameter server; call it on every rank.
 
     Rank 0 of ``comm`` (default COMM_WORLD) serves the weights and returns a TrainResult;
@@ -37,7 +41,7 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
     try:
         run = _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size,
                         epochs, steps, shuffle, seed, dtype, init, eval_every, threads, backend,
-                        shard_elems, on_bad_gradient)
+                        shard_elems, dispatch, delay, on_bad_gradient)
         local_error = None
     except Exception as exc:  # noqa: B902 - an error on one rank must reach all, not hang them
         local_error = exc
@@ -79,7 +83,7 @@ def _check_int(name, value, minimum=1, allow_none=False):
 
 def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size, epochs,
               steps, shuffle, seed, dtype, init, eval_every, threads, backend, shard_elems,
-              on_bad_gradient):
+              dispatch, delay, on_bad_gradient):
     """Everything that can be wrong with the call, checked identically on each rank."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -112,6 +116,10 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
             "launch with e.g. `mpiexec -n 4 python train.py`"
         )
     n_workers = size - 1
+    policy.validate(n_workers)
+    if dispatch not in DISPATCH:
+        raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
+    delay = _check_delay(delay, n_workers)
 
     train_set = _as_dataset(data, "data")
     train_set.check_finite("training data")
@@ -136,15 +144,47 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
     _probe(model, layout, weights, train_set)
 
     per_epoch = steps_per_epoch(len(train_set), n_workers, batch_size)
+    steps_given = steps is not None
+    steps = int(steps) if steps_given else int(epochs) * per_epoch
+    if dispatch == "dynamic":
+        # Total work is the same as static dispatch; who does which batch is decided live.
+        total_batches = steps * n_workers if steps_given else int(epochs) * math.ceil(
+            len(train_set) / batch_size)
+        dispatcher = BatchDispatcher(len(train_set), batch_size, total_batches, shuffle, seed)
+        epoch_samples = len(train_set)
+        rounds = total_batches / n_workers
+    else:
+        dispatcher = None
+        epoch_samples = per_epoch * n_workers * batch_size
+        rounds = steps
+    per_round = getattr(policy, "updates_per_round", lambda n: None)(n_workers)
     return {
         "model": model, "train": train_set, "eval": eval_data, "mode": mode, "policy": policy,
         "optimizer": optimizer, "batch_size": int(batch_size), "shuffle": bool(shuffle),
         "seed": int(seed), "dtype": np.dtype(dtype), "layout": layout, "weights": weights,
-        "steps": int(steps) if steps is not None else int(epochs) * per_epoch,
-        "steps_per_epoch": per_epoch, "eval_every": eval_every or per_epoch,
+        "steps": steps, "eval_every": eval_every, "epoch_samples": epoch_samples,
+        "dispatcher": dispatcher, "delay": delay,
+        "expected_updates": None if per_round is None else int(round(rounds * per_round)),
         "threads": threads, "backend": backend, "on_bad_gradient": on_bad_gradient,
         "n_workers": n_workers,
     }
+
+
+def _check_delay(delay, n_workers):
+    """``{worker_index: seconds_per_step}``: simulated stragglers."""
+    if delay is None:
+        return {}
+    if not isinstance(delay, dict):
+        raise TypeError(f"delay must be a dict worker_index -> seconds, got {type(delay).__name__}")
+    out = {}
+    for w, seconds in delay.items():
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= w < n_workers:
+            raise ValueError(f"delay names worker {w!r}, but workers are 0..{n_workers - 1}")
+        seconds = float(seconds)
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"delay for worker {w} must be seconds >= 0, got {seconds!r}")
+        out[int(w)] = seconds
+    return out
 
 
 def _probe(model, layout, weights, train_set):
@@ -231,8 +271,9 @@ def _serve(comm, run, verbose, callbacks):
     server = ParameterServer(
         comm, run["layout"], run["weights"], model=run["model"], optimizer=run["optimizer"],
         policy_state=run["policy"].state(run["n_workers"]), workers=range(1, comm.Get_size()),
-        eval_data=eval_data, eval_every=run["eval_every"], total_steps=run["steps"],
-        steps_per_epoch=run["steps_per_epoch"], on_bad_gradient=run["on_bad_gradient"],
+        eval_data=eval_data, eval_every=run["eval_every"], total_steps=run["expected_updates"],
+        epoch_samples=run["epoch_samples"], dispatcher=run["dispatcher"],
+        on_bad_gradient=run["on_bad_gradient"],
         callbacks=hooks,
     )
     result = server.run()
@@ -249,11 +290,17 @@ def _work(comm, run):
     from .worker import Worker
 
     index = comm.Get_rank() - 1
-    block = worker_block(len(run["train"]), run["n_workers"], index)
-    X = np.ascontiguousarray(run["train"].X[block], dtype=run["dtype"])
-    y = np.ascontiguousarray(_labels(run["model"], run["train"].y[block], run["dtype"]))
-    stream = BatchStream(np.arange(len(block)), run["batch_size"], run["shuffle"], run["seed"], index)
-    Worker(comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, run["steps"]).run()
+    if run["dispatcher"] is not None:  # any worker may get any batch: it keeps every row
+        rows, stream, steps = slice(None), run["dispatcher"], None
+    else:
+        rows = worker_block(len(run["train"]), run["n_workers"], index)
+        stream = BatchStream(np.arange(len(rows)), run["batch_size"], run["shuffle"],
+                             run["seed"], index)
+        steps = run["steps"]
+    X = np.ascontiguousarray(run["train"].X[rows], dtype=run["dtype"])
+    y = np.ascontiguousarray(_labels(run["model"], run["train"].y[rows], run["dtype"]))
+    Worker(comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, steps,
+           delay=run["delay"].get(index, 0.0)).run()
 
 
 def _labels(model, y, dtype):

@@ -22,8 +22,8 @@ class ParameterServer:
     """
 
     def __init__(self, comm, layout, weights, *, model, optimizer, policy_state, workers,
-                 eval_data=None, eval_every=None, total_steps=None, steps_per_epoch=1,
-                 on_bad_gradient="raise", callbacks=None):
+                 eval_data=None, eval_every=None, total_steps=None, epoch_samples=1,
+                 dispatcher=None, on_bad_gradient="raise", callbacks=None):
         self.comm = comm
         self.layout = layout
         self.channel = Channel(comm, layout)
@@ -37,7 +37,11 @@ class ParameterServer:
         self.eval_data = eval_data
         self.eval_every = eval_every
         self.total_steps = total_steps
-        self.steps_per_epoch = steps_per_epoch
+        self.epoch_samples = epoch_samples  # samples in one epoch: history's epoch unit
+        self.dispatcher = dispatcher
+        self.batch_counts = (
+            np.zeros(dispatcher.total_batches, dtype=np.int64) if dispatcher else None
+        )
         self.on_bad_gradient = on_bad_gradient
         self.callbacks = callbacks if callbacks is not None else CallbackList()
 
@@ -59,7 +63,12 @@ class ParameterServer:
         self._loss_sum = 0.0
         self._loss_n = 0
         self._last_logged = -1
+        self._last_epoch = 0
         self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push, Op.DONE: self._on_done}
+        self.actions = (  # decision flag -> how to carry it out, in this order
+            ("drop", self._drop), ("accumulate", self._accumulate),
+            ("apply", self._apply_one), ("complete", self._complete),
+        )
 
     # -- main loop --------------------------------------------------------------------------
     def run(self):
@@ -114,33 +123,63 @@ class ParameterServer:
             self.stats.samples += samples
             self._loss_sum += get_loss(header) * samples
             self._loss_n += samples
+            if self.batch_counts is not None:
+                self.batch_counts[int(header[Field.BATCH])] += 1
         decision = self.policy.push(w, clock, int(header[Field.VERSION]), accepted=accepted)
-        if decision.accumulate:
-            if self.pending_range not in (None, (lo, hi)):
-                raise ProtocolError("pushes of one step cover different shard ranges")
-            self.pending.append(w)
-            self.pending_range = (lo, hi)
-        self._carry_out(decision)
+        self._carry_out(decision, w, (lo, hi))
 
     def _on_done(self, w, header):
         self.worker_reports[w] = self.comm.recv(source=self.workers[w], tag=Tag.CONTROL)
         self.finished.add(w)
-        self._carry_out(self.policy.finish(w))
+        self._carry_out(self.policy.finish(w), w, None)
 
     # -- actions ----------------------------------------------------------------------------
-    def _carry_out(self, decision):
-        if decision.complete:
-            if self.pending:  # a step whose every gradient was rejected changes nothing
-                self._apply_mean(decision.scale)
-                self.stats.record_update(decision.staleness)
-                self.callbacks.on_update(self.policy.version, self.stats)
-            self.pending, self.pending_range = [], None
-            if self.eval_every and self.policy.version % self.eval_every == 0:
-                self._record()
+    def _carry_out(self, decision, w, shard_range):
+        for flag, action in self.actions:
+            if getattr(decision, flag):
+                action(decision, w, shard_range)
         requests = []
-        for w in decision.release:
-            requests += self._send_weights(w, *self.held.pop(w))
+        for r in decision.release:
+            requests += self._send_weights(r, *self.held.pop(r))
         wait_all(requests)
+
+    def _drop(self, decision, w, shard_range):
+        self.stats.updates_dropped += 1
+
+    def _accumulate(self, decision, w, shard_range):
+        if self.pending_range not in (None, shard_range):
+            raise ProtocolError("pushes of one step cover different shard ranges")
+        self.pending.append(w)
+        self.pending_range = shard_range
+
+    def _complete(self, decision, w, shard_range):
+        if self.pending:  # a step whose every gradient was rejected changes nothing
+            self._apply_mean(decision.scale)
+            self._updated(decision.staleness)
+        self.pending, self.pending_range = [], None
+
+    def _apply_one(self, decision, w, shard_range):
+        """Apply one worker's gradient on arrival (Async, SSP), shard by shard."""
+        bounds = self.layout.shard_bounds
+        slot = self.slots[w]
+        for k in range(*shard_range):
+            a, b = int(bounds[k]), int(bounds[k + 1])
+            self.shard_updates[k] += 1
+            self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b,
+                                 int(self.shard_updates[k]), decision.lr_scale)
+        self._updated(decision.staleness)
+
+    def _updated(self, staleness):
+        self.stats.record_update(staleness)
+        self.callbacks.on_update(self.policy.version, self.stats)
+        epoch = int(self.stats.samples // self.epoch_samples)
+        if self.eval_every:
+            due = self.policy.version % self.eval_every == 0
+        else:
+            due = epoch > self._last_epoch
+        self._last_epoch = max(epoch, self._last_epoch)
+        if due:
+            self._record()
 
     def _apply_mean(self, scale):
         """Sum the pending slots in worker order, scale, and step the optimizer shard by shard."""
@@ -165,9 +204,16 @@ class ParameterServer:
         reply = new_header()
         reply[Field.STATUS] = Status.OK
         reply[Field.VERSION] = self.policy.version
+        rank = self.workers[w]
+        if self.dispatcher is not None:
+            batch = self.dispatcher.next()
+            if batch is None:  # every batch is handed out: this worker is done
+                reply[Field.STATUS] = Status.STOP
+                self.channel.send_header(reply, rank, Tag.REPLY)
+                return []
+            reply[Field.BATCH] = batch
         reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
         reply[Field.COUNT] = stop - start
-        rank = self.workers[w]
         self.channel.send_header(reply, rank, Tag.REPLY)
         self.stats.pulls_answered += 1
         self.stats.bytes_pulled += (stop - start) * self.layout.dtype.itemsize
@@ -199,7 +245,7 @@ class ParameterServer:
         self._last_logged = version
         row = {
             "step": version,
-            "epoch": version / self.steps_per_epoch,
+            "epoch": self.stats.samples / self.epoch_samples,
             "time_s": time.perf_counter() - self.t0,
             "train_loss": self._loss_sum / self._loss_n if self._loss_n else None,
             "eval_loss": None,
@@ -231,7 +277,12 @@ class ParameterServer:
             server_busy_s=busy_s,
             server_cpu_s=cpu,
             server_cpu_share=cpu / wall if wall > 0 else 0.0,
+            max_clock_gap=self.policy.max_clock_gap,
+            clock_gap_hist=dict(sorted(self.policy.gaps.items())),
             n_shards=self.layout.n_shards,
             n_params=self.layout.size,
+            policy_switches=list(getattr(self.policy, "switches", [])),
         )
+        if self.batch_counts is not None:
+            stats["batch_counts"] = self.batch_counts.tolist()
         return TrainResult(params=self.layout.unflatten(self.w), history=self.history, stats=stats)

@@ -6,17 +6,15 @@ import numpy as np
 from .comm import Channel, Field, Op, Status, Tag, new_header, set_loss, wait, wait_all
 from .metrics import Stopwatch
 
-__all__ = ["Worker", "StopTraining"]
-
-
-class StopTraining(Exception):
-    """The server answered a pull with STOP: the run is ending early."""
-
+__all__ = ["Worker"]
 
 class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
-    def __init__(self, comm, server_rank, index, layout, model, backend, X, y, stream, steps):
+    def __init__(self, comm, server_rank, index, layout, model, backend, X, y, stream, steps,
+                 delay=0.0):
+        """``stream`` maps a step to rows (static data), or a BatchDispatcher maps the batch
+        each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None)."""
         self.comm = comm
         self.server = server_rank
         self.index = index
@@ -27,35 +25,39 @@ class Worker:
         self.X, self.y = X, y
         self.stream = stream
         self.steps = steps
+        self.delay = float(delay)
         self.weights = layout.empty()
         self.params = layout.views(self.weights)
         self.grad = layout.empty()
         self.grad_views = layout.views(self.grad)
         self.version = 0
+        self.batch = -1
         self._request = new_header()
         self._reply = new_header()
-        # Batches land in preallocated buffers: np.take(out=) instead of a fresh copy per step.
-        self._xb = np.empty((stream.batch_size,) + X.shape[1:], dtype=X.dtype)
-        self._yb = np.empty((stream.batch_size,) + y.shape[1:], dtype=y.dtype)
+        self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
 
     def run(self):
         t0, cpu0 = time.perf_counter(), time.process_time()
-        for step in range(self.steps):
+        step = 0
+        while self.steps is None or step < self.steps:
             with self.waiting:
-                self.pull(step)
+                if not self.pull(step):
+                    break
             with self.computing:
-                rows = self.stream.rows(step)
-                np.take(self.X, rows, axis=0, out=self._xb)
-                np.take(self.y, rows, axis=0, out=self._yb)
-                loss, grads = self.model.loss_and_grad(self.params, self._xb, self._yb)
+                rows = self.stream.rows(self.batch if self.steps is None else step)
+                xb, yb = self._gather(rows)
+                loss, grads = self.model.loss_and_grad(self.params, xb, yb)
                 self._pack(grads, step)
+            if self.delay:
+                time.sleep(self.delay)  # a simulated straggler: slower, never wrong
             with self.pushing:
                 self.push(step, loss, len(rows))
-        self._send_header(Op.DONE, self.steps, 0, 0)
+            step += 1
+        self._send_header(Op.DONE, step, 0, 0)
         self.comm.send(
             {
-                "steps": self.steps,
+                "steps": step,
                 "wall_s": time.perf_counter() - t0,
                 "cpu_s": time.process_time() - cpu0,
                 "wait_s": self.waiting.total,
@@ -66,7 +68,19 @@ class Worker:
             tag=Tag.CONTROL,
         )
 
+    def _gather(self, rows):
+        """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step."""
+        n = len(rows)
+        if n not in self._batches:
+            self._batches[n] = (np.empty((n,) + self.X.shape[1:], dtype=self.X.dtype),
+                                np.empty((n,) + self.y.shape[1:], dtype=self.y.dtype))
+        xb, yb = self._batches[n]
+        np.take(self.X, rows, axis=0, out=xb)
+        np.take(self.y, rows, axis=0, out=yb)
+        return xb, yb
+
     def pull(self, clock, lo=0, hi=None):
+        """Fetch the weights; False when the server says the run is over for this worker."""
         hi = self.layout.n_shards if hi is None else hi
         # Post the receives before asking, so the reply lands straight in the weight buffer.
         reply = self.comm.Irecv(self._reply, source=self.server, tag=Tag.REPLY)
@@ -77,9 +91,11 @@ class Worker:
             for r in frames:
                 r.Cancel()
             wait_all(frames)
-            raise StopTraining(f"server stopped the run at step {clock}")
+            return False
         wait_all(frames)
         self.version = int(self._reply[Field.VERSION])
+        self.batch = int(self._reply[Field.BATCH])
+        return True
 
     def push(self, clock, loss, samples, lo=0, hi=None):
         hi = self.layout.n_shards if hi is None else hi
@@ -91,7 +107,7 @@ class Worker:
         h = self._request
         h[Field.OP], h[Field.WORKER], h[Field.CLOCK] = op, self.index, clock
         h[Field.SHARD_LO], h[Field.SHARD_HI], h[Field.COUNT] = lo, hi, count
-        h[Field.VERSION], h[Field.SAMPLES] = self.version, samples
+        h[Field.VERSION], h[Field.SAMPLES], h[Field.BATCH] = self.version, samples, self.batch
         set_loss(h, loss)
         self.channel.send_header(h, self.server, Tag.REQUEST)
 
