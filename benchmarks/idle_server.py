@@ -46,6 +46,11 @@ def psframe_run(comm, args):
             "workers": shares[1:]}
 
 
+def quiet_barrier(comm):
+    """A barrier that sleeps while it waits, so only the rank under test may spin a core."""
+    wait(comm.Ibarrier())
+
+
 def blocking_recv(comm, seconds, yielding):
     """Rank 0 receives one small message that rank 1 sends after ``seconds``; rank 0's share.
 
@@ -53,7 +58,7 @@ def blocking_recv(comm, seconds, yielding):
     yielding=True: an Irecv finished by psframe.comm.wait (polling with backoff).
     """
     buf = np.zeros(8, dtype=np.int64)
-    comm.Barrier()
+    quiet_barrier(comm)
     share = None
     if comm.Get_rank() == 0:
         if yielding:
@@ -63,7 +68,7 @@ def blocking_recv(comm, seconds, yielding):
     elif comm.Get_rank() == 1:
         time.sleep(seconds)
         comm.Send(buf, dest=0, tag=7)
-    comm.Barrier()
+    quiet_barrier(comm)
     return share
 
 
@@ -112,6 +117,9 @@ def main():
         for name, share in rows:
             print(f"{name:<{width}} | {share:>9.1%} | {share / base:>16.3f}")
         print("CPU share = CPU seconds / wall seconds of that process (100% = one core busy).")
+        print("per run: server " + ", ".join(f"{r['server']:.1%}" for r in runs)
+              + "; blocking Recv " + ", ".join(f"{x:.1%}" for x in spin)
+              + "; comm.wait " + ", ".join(f"{x:.1%}" for x in yielding))
         print(f"total {time.perf_counter() - t_start:.1f} s")
     comm.Free()
     return 0

@@ -142,17 +142,18 @@ def server_compute_ms(layout, reps):
 
 
 def measure(comm, mb, shard_elems_list, args):
-    """Interleave raw and psframe runs over args.rounds rounds; pooled samples per variant."""
+    """Interleave raw and psframe runs over args.rounds rounds; median of pooled samples."""
     layouts = {s: make_layout(mb, s) for s in shard_elems_list}
     bufs = [np.full(mb * MiB // 4, 0.5, np.float32) for _ in range(2)]
     samples = {}
     for _ in range(args.rounds):
-        samples.setdefault("raw", []).extend(raw_round_trips(comm, bufs, args.warmup, args.reps))
         for s, layout in layouts.items():
-            samples.setdefault(("sgd", s), []).extend(
-                psframe_round_trips(comm, layout, SGD(lr=1e-6), args.warmup, args.reps))
-            samples.setdefault(("noapply", s), []).extend(
-                psframe_round_trips(comm, layout, NoApply(), args.warmup, args.reps))
+            for name, optimizer in (("sgd", SGD(lr=1e-6)), ("noapply", NoApply())):
+                # A raw run before every psframe run: the machine's load drifts over seconds.
+                samples.setdefault("raw", []).extend(
+                    raw_round_trips(comm, bufs, args.warmup, args.reps))
+                samples.setdefault((name, s), []).extend(
+                    psframe_round_trips(comm, layout, optimizer, args.warmup, args.reps))
     samples = comm.bcast(samples, root=1)  # rank 1 holds the timings; a small pickle
     return {k: float(np.median(v)) for k, v in samples.items()}
 

@@ -1,8 +1,12 @@
-"""Command line: `python -m psframe train ...`, run on every rank under mpiexec."""
+"""Command line: `psframe train ...`; with -n N it starts mpiexec itself, else it is one rank."""
 import argparse
+import os
+import shlex
 import sys
 
-__all__ = ["main", "build_parser", "parse_model", "parse_data"]
+from . import config, launch
+
+__all__ = ["main", "build_parser", "resolve", "parse_model", "parse_data"]
 
 
 def parse_model(spec, n_features=None, n_classes=None):
@@ -39,59 +43,170 @@ def parse_data(spec, seed=0):
     raise ValueError(f"unknown dataset {spec!r}; use digits, mnist or synthetic[:rows,features,classes]")
 
 
+def _numbers(text):
+    try:
+        return tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+
+
+def _add_option(group, name, opt):
+    # No defaults in the parser: an option is in the namespace only when typed, so a config
+    # file can fill the rest and a typed flag always wins over the file.
+    flag = "--" + name.replace("_", "-")
+    shown = "" if opt.default is None else f" (default: {_show(opt.default)})"
+    kwargs = dict(dest=name, default=argparse.SUPPRESS, help=opt.help + shown)
+    if opt.kind is bool:
+        # --shuffle/--no-shuffle, --quiet/--no-quiet: either way can override a file.
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    kind = _numbers if opt.kind == "floats" else opt.kind
+    group.add_argument(flag, type=kind, choices=opt.choices, metavar=name.upper(), **kwargs)
+
+
+def _show(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
 def build_parser():
+    """The parser; run options appear in the namespace only when given on the command line."""
     parser = argparse.ArgumentParser(prog="psframe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model; launch under mpiexec -n N")
-    t.add_argument("--model", default="mlp:784,128,10", help="mlp:784,128,10 | softmax | linear")
-    t.add_argument("--data", default="mnist", help="digits | mnist | synthetic:rows,features,classes")
-    t.add_argument("--mode", default="data", help="data (model and hybrid come later)")
-    t.add_argument("--policy", default="sync", help="sync")
-    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    t.add_argument("--lr", type=float, default=None, help="learning rate (sgd 0.1, adam 0.001)")
-    t.add_argument("--momentum", type=float, default=0.0)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--steps", type=int, default=None, help="steps per worker; overrides --epochs")
-    t.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    t.add_argument("--no-shuffle", dest="shuffle", action="store_false")
-    t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
-    t.add_argument("--on-bad-gradient", default="raise", choices=["raise", "skip"])
-    t.add_argument("--quiet", action="store_true", help="print only the summary")
+    t = sub.add_parser(
+        "train", help="train a model",
+        description="Train a model. With -n N, starts N MPI ranks itself (1 server, N-1 "
+                    "workers); under mpiexec, each rank runs this same command.",
+    )
+    run = t.add_argument_group("launch")
+    run.add_argument("-n", "--nprocs", type=int, default=None, metavar="N",
+                     help="start N ranks with mpiexec (when not already under MPI)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the mpiexec command -n N would run, and exit")
+    run.add_argument("--config", default=None, metavar="FILE",
+                     help="TOML (or JSON) file of options; flags given here override it")
+    opts = t.add_argument_group("run options (also config-file keys, with _ for -)")
+    for name, opt in config.OPTIONS.items():
+        _add_option(opts, name, opt)
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return _train(args)
-    except ValueError as exc:  # ConfigError included: same message on every rank, say it once
-        from mpi4py import MPI
+def resolve(args):
+    """The run's options: defaults, then the --config file, then the flags typed."""
+    typed = {name: getattr(args, name) for name in config.OPTIONS if hasattr(args, name)}
+    from_file = config.load(args.config) if args.config else {}
+    return config.merge(from_file, typed)
 
-        if MPI.COMM_WORLD.Get_rank() == 0:
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    launching = args.nprocs is not None and not launch.under_mpi()
+    try:
+        options = resolve(args)
+        if launching:
+            return _launch(args, argv)
+        if args.dry_run:
+            if _is_rank0(launching):
+                print(f"psframe: already under MPI ({launch.env_size() or '?'} ranks) or without "
+                      "-n N: this command would train in this process; nothing to launch")
+            return 0
+        _check_world(args.nprocs)
+        return _train(options)
+    except ValueError as exc:  # ConfigError included: same message on every rank, say it once
+        if _is_rank0(launching):
             print(f"psframe: error: {exc}", file=sys.stderr, flush=True)
         return 2
 
 
-def _train(args):
+def _is_rank0(launching):
+    if launching:  # the launching process is alone: no ranks yet
+        return True
+    rank = launch.env_rank()
+    if rank is not None:
+        return rank == 0
+    from mpi4py import MPI  # an MPI whose variables we do not know: ask it
+
+    return MPI.COMM_WORLD.Get_rank() == 0
+
+
+def _launch(args, argv):
+    if args.nprocs < 2:
+        raise ValueError(f"-n {args.nprocs}: psframe needs at least 2 ranks (1 server + 1 worker)")
+    cmd = launch.command(args.nprocs, argv)
+    if args.dry_run:
+        print(shlex.join(cmd), flush=True)
+        return 0
+    launch.run(cmd)  # does not return
+
+
+def _check_world(nprocs):
+    size = launch.env_size()
+    if nprocs is not None and size is not None and size != nprocs:
+        raise ValueError(f"-n {nprocs} given, but this job was started with {size} ranks")
+
+
+def _optimizer(ps, o):
+    if o["optimizer"] == "sgd":
+        return ps.SGD(lr=0.1 if o["lr"] is None else o["lr"], momentum=o["momentum"],
+                      weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+    return ps.Adam(lr=1e-3 if o["lr"] is None else o["lr"], betas=tuple(o["betas"]),
+                   eps=o["eps"], weight_decay=o["weight_decay"])
+
+
+def _init(path):
+    if path is None:
+        return None
+    import numpy as np
+
+    # allow_pickle=False: loading weights must never run code from the file.
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
+
+
+def _callbacks(o, n_rows):
+    from . import callbacks, progress
+
+    hooks = []
+    mode = progress.display_mode(o["progress"], o["quiet"])
+    if mode == "bar":
+        hooks.append(progress.ProgressBar(n_rows=n_rows, batch_size=o["batch_size"]))
+    elif mode == "lines":
+        hooks.append(callbacks.PrintProgress())
+    if o["log_dir"]:
+        hooks.append(progress.MetricsLog(o["log_dir"], every=o["log_every"], n_rows=n_rows,
+                                         batch_size=o["batch_size"]))
+    return hooks
+
+
+def _train(o):
+    import contextlib
+
+    from mpi4py import MPI
+
     import psframe as ps
 
-    train_set, test_set = parse_data(args.data, seed=args.seed)
-    n_classes = int(train_set.y.max()) + 1 if train_set.y.dtype.kind in "iu" else None
-    model = parse_model(args.model, train_set.n_features, n_classes)
-    if args.optimizer == "sgd":
-        opt = ps.SGD(lr=args.lr or 0.1, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        opt = ps.Adam(lr=args.lr or 1e-3, weight_decay=args.weight_decay)
-    result = ps.train(
-        model, train_set, eval_data=test_set, mode=args.mode, policy=args.policy,
-        optimizer=opt, batch_size=args.batch_size, epochs=args.epochs, steps=args.steps,
-        shuffle=args.shuffle, seed=args.seed, dtype=args.dtype, eval_every=args.eval_every,
-        threads=args.threads, on_bad_gradient=args.on_bad_gradient, verbose=not args.quiet,
-    )
+    from . import progress
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    if o["log_every"] < 0:
+        raise ValueError(f"log_every must be >= 0, got {o['log_every']}")
+    if o["log_dir"] and rank == 0:
+        config.save(o, o["log_dir"])
+    record = (progress.worker_log(o["log_dir"], rank) if o["log_dir"] and rank
+              else contextlib.nullcontext())
+    with record:
+        train_set, test_set = parse_data(o["data"], seed=o["seed"])
+        n_classes = int(train_set.y.max()) + 1 if train_set.y.dtype.kind in "iu" else None
+        model = parse_model(o["model"], train_set.n_features, n_classes)
+        result = ps.train(
+            model, train_set, eval_data=test_set if o["eval"] else None, mode=o["mode"],
+            policy=o["policy"], optimizer=_optimizer(ps, o), batch_size=o["batch_size"],
+            epochs=o["epochs"], steps=o["steps"], shuffle=o["shuffle"], seed=o["seed"],
+            dtype=o["dtype"], init=_init(o["init"]), eval_every=o["eval_every"],
+            threads=o["threads"], backend=o["backend"], shard_elems=o["shard_elems"],
+            on_bad_gradient=o["on_bad_gradient"],
+            callbacks=_callbacks(o, len(train_set)) if rank == 0 else None,
+        )
     if result is not None:
         print(result.summary(), flush=True)
     return 0

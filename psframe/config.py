@@ -1,0 +1,162 @@
+"""Run options: one table behind the CLI flags and config files, merged flags > file > defaults."""
+import json
+import os
+from dataclasses import dataclass
+
+__all__ = ["Option", "OPTIONS", "defaults", "check", "load", "merge", "save"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option. ``kind`` is int, float, str, bool or "floats" (a list of numbers)."""
+
+    kind: object
+    default: object
+    help: str
+    choices: tuple = None
+
+    @property
+    def nullable(self):
+        # An option whose default is None ("not set") may be null in a JSON config too.
+        return self.default is None
+
+
+# Every option of ps.train that a file or a flag can express (callbacks and comm are code,
+# not configuration), plus how the CLI builds the model, data and optimizer and where it logs.
+OPTIONS = {
+    "model": Option(str, "mlp:784,128,10", "mlp:784,128,10 | softmax[:IN,CLASSES] | linear[:IN]"),
+    "data": Option(str, "mnist", "digits | mnist | synthetic[:rows,features,classes]"),
+    "eval": Option(bool, True, "evaluate on the dataset's test split"),
+    "mode": Option(str, "data", "data (model and hybrid come later)"),
+    "policy": Option(str, "sync", "sync"),
+    "optimizer": Option(str, "sgd", "sgd or adam", ("sgd", "adam")),
+    "lr": Option(float, None, "learning rate (default: sgd 0.1, adam 0.001)"),
+    "momentum": Option(float, 0.0, "SGD momentum"),
+    "nesterov": Option(bool, False, "SGD with Nesterov momentum"),
+    "betas": Option("floats", (0.9, 0.999), "Adam's two betas, e.g. 0.9,0.999"),
+    "eps": Option(float, 1e-8, "Adam's epsilon"),
+    "weight_decay": Option(float, 0.0, "L2 weight decay"),
+    "batch_size": Option(int, 32, "rows per worker step"),
+    "epochs": Option(int, 1, "passes over the data"),
+    "steps": Option(int, None, "steps per worker; overrides epochs"),
+    "eval_every": Option(int, None, "steps between evaluations (default: once per epoch)"),
+    "seed": Option(int, 0, "seed for the data split, shuffling and initial weights"),
+    "dtype": Option(str, "float32", "weights' type end to end", ("float32", "float64")),
+    "shuffle": Option(bool, True, "shuffle each worker's block every epoch"),
+    "init": Option(str, None, "starting weights: a .npz file of name -> array"),
+    "threads": Option(int, None, "BLAS threads per rank (default: cores shared among ranks)"),
+    "backend": Option(str, "auto", "array backend: auto or numpy"),
+    "shard_elems": Option(int, None, "elements per shard (default 262144)"),
+    "on_bad_gradient": Option(str, "raise", "what a non-finite gradient does", ("raise", "skip")),
+    "quiet": Option(bool, False, "print only the summary"),
+    "progress": Option(str, "auto", "bar, lines, or auto: a bar on a terminal, else lines",
+                       ("auto", "bar", "lines")),
+    "log_dir": Option(str, None, "write metrics.jsonl, config.json and the summary here"),
+    "log_every": Option(int, 100, "a metrics.jsonl record every N updates (0: evaluations only)"),
+}
+
+
+def defaults():
+    return {name: opt.default for name, opt in OPTIONS.items()}
+
+
+def _kind_name(opt):
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             "floats": "a list of numbers"}
+    return names[opt.kind] + (" or null" if opt.nullable else "")
+
+
+def _coerce(opt, value):
+    """``value`` as the option's type, or None when it does not fit."""
+    if value is None:
+        return None
+    if opt.kind is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):  # True is an int to Python, never a count or a rate here
+        return None
+    if opt.kind is int:
+        return value if isinstance(value, int) else None
+    if opt.kind is float:
+        return float(value) if isinstance(value, (int, float)) else None
+    if opt.kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(float(v) for v in value)
+    return None
+
+
+def check(values, source):
+    """Validated options from a mapping (a parsed file); ``source`` names it in errors.
+
+    Keys may use dashes like the flags (``batch-size``) or underscores (``batch_size``).
+    """
+    known = ", ".join(sorted(OPTIONS))
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTIONS:
+            raise ValueError(f"unknown key {key!r} in {source}; known keys: {known}")
+        opt = OPTIONS[name]
+        if value is None and not opt.nullable:
+            raise ValueError(f"key {key!r} in {source} must be {_kind_name(opt)}, got null")
+        coerced = _coerce(opt, value)
+        if value is not None and coerced is None:
+            raise ValueError(f"key {key!r} in {source} must be {_kind_name(opt)}, got {value!r}")
+        if opt.choices and coerced is not None and coerced not in opt.choices:
+            raise ValueError(f"key {key!r} in {source} must be one of {opt.choices}, got {value!r}")
+        out[name] = coerced
+    return out
+
+
+def _read_toml(path):
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11: the same parser, from PyPI
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load(path):
+    """Options from a TOML file, or a JSON one (such as a saved config.json), validated."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                try:
+                    values = json.load(f)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        else:
+            values = _read_toml(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a table of options, got {type(values).__name__}")
+    return check(values, path)
+
+
+def merge(file_values=None, cli_values=None):
+    """Every option: flags given on the command line win over the file, the file over defaults."""
+    merged = defaults()
+    merged.update(file_values or {})
+    merged.update(cli_values or {})
+    return merged
+
+
+def save(options, directory, name="config.json"):
+    """Write the merged options as JSON (loadable again with --config); returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                  f, indent=2, sort_keys=True)
+        f.write("\n")
+    # A reader (or a crash) never sees half a file.
+    os.replace(tmp, path)
+    return path

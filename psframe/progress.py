@@ -1,0 +1,224 @@
+"""Progress and run logs: a tqdm bar and metrics.jsonl on the server, a log file per worker."""
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+
+from .callbacks import Callback
+from .data import steps_per_epoch
+
+__all__ = ["ProgressBar", "MetricsLog", "display_mode", "worker_log", "jsonable"]
+
+
+def display_mode(progress="auto", quiet=False, stream=None, env=None):
+    """"bar", "lines" or None. Auto gives a bar only when a person is watching a terminal."""
+    from .launch import TTY_VAR
+
+    if quiet:
+        return None
+    if progress != "auto":
+        return progress
+    stream = sys.stdout if stream is None else stream
+    env = os.environ if env is None else env
+    return "bar" if stream.isatty() or env.get(TTY_VAR) else "lines"
+
+
+def _tty_columns(env=None):
+    from .launch import TTY_VAR
+
+    try:
+        return int((os.environ if env is None else env)[TTY_VAR])
+    except (KeyError, ValueError):
+        return None
+
+
+class _RunClock(Callback):
+    """What the bar and the log both need: the epoch of a step, and samples/s so far."""
+
+    def __init__(self, n_rows=None, batch_size=None):
+        self.n_rows, self.batch_size = n_rows, batch_size
+        self.per_epoch = None
+        self.total = None
+        self.stats = None
+
+    def on_start(self, info):
+        self.t0 = time.perf_counter()
+        self.total = info.get("total_steps")
+        self.per_epoch = info.get("steps_per_epoch")
+        if self.per_epoch is None and self.n_rows and self.batch_size:
+            self.per_epoch = steps_per_epoch(self.n_rows, info["n_workers"], self.batch_size)
+
+    def epoch(self, step):
+        return step / self.per_epoch if self.per_epoch else None
+
+    def rate(self, stats, now):
+        elapsed = now - self.t0
+        return stats.samples / elapsed if stats is not None and elapsed > 0 else 0.0
+
+
+def _max_staleness(stats):
+    return max(stats.staleness, default=0) if stats is not None else 0
+
+
+class ProgressBar(_RunClock):
+    """A tqdm bar: step/total, epoch, last train loss, eval accuracy, samples/s, max staleness.
+
+    ``n_rows`` and ``batch_size`` give epochs; redraws at most every ``interval`` seconds so
+    the server's update path stays cheap.
+    """
+
+    def __init__(self, n_rows=None, batch_size=None, file=None, ncols=None, interval=0.2):
+        super().__init__(n_rows, batch_size)
+        self.file = file
+        self.ncols = ncols if ncols is not None else _tty_columns()
+        self.interval = interval
+        self.bar = None
+        self.loss = self.accuracy = None
+        self._drawn = -math.inf
+
+    def on_start(self, info):
+        from tqdm import tqdm
+
+        super().on_start(info)
+        self.bar = tqdm(
+            total=self.total, file=self.file or sys.stdout, ncols=self.ncols, unit="step",
+            bar_format="step {n_fmt}/{total_fmt} {bar} {elapsed}<{remaining} {postfix}",
+            mininterval=self.interval, dynamic_ncols=self.ncols is None,
+        )
+
+    def on_update(self, version, stats):
+        self.stats = stats
+        now = time.perf_counter()
+        if now - self._drawn >= self.interval:
+            self._draw(version, now)
+
+    def on_record(self, row):
+        self.loss, self.accuracy = row["train_loss"], row["eval_accuracy"]
+        self._draw(row["step"], time.perf_counter())
+
+    def on_end(self, result):
+        if self.bar is None:
+            return
+        self._draw(result.stats["updates_applied"], time.perf_counter())
+        self.bar.close()
+
+    def postfix(self, step, now):
+        parts = []
+        epoch = self.epoch(step)
+        if epoch is not None:
+            parts.append(f"epoch {epoch:.2f}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.accuracy is not None:
+            parts.append(f"acc {self.accuracy:.4f}")
+        parts.append(f"{self.rate(self.stats, now):,.0f} samples/s")
+        parts.append(f"staleness {_max_staleness(self.stats)}")
+        return "  ".join(parts)
+
+    def _draw(self, step, now):
+        if self.bar is None:
+            return
+        self._drawn = now
+        self.bar.n = step
+        self.bar.set_postfix_str(self.postfix(step, now), refresh=False)
+        self.bar.refresh()
+
+
+def jsonable(obj):
+    """``obj`` with numpy scalars as numbers, tuples as lists, and NaN/inf as null: strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy scalar or array
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+class MetricsLog(_RunClock):
+    """``DIR/metrics.jsonl``: a record at the start, every ``every`` updates, at each
+    history row (evaluation) and at the end; then ``summary.json`` and ``summary.txt``.
+
+    Each line is one JSON object with ``kind`` ("start", "update", "eval", "end"), ``step``,
+    ``time`` (Unix seconds) and ``elapsed_s``; lines are flushed as written, so a crashed or
+    running job's log can be read.
+    """
+
+    def __init__(self, log_dir, every=100, n_rows=None, batch_size=None):
+        super().__init__(n_rows, batch_size)
+        self.log_dir = log_dir
+        self.every = every
+        self.file = None
+
+    def _write(self, kind, step, **fields):
+        now = time.perf_counter()
+        record = {"kind": kind, "step": step, "epoch": self.epoch(step), "time": time.time(),
+                  "elapsed_s": now - self.t0}
+        if self.stats is not None:
+            s = self.stats
+            record.update(
+                samples=s.samples, samples_per_s=self.rate(s, now),
+                updates_applied=s.updates_applied, updates_dropped=s.updates_dropped,
+                updates_rejected=s.updates_rejected, max_staleness=_max_staleness(s),
+                bytes_pulled=s.bytes_pulled, bytes_pushed=s.bytes_pushed,
+            )
+        record.update(fields)
+        self.file.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
+
+    def on_start(self, info):
+        super().on_start(info)
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.file = open(os.path.join(self.log_dir, "metrics.jsonl"), "w", buffering=1)
+        self._write("start", 0, total_steps=self.total, n_workers=info.get("n_workers"))
+
+    def on_update(self, version, stats):
+        self.stats = stats
+        if self.every and version % self.every == 0:
+            self._write("update", version)
+
+    def on_record(self, row):
+        self._write("eval", row["step"], train_loss=row["train_loss"],
+                    eval_loss=row["eval_loss"], eval_accuracy=row["eval_accuracy"],
+                    time_s=row["time_s"])
+
+    def on_end(self, result):
+        stats = result.stats
+        self._write("end", stats["updates_applied"], wall_s=stats["wall_s"],
+                    samples_per_s=stats["samples_per_s"])
+        self.file.close()
+        summary = {"stats": stats, "final": result.final, "config": result.config}
+        with open(os.path.join(self.log_dir, "summary.json"), "w") as f:
+            json.dump(jsonable(summary), f, indent=2, allow_nan=False)
+            f.write("\n")
+        with open(os.path.join(self.log_dir, "summary.txt"), "w") as f:
+            f.write(result.summary() + "\n")
+
+
+@contextlib.contextmanager
+def worker_log(log_dir, rank):
+    """``DIR/worker-RANK.log``: when and where this rank ran, how long, and how it ended.
+
+    Workers write nothing to the terminal; this file is their record.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, f"worker-{rank}.log")
+    t0 = time.perf_counter()
+
+    def line(f, text):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"{stamp} rank {rank}: {text}\n")
+        f.flush()
+
+    with open(path, "w") as f:
+        line(f, f"started on {socket.gethostname()} pid {os.getpid()}")
+        try:
+            yield
+        except BaseException as exc:
+            line(f, f"stopped after {time.perf_counter() - t0:.2f} s: {type(exc).__name__}: {exc}")
+            raise
+        line(f, f"finished in {time.perf_counter() - t0:.2f} s")
