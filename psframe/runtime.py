@@ -259,7 +259,7 @@ def _abort(world):
 
 # -- roles ------------------------------------------------------------------------------------
 def _serve(comm, run, verbose, callbacks):
-    from .server import ParameterServer
+    from .server import Group, ParameterServer
 
     hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
     eval_data = None
@@ -270,7 +270,9 @@ def _serve(comm, run, verbose, callbacks):
         )
     server = ParameterServer(
         comm, run["layout"], run["weights"], model=run["model"], optimizer=run["optimizer"],
-        policy_state=run["policy"].state(run["n_workers"]), workers=range(1, comm.Get_size()),
+        groups=[Group(run["policy"].state(run["n_workers"]), range(run["n_workers"]),
+                      (0, run["layout"].n_shards))],
+        worker_ranks=range(1, comm.Get_size()),
         eval_data=eval_data, eval_every=run["eval_every"], total_steps=run["expected_updates"],
         epoch_samples=run["epoch_samples"], dispatcher=run["dispatcher"],
         on_bad_gradient=run["on_bad_gradient"],

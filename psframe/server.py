@@ -2,6 +2,7 @@
 import math
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 from mpi4py import MPI
@@ -11,17 +12,32 @@ from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header, wait_al
 from .errors import GradientError, ProtocolError
 from .metrics import ServerStats, Stopwatch, TrainResult
 
-__all__ = ["ParameterServer", "GradientError"]
+__all__ = ["ParameterServer", "Group", "GradientError"]
+
+
+class Group:
+    """Workers that update one shard range under one policy state.
+
+    Data parallel: one group, every worker, every shard. A pipeline: one group per stage,
+    holding that stage's worker from each pipeline and the shards of that stage's layers.
+    """
+
+    def __init__(self, policy_state, workers, shard_range):
+        self.policy = policy_state
+        self.workers = list(workers)  # global worker indices; the policy sees 0..len-1
+        self.shard_range = tuple(shard_range)
+        self.pending = []  # global workers whose slot holds a gradient of the step gathered
 
 
 class ParameterServer:
     """Serves workers over ``comm`` until each has sent DONE.
 
     Requests are dispatched through ``self.handlers`` (op → method); what to do with each
-    pull and push is the policy state's decision, the server only carries it out.
+    pull and push is the policy state's decision, the server only carries it out through
+    ``self.actions`` (decision flag → method).
     """
 
-    def __init__(self, comm, layout, weights, *, model, optimizer, policy_state, workers,
+    def __init__(self, comm, layout, weights, *, model, optimizer, groups, worker_ranks,
                  eval_data=None, eval_every=None, total_steps=None, epoch_samples=1,
                  dispatcher=None, on_bad_gradient="raise", callbacks=None):
         self.comm = comm
@@ -31,9 +47,15 @@ class ParameterServer:
         self.model = model
         self.optimizer = optimizer
         self.opt_state = optimizer.init_state(layout.size, layout.dtype)
-        self.policy = policy_state
-        self.workers = list(workers)  # ranks, worker index i is self.workers[i]
+        self.groups = list(groups)
+        self.workers = list(worker_ranks)  # worker index i is rank self.workers[i]
         self.index_of = {rank: i for i, rank in enumerate(self.workers)}
+        self.group_of = {}
+        for g in self.groups:
+            for local, w in enumerate(g.workers):
+                self.group_of[w] = (g, local)
+        if sorted(self.group_of) != list(range(len(self.workers))):
+            raise ValueError("every worker must belong to exactly one group")
         self.eval_data = eval_data
         self.eval_every = eval_every
         self.total_steps = total_steps
@@ -53,22 +75,27 @@ class ParameterServer:
         # x·0 is 0 for every finite x and NaN otherwise: one BLAS dot checks a whole frame.
         self._zeros = np.zeros(layout.size, dtype=layout.dtype)
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
-        self.pending = []  # workers whose slot holds a gradient of the step being gathered
-        self.pending_range = None
         self.held = {}  # worker index -> (lo, hi) of a pull the policy holds
         self.finished = set()
         self.worker_reports = {}
         self.stats = ServerStats()
+        self.bytes_pulled_by = [0] * n
+        self.bytes_pushed_by = [0] * n
         self.history = []
         self._loss_sum = 0.0
         self._loss_n = 0
         self._last_logged = -1
         self._last_epoch = 0
         self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push, Op.DONE: self._on_done}
-        self.actions = (  # decision flag -> how to carry it out, in this order
+        self.actions = (
             ("drop", self._drop), ("accumulate", self._accumulate),
             ("apply", self._apply_one), ("complete", self._complete),
         )
+
+    @property
+    def version(self):
+        """Updates every group has applied: the run's step count for history and eval."""
+        return min(g.policy.version for g in self.groups)
 
     # -- main loop --------------------------------------------------------------------------
     def run(self):
@@ -91,20 +118,22 @@ class ParameterServer:
                 handler(self.index_of[src], header)
         wall = time.perf_counter() - self.t0
         cpu = time.process_time() - cpu0
-        if self.policy.version != self._last_logged:
-            self._record(final=True)
+        if self.version != self._last_logged:
+            self._record()
         return self._result(wall, cpu, waiting.total, busy.total)
 
     # -- handlers ---------------------------------------------------------------------------
     def _on_pull(self, w, header):
-        lo, hi = self._shard_range(w, header)
-        if self.policy.pull(w, int(header[Field.CLOCK])):
+        group, local = self.group_of[w]
+        lo, hi = self._shard_range(w, header, group)
+        if group.policy.pull(local, int(header[Field.CLOCK])):
             wait_all(self._send_weights(w, lo, hi))
         else:
             self.held[w] = (lo, hi)
 
     def _on_push(self, w, header):
-        lo, hi = self._shard_range(w, header)
+        group, local = self.group_of[w]
+        lo, hi = self._shard_range(w, header, group)
         start, stop = self.layout.shard_range(lo, hi)
         count = int(header[Field.COUNT])
         clock = int(header[Field.CLOCK])
@@ -115,78 +144,67 @@ class ParameterServer:
             )
         slot = self.slots[w]
         wait_all(self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH))
+        nbytes = count * self.layout.dtype.itemsize
         self.stats.pushes_received += 1
-        self.stats.bytes_pushed += count * self.layout.dtype.itemsize
+        self.stats.bytes_pushed += nbytes
+        self.bytes_pushed_by[w] += nbytes
         accepted = self._check_finite(w, clock, slot[start:stop])
         if accepted:
+            # Only the rank that saw the loss reports samples (a pipeline's last stage).
             samples = int(header[Field.SAMPLES])
             self.stats.samples += samples
             self._loss_sum += get_loss(header) * samples
             self._loss_n += samples
             if self.batch_counts is not None:
                 self.batch_counts[int(header[Field.BATCH])] += 1
-        decision = self.policy.push(w, clock, int(header[Field.VERSION]), accepted=accepted)
-        self._carry_out(decision, w, (lo, hi))
+        decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
+        self._carry_out(decision, group, w)
 
     def _on_done(self, w, header):
         self.worker_reports[w] = self.comm.recv(source=self.workers[w], tag=Tag.CONTROL)
         self.finished.add(w)
-        self._carry_out(self.policy.finish(w), w, None)
+        group, local = self.group_of[w]
+        self._carry_out(group.policy.finish(local), group, w)
 
     # -- actions ----------------------------------------------------------------------------
-    def _carry_out(self, decision, w, shard_range):
+    def _carry_out(self, decision, group, w):
         for flag, action in self.actions:
             if getattr(decision, flag):
-                action(decision, w, shard_range)
+                action(decision, group, w)
         requests = []
-        for r in decision.release:
+        for local in decision.release:
+            r = group.workers[local]
             requests += self._send_weights(r, *self.held.pop(r))
         wait_all(requests)
 
-    def _drop(self, decision, w, shard_range):
+    def _drop(self, decision, group, w):
         self.stats.updates_dropped += 1
 
-    def _accumulate(self, decision, w, shard_range):
-        if self.pending_range not in (None, shard_range):
-            raise ProtocolError("pushes of one step cover different shard ranges")
-        self.pending.append(w)
-        self.pending_range = shard_range
+    def _accumulate(self, decision, group, w):
+        group.pending.append(w)
 
-    def _complete(self, decision, w, shard_range):
-        if self.pending:  # a step whose every gradient was rejected changes nothing
-            self._apply_mean(decision.scale)
+    def _complete(self, decision, group, w):
+        if group.pending:  # a step whose every gradient was rejected changes nothing
+            self._apply_mean(group, decision.scale)
             self._updated(decision.staleness)
-        self.pending, self.pending_range = [], None
+        group.pending = []
 
-    def _apply_one(self, decision, w, shard_range):
+    def _apply_one(self, decision, group, w):
         """Apply one worker's gradient on arrival (Async, SSP), shard by shard."""
         bounds = self.layout.shard_bounds
         slot = self.slots[w]
-        for k in range(*shard_range):
+        for k in range(*group.shard_range):
             a, b = int(bounds[k]), int(bounds[k + 1])
             self.shard_updates[k] += 1
             self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b,
                                  int(self.shard_updates[k]), decision.lr_scale)
         self._updated(decision.staleness)
 
-    def _updated(self, staleness):
-        self.stats.record_update(staleness)
-        self.callbacks.on_update(self.policy.version, self.stats)
-        epoch = int(self.stats.samples // self.epoch_samples)
-        if self.eval_every:
-            due = self.policy.version % self.eval_every == 0
-        else:
-            due = epoch > self._last_epoch
-        self._last_epoch = max(epoch, self._last_epoch)
-        if due:
-            self._record()
-
-    def _apply_mean(self, scale):
+    def _apply_mean(self, group, scale):
         """Sum the pending slots in worker order, scale, and step the optimizer shard by shard."""
-        lo, hi = self.pending_range
         bounds = self.layout.shard_bounds
-        order = sorted(self.pending)
-        for k in range(lo, hi):
+        order = sorted(group.pending)
+        for k in range(*group.shard_range):
             a, b = int(bounds[k]), int(bounds[k + 1])
             acc = self.acc[a:b]
             if len(order) == 1:
@@ -199,11 +217,25 @@ class ParameterServer:
             self.shard_updates[k] += 1
             self.optimizer.apply(self.opt_state, self.w, acc, a, b, int(self.shard_updates[k]))
 
+    def _updated(self, staleness):
+        self.stats.record_update(staleness)
+        version = self.version
+        self.callbacks.on_update(version, self.stats)
+        epoch = int(self.stats.samples // self.epoch_samples)
+        if self.eval_every:
+            due = version % self.eval_every == 0 and version != self._last_logged
+        else:
+            due = epoch > self._last_epoch
+        self._last_epoch = max(epoch, self._last_epoch)
+        if due:
+            self._record()
+
     def _send_weights(self, w, lo, hi):
         start, stop = self.layout.shard_range(lo, hi)
+        group, _ = self.group_of[w]
         reply = new_header()
         reply[Field.STATUS] = Status.OK
-        reply[Field.VERSION] = self.policy.version
+        reply[Field.VERSION] = group.policy.version
         rank = self.workers[w]
         if self.dispatcher is not None:
             batch = self.dispatcher.next()
@@ -215,8 +247,10 @@ class ParameterServer:
         reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
         reply[Field.COUNT] = stop - start
         self.channel.send_header(reply, rank, Tag.REPLY)
+        nbytes = (stop - start) * self.layout.dtype.itemsize
         self.stats.pulls_answered += 1
-        self.stats.bytes_pulled += (stop - start) * self.layout.dtype.itemsize
+        self.stats.bytes_pulled += nbytes
+        self.bytes_pulled_by[w] += nbytes
         return self.channel.isend_frames(self.w, lo, hi, rank, Tag.WEIGHTS)
 
     def _check_finite(self, w, clock, grad):
@@ -233,15 +267,17 @@ class ParameterServer:
         print(f"psframe: warning: {message}", file=sys.stderr, flush=True)
         return False
 
-    def _shard_range(self, w, header):
+    def _shard_range(self, w, header, group):
         lo, hi = int(header[Field.SHARD_LO]), int(header[Field.SHARD_HI])
-        if not 0 <= lo < hi <= self.layout.n_shards:
-            raise ProtocolError(f"worker {w} asked for shards [{lo}, {hi}) of {self.layout.n_shards}")
+        if (lo, hi) != group.shard_range:
+            raise ProtocolError(
+                f"worker {w} asked for shards [{lo}, {hi}); its group owns {group.shard_range}"
+            )
         return lo, hi
 
     # -- history and result -----------------------------------------------------------------
-    def _record(self, final=False):
-        version = self.policy.version
+    def _record(self):
+        version = self.version
         self._last_logged = version
         row = {
             "step": version,
@@ -266,6 +302,9 @@ class ParameterServer:
         reports = [self.worker_reports.get(i, {}) for i in range(len(self.workers))]
         worker_wait = [r.get("wait_s", 0.0) for r in reports]
         worker_wall = [r.get("wall_s", 0.0) for r in reports]
+        gaps = Counter()
+        for g in self.groups:
+            gaps.update(g.policy.gaps)
         stats.update(
             n_workers=len(self.workers),
             wall_s=wall,
@@ -273,16 +312,22 @@ class ParameterServer:
             steps_per_worker=[r.get("steps", 0) for r in reports],
             worker_wait_s=worker_wait,
             worker_wait_share=sum(worker_wait) / max(sum(worker_wall), 1e-12),
+            bytes_pulled_per_worker=list(self.bytes_pulled_by),
+            bytes_pushed_per_worker=list(self.bytes_pushed_by),
             server_wait_s=wait_s,
             server_busy_s=busy_s,
             server_cpu_s=cpu,
             server_cpu_share=cpu / wall if wall > 0 else 0.0,
-            max_clock_gap=self.policy.max_clock_gap,
-            clock_gap_hist=dict(sorted(self.policy.gaps.items())),
+            max_clock_gap=max(gaps, default=0),
+            clock_gap_hist=dict(sorted(gaps.items())),
             n_shards=self.layout.n_shards,
             n_params=self.layout.size,
-            policy_switches=list(getattr(self.policy, "switches", [])),
+            policy_switches=list(getattr(self.groups[0].policy, "switches", [])),
         )
         if self.batch_counts is not None:
             stats["batch_counts"] = self.batch_counts.tolist()
+        if any("idle_s" in r for r in reports):  # pipeline stages report their bubble
+            stats["stage_idle_share"] = [
+                r.get("idle_s", 0.0) / max(r.get("wall_s", 0.0), 1e-12) for r in reports
+            ]
         return TrainResult(params=self.layout.unflatten(self.w), history=self.history, stats=stats)

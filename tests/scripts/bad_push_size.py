@@ -6,13 +6,14 @@ from psframe.comm import Channel, Field, Op, Tag, new_header
 from psframe.optim import SGD
 from psframe.params import ParamLayout
 from psframe.policies import Sync
-from psframe.server import ParameterServer
+from psframe.server import Group, ParameterServer
 
 comm = MPI.COMM_WORLD
 layout = ParamLayout({"w": (10,)})
 if comm.rank == 0:
     server = ParameterServer(comm, layout, np.zeros(10, np.float32), model=None,
-                             optimizer=SGD(lr=0.1), policy_state=Sync().state(1), workers=[1])
+                             optimizer=SGD(lr=0.1), groups=[Group(Sync().state(1), [0], (0, 1))],
+                             worker_ranks=[1])
     try:
         server.run()
     except Exception:
