@@ -16,6 +16,8 @@ class Tag(enum.IntEnum):
     REPLY = 13  # server → worker: header answering a pull
     WEIGHTS = 14  # server → worker: weight frames of a pull
     CONTROL = 15  # either way: small pickled objects (final stats), never on the hot path
+    ACT = 16  # pipeline stage k → k+1: a micro-batch's activations
+    ACT_GRAD = 17  # pipeline stage k+1 → k: the gradient of those activations
 
 
 class Op(enum.IntEnum):

@@ -27,8 +27,8 @@ BAD_GRADIENT_ACTIONS = ("raise", "skip")
 def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=None,
           batch_size=32, epochs=1, steps=None, shuffle=True, seed=0, dtype="float32",
           init=None, eval_every=None, threads=None, backend="auto", shard_elems=None,
-          dispatch="static", delay=None, on_bad_gradient="raise", verbose=False,
-          callbacks=None, comm=None):
+          dispatch="static", delay=None, micro_batches=1, stages=None,
+          on_bad_gradient="raise", verbose=False, callbacks=None, comm=None):
     """Train ``model`` on ``data`` with a parameter server; call it on every rank.
 
     Rank 0 of ``comm`` (default COMM_WORLD) serves the weights and returns a TrainResult;
@@ -41,7 +41,7 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
     try:
         run = _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size,
                         epochs, steps, shuffle, seed, dtype, init, eval_every, threads, backend,
-                        shard_elems, dispatch, delay, on_bad_gradient)
+                        shard_elems, dispatch, delay, micro_batches, stages, on_bad_gradient)
         local_error = None
     except Exception as exc:  # noqa: B902 - an error on one rank must reach all, not hang them
         local_error = exc
@@ -83,12 +83,10 @@ def _check_int(name, value, minimum=1, allow_none=False):
 
 def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size, epochs,
               steps, shuffle, seed, dtype, init, eval_every, threads, backend, shard_elems,
-              dispatch, delay, on_bad_gradient):
+              dispatch, delay, micro_batches, stages, on_bad_gradient):
     """Everything that can be wrong with the call, checked identically on each rank."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if mode != "data":
-        raise ValueError(f"mode={mode!r} is not implemented yet; use mode='data'")
     policy = policy_from_spec("sync" if policy is None else policy)
     optimizer = SGD(lr=0.1) if optimizer is None else optimizer
     if not isinstance(optimizer, Optimizer):
@@ -101,6 +99,7 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
     _check_int("threads", threads, allow_none=True)
     _check_int("seed", seed, minimum=0)
     _check_int("shard_elems", shard_elems, allow_none=True)
+    _check_int("micro_batches", micro_batches)
     if str(dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     if on_bad_gradient not in BAD_GRADIENT_ACTIONS:
@@ -124,8 +123,6 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
     train_set = _as_dataset(data, "data")
     train_set.check_finite("training data")
     model.validate_data(train_set.X, train_set.y)
-    if len(train_set) < n_workers:
-        raise ValueError(f"{len(train_set)} training rows cannot be split among {n_workers} workers")
     if eval_data is not None:
         eval_data = _as_dataset(eval_data, "eval_data")
         eval_data.check_finite("eval data")
@@ -142,8 +139,13 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
             raise ValueError("init has non-finite values")
     weights = layout.flatten(params, out=layout.empty())
     _probe(model, layout, weights, train_set)
+    parallel = _plan_parallel(mode, model, layout, n_workers, stages, micro_batches,
+                              batch_size, dispatch)
+    n_replicas = parallel["replicas"]  # workers (data) or pipelines (model, hybrid)
+    if len(train_set) < n_replicas:
+        raise ValueError(f"{len(train_set)} training rows cannot be split {n_replicas} ways")
 
-    per_epoch = steps_per_epoch(len(train_set), n_workers, batch_size)
+    per_epoch = steps_per_epoch(len(train_set), n_replicas, batch_size)
     steps_given = steps is not None
     steps = int(steps) if steps_given else int(epochs) * per_epoch
     if dispatch == "dynamic":
@@ -155,9 +157,9 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
         rounds = total_batches / n_workers
     else:
         dispatcher = None
-        epoch_samples = per_epoch * n_workers * batch_size
+        epoch_samples = per_epoch * n_replicas * batch_size
         rounds = steps
-    per_round = getattr(policy, "updates_per_round", lambda n: None)(n_workers)
+    per_round = getattr(policy, "updates_per_round", lambda n: None)(n_replicas)
     return {
         "model": model, "train": train_set, "eval": eval_data, "mode": mode, "policy": policy,
         "optimizer": optimizer, "batch_size": int(batch_size), "shuffle": bool(shuffle),
@@ -166,8 +168,43 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
         "dispatcher": dispatcher, "delay": delay,
         "expected_updates": None if per_round is None else int(round(rounds * per_round)),
         "threads": threads, "backend": backend, "on_bad_gradient": on_bad_gradient,
-        "n_workers": n_workers,
+        "n_workers": n_workers, "parallel": parallel,
     }
+
+
+def _plan_parallel(mode, model, layout, n_workers, stages, micro_batches, batch_size, dispatch):
+    """Who does what: replicas (data-parallel units) and, for pipelines, each stage's layers."""
+    if mode == "data":
+        if stages is not None or micro_batches != 1:
+            raise ValueError("stages and micro_batches apply to mode='model' or 'hybrid' only")
+        return {"replicas": n_workers, "n_stages": 1, "stage_layers": None,
+                "stage_shards": [(0, layout.n_shards)], "micro_batches": 1}
+    from .pipeline import plan_stages, stage_shard_range
+
+    if dispatch != "static":
+        raise ValueError(f"dispatch={dispatch!r} needs mode='data'; pipelines read fixed blocks")
+    if micro_batches > batch_size:
+        raise ValueError(f"micro_batches ({micro_batches}) cannot exceed batch_size ({batch_size})")
+    if mode == "model":
+        n_stages = n_workers
+        if stages is not None and not isinstance(stages, int):
+            n_stages = len(stages)
+    else:
+        if stages is None:
+            raise ValueError("mode='hybrid' needs stages=P (stages per pipeline) or a stage list")
+        n_stages = stages if isinstance(stages, int) and not isinstance(stages, bool) else len(stages)
+        if n_stages < 1 or n_workers % n_stages:
+            raise ValueError(
+                f"mode='hybrid' with {n_stages} stages needs a worker count divisible by "
+                f"{n_stages}, got {n_workers} workers"
+            )
+    if mode == "model" and n_stages != n_workers:
+        raise ValueError(f"mode='model' runs one stage per worker: {n_workers} workers, "
+                         f"but stages lists {n_stages}")
+    layers = plan_stages(model, n_stages, batch_size, None if isinstance(stages, int) else stages)
+    return {"replicas": n_workers // n_stages, "n_stages": n_stages, "stage_layers": layers,
+            "stage_shards": [stage_shard_range(model, layout, ids) for ids in layers],
+            "micro_batches": micro_batches}
 
 
 def _check_delay(delay, n_workers):
@@ -259,7 +296,7 @@ def _abort(world):
 
 # -- roles ------------------------------------------------------------------------------------
 def _serve(comm, run, verbose, callbacks):
-    from .server import Group, ParameterServer
+    from .server import ParameterServer
 
     hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
     eval_data = None
@@ -270,8 +307,7 @@ def _serve(comm, run, verbose, callbacks):
         )
     server = ParameterServer(
         comm, run["layout"], run["weights"], model=run["model"], optimizer=run["optimizer"],
-        groups=[Group(run["policy"].state(run["n_workers"]), range(run["n_workers"]),
-                      (0, run["layout"].n_shards))],
+        groups=_groups(run),
         worker_ranks=range(1, comm.Get_size()),
         eval_data=eval_data, eval_every=run["eval_every"], total_steps=run["expected_updates"],
         epoch_samples=run["epoch_samples"], dispatcher=run["dispatcher"],
@@ -288,21 +324,45 @@ def _serve(comm, run, verbose, callbacks):
     return result
 
 
+def _groups(run):
+    """One group per stage: worker p*P + k is stage k of pipeline p (data mode: P = 1)."""
+    from .server import Group
+
+    par = run["parallel"]
+    n_stages, replicas = par["n_stages"], par["replicas"]
+    return [
+        Group(run["policy"].state(replicas), [p * n_stages + k for p in range(replicas)],
+              par["stage_shards"][k])
+        for k in range(n_stages)
+    ]
+
+
 def _work(comm, run):
+    from .pipeline import StageWorker
     from .worker import Worker
 
     index = comm.Get_rank() - 1
+    par = run["parallel"]
+    replica, stage = divmod(index, par["n_stages"])  # data mode: replica = index, stage 0
     if run["dispatcher"] is not None:  # any worker may get any batch: it keeps every row
         rows, stream, steps = slice(None), run["dispatcher"], None
     else:
-        rows = worker_block(len(run["train"]), run["n_workers"], index)
+        rows = worker_block(len(run["train"]), par["replicas"], replica)
         stream = BatchStream(np.arange(len(rows)), run["batch_size"], run["shuffle"],
-                             run["seed"], index)
+                             run["seed"], replica)
         steps = run["steps"]
     X = np.ascontiguousarray(run["train"].X[rows], dtype=run["dtype"])
     y = np.ascontiguousarray(_labels(run["model"], run["train"].y[rows], run["dtype"]))
-    Worker(comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, steps,
-           delay=run["delay"].get(index, 0.0)).run()
+    common = (comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, steps)
+    delay = run["delay"].get(index, 0.0)
+    if par["stage_layers"] is None:
+        Worker(*common, delay=delay).run()
+        return
+    rank = comm.Get_rank()
+    StageWorker(*common, layer_ids=par["stage_layers"][stage], stage=stage,
+                n_stages=par["n_stages"], prev_rank=rank - 1 if stage else None,
+                next_rank=rank + 1 if stage < par["n_stages"] - 1 else None,
+                micro_batches=par["micro_batches"], delay=delay).run()
 
 
 def _labels(model, y, dtype):

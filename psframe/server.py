@@ -86,6 +86,7 @@ class ParameterServer:
         self._loss_n = 0
         self._last_logged = -1
         self._last_epoch = 0
+        self._seen_version = 0
         self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push, Op.DONE: self._on_done}
         self.actions = (
             ("drop", self._drop), ("accumulate", self._accumulate),
@@ -220,6 +221,9 @@ class ParameterServer:
     def _updated(self, staleness):
         self.stats.record_update(staleness)
         version = self.version
+        if version == self._seen_version:
+            return  # a pipeline stage moved, but not every stage has finished the step yet
+        self._seen_version = version
         self.callbacks.on_update(version, self.stats)
         epoch = int(self.stats.samples // self.epoch_samples)
         if self.eval_every:

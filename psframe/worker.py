@@ -54,19 +54,21 @@ class Worker:
             with self.pushing:
                 self.push(step, loss, len(rows))
             step += 1
-        self._send_header(Op.DONE, step, 0, 0)
-        self.comm.send(
-            {
-                "steps": step,
-                "wall_s": time.perf_counter() - t0,
-                "cpu_s": time.process_time() - cpu0,
-                "wait_s": self.waiting.total,
-                "compute_s": self.computing.total,
-                "push_s": self.pushing.total,
-            },
-            dest=self.server,
-            tag=Tag.CONTROL,
-        )
+        self._finish(t0, cpu0, step)
+
+    def _finish(self, t0, cpu0, steps, **extra):
+        """Tell the server this worker is done, with its timing report."""
+        self._send_header(Op.DONE, steps, 0, 0)
+        report = {
+            "steps": steps,
+            "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - cpu0,
+            "wait_s": self.waiting.total,
+            "compute_s": self.computing.total,
+            "push_s": self.pushing.total,
+            **extra,
+        }
+        self.comm.send(report, dest=self.server, tag=Tag.CONTROL)
 
     def _gather(self, rows):
         """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step."""

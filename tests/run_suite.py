@@ -1,4 +1,4 @@
-"""Runs the whole suite (unit tests, then MPI tests at 2, 3 and 4 ranks) and prints one total."""
+"""Runs the whole suite (unit tests, then MPI tests at 2 to 5 ranks) and prints one total."""
 import json
 import os
 import subprocess
@@ -15,11 +15,14 @@ STAGE_TIMEOUT_S = 1200
 def stages():
     py = sys.executable
     yield "unit", [py, "-m", "pytest", "tests", "-m", "not mpi", "-q"]
-    for n in (2, 3, 4):
+    # Hybrid 2x2 needs 4 workers: a fifth run covers the pipeline tests alone.
+    for n, paths in ((2, ["tests/mpi"]), (3, ["tests/mpi"]), (4, ["tests/mpi"]),
+                     (5, ["tests/mpi/test_pipeline.py"])):
         yield f"mpi-{n}", [
             "timeout", "--kill-after=10", str(STAGE_TIMEOUT_S),
             os.path.join(BIN, "mpiexec"), "-n", str(n),
-            py, os.path.join(ROOT, "tests", "quiet_rank.py"), "-m", "mpi4py", "-m", "pytest", "--with-mpi", "-m", "mpi", "tests/mpi", "-q",
+            py, os.path.join(ROOT, "tests", "quiet_rank.py"), "-m", "mpi4py", "-m", "pytest",
+            "--with-mpi", "-m", "mpi", *paths, "-q",
         ]
 
 

@@ -1,0 +1,226 @@
+"""Model parallel: cut a Sequential into stages, and run one stage of a GPipe-style pipeline."""
+import time
+
+import numpy as np
+
+from .comm import Tag, wait, wait_all
+from .layers import Dense
+from .metrics import Stopwatch
+from .models import Sequential
+from .worker import Worker
+
+__all__ = ["plan_stages", "stage_shard_range", "StageWorker", "gpipe_bubble"]
+
+
+def gpipe_bubble(n_stages, micro_batches):
+    """GPipe's estimate of the idle share of each stage: (P-1) / (m+P-1)."""
+    return (n_stages - 1) / (micro_batches + n_stages - 1)
+
+
+def _layer_cost(layer, batch):
+    # Forward FLOPs dominate and backward is about twice that; the parameter count stands in
+    # for the push/pull and optimizer work. Both scale with n_in*n_out for a Dense layer.
+    n_params = sum(int(np.prod(s)) for s in layer.param_shapes().values())
+    return layer.flops(batch) * 3 + n_params
+
+
+def plan_stages(model, n_stages, batch_size, stages=None):
+    """Layer indices of each stage: consecutive, every stage with a parameterised layer.
+
+    ``stages`` (a list of lists of layer indices) sets the cut by hand; otherwise the cut
+    minimises the most expensive stage (cost: FLOPs and parameters), by dynamic programming
+    over cuts placed just before a parameterised layer.
+    """
+    if not isinstance(model, Sequential):
+        raise ValueError(
+            f"model and hybrid modes cut a ps.Sequential (or MLP) into stages; "
+            f"{type(model).__name__} has no layers to cut"
+        )
+    n_layers = len(model.layers)
+    has_params = [bool(layer.param_shapes()) for layer in model.layers]
+    if stages is not None:
+        return _check_manual(stages, n_stages, n_layers, has_params)
+    param_layers = [i for i, p in enumerate(has_params) if p]
+    if len(param_layers) < n_stages:
+        raise ValueError(
+            f"the model has {len(param_layers)} parameterised layers, too few for "
+            f"{n_stages} stages; use fewer workers or stages, or a deeper model"
+        )
+    costs = [_layer_cost(layer, batch_size) for layer in model.layers]
+    # A stage starts at a parameterised layer (the first at layer 0); cut points are indices.
+    starts = [0] + param_layers[1:]
+    prefix = np.concatenate([[0], np.cumsum(costs)])
+
+    def cost(a, b):  # layers starts[a] .. starts[b]-1 (or to the end)
+        stop = starts[b] if b < len(starts) else n_layers
+        return prefix[stop] - prefix[starts[a]]
+
+    n = len(starts)
+    best = {}  # (first start index, stages left) -> (max cost, cut list)
+
+    def solve(a, k):
+        if (a, k) in best:
+            return best[(a, k)]
+        if k == 1:
+            result = (cost(a, n), [a])
+        else:
+            result = None
+            for b in range(a + 1, n - k + 2):
+                tail_cost, tail = solve(b, k - 1)
+                candidate = (max(cost(a, b), tail_cost), [a] + tail)
+                if result is None or candidate[0] < result[0]:
+                    result = candidate
+        best[(a, k)] = result
+        return result
+
+    _, cut = solve(0, n_stages)
+    bounds = [starts[c] for c in cut] + [n_layers]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(n_stages)]
+
+
+def _check_manual(stages, n_stages, n_layers, has_params):
+    try:
+        stages = [[int(i) for i in stage] for stage in stages]
+    except TypeError:
+        raise ValueError(f"stages must be a list of lists of layer indices, got {stages!r}")
+    if len(stages) != n_stages:
+        raise ValueError(f"stages lists {len(stages)} stages, but the run has {n_stages}")
+    flat = [i for stage in stages for i in stage]
+    if flat != list(range(n_layers)):
+        raise ValueError(
+            f"stages must cover layers 0..{n_layers - 1} once each, in order, got {stages}"
+        )
+    for k, stage in enumerate(stages):
+        if not any(has_params[i] for i in stage):
+            raise ValueError(f"stage {k} (layers {stage}) has no parameters to train")
+    return stages
+
+
+def stage_shard_range(model, layout, layer_ids):
+    """Shards [lo, hi) holding exactly the parameters of these layers."""
+    names = [n for i in layer_ids for n in model.layer_param_names(i)]
+    start = min(layout.offsets[n] for n in names)
+    stop = max(layout.offsets[n] + layout.sizes[n] for n in names)
+    if stop - start != sum(layout.sizes[n] for n in names):
+        raise ValueError(f"the parameters of layers {layer_ids} are not contiguous")
+    return layout.shards_of_range(start, stop)
+
+
+class StageWorker(Worker):
+    """Stage ``stage`` of pipeline ``pipeline``: pulls and pushes only its own shards.
+
+    Each step: pull the stage's weights, run the forward of every micro-batch (receiving
+    activations from the previous stage, sending to the next), then the backward in reverse
+    order (activation gradients flow back), summing the gradients over micro-batches, and
+    push. The weights pulled at the start of a step serve every micro-batch's forward and
+    backward, so both always see the same weights (PipeDream's weight stashing, for free).
+    """
+
+    def __init__(self, comm, server_rank, index, layout, model, backend, X, y, stream, steps,
+                 *, layer_ids, stage, n_stages, prev_rank, next_rank, micro_batches,
+                 delay=0.0):
+        super().__init__(comm, server_rank, index, layout, model, backend, X, y, stream, steps,
+                         delay=delay)
+        self.layer_ids = list(layer_ids)
+        self.first, self.last = stage == 0, stage == n_stages - 1
+        self.prev_rank, self.next_rank = prev_rank, next_rank
+        self.shards = stage_shard_range(model, layout, layer_ids)
+        b = stream.batch_size
+        self.micro = np.array_split(np.arange(b), micro_batches)
+        self.fractions = [len(mb) / b for mb in self.micro]
+        # (local name, global name) per layer, so layers see their own parameter names.
+        self.names = {i: list(zip(model.layers[i].param_shapes(), model.layer_param_names(i)))
+                      for i in self.layer_ids}
+        self._in_width = self._width_before(self.layer_ids[0], X.shape[1])
+        self._out_width = self._width_before(self.layer_ids[-1] + 1, X.shape[1])
+        dt = layout.dtype
+        # Receive buffers of known shapes, one per micro-batch, allocated once.
+        self.act_in = [np.empty((len(mb), self._in_width), dt) for mb in self.micro]
+        self.grad_in = [np.empty((len(mb), self._out_width), dt) for mb in self.micro]
+        self.y_in = [np.empty((len(mb),) + y.shape[1:], y.dtype) for mb in self.micro]
+        self.idle = Stopwatch()
+
+    def _width_before(self, layer_index, n_features):
+        width = n_features
+        for layer in self.model.layers[:layer_index]:
+            width = layer.out_features(width)
+        return width
+
+    def _params_of(self, i):
+        return {local: self.params[full] for local, full in self.names[i]}
+
+    def run(self):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        lo, hi = self.shards
+        start, stop = self.layout.shard_range(lo, hi)
+        grad_slice = self.grad[start:stop]
+        for step in range(self.steps):
+            with self.waiting:
+                self.pull(step, lo, hi)
+            rows = self.stream.rows(step)
+            grad_slice[:] = 0
+            with self.computing:
+                loss, sends, caches, douts = self._forward(rows)
+            with self.computing:
+                sends += self._backward(caches, douts)
+            wait_all(sends)
+            if self.delay:
+                time.sleep(self.delay)
+            with self.pushing:
+                self.push(step, loss if self.last else 0.0,
+                          len(rows) if self.last else 0, lo, hi)
+        self._finish(t0, cpu0, self.steps, idle_s=self.idle.total + self.waiting.total)
+
+    def _forward(self, rows):
+        sends, caches, douts, loss = [], [], [], 0.0
+        for i, mb in enumerate(self.micro):
+            if self.first:
+                # A buffer per micro-batch: layers cache their input until the backward.
+                h = np.take(self.X, rows[mb], axis=0, out=self.act_in[i])
+            else:
+                with self.idle:
+                    wait(self.comm.Irecv(self.act_in[i], source=self.prev_rank, tag=Tag.ACT))
+                h = self.act_in[i]
+            layer_caches = []
+            for j in self.layer_ids:
+                h, cache = self.model.layers[j].forward(self._params_of(j), h)
+                layer_caches.append(cache)
+            caches.append(layer_caches)
+            if self.last:
+                yb = np.take(self.y, rows[mb], axis=0, out=self.y_in[i])
+                mb_loss, loss_cache = self.model.loss.forward(h, yb)
+                # Each micro-batch's mean loss, weighted by its share of the batch, sums to
+                # the full batch's mean: so do the gradients.
+                douts.append(self.model.loss.backward(loss_cache) * self.fractions[i])
+                loss += float(mb_loss) * self.fractions[i]
+            else:
+                out = np.ascontiguousarray(h)
+                sends.append(self.comm.Isend(out, dest=self.next_rank, tag=Tag.ACT))
+                caches[-1].append(out)  # keep the send buffer alive until it completes
+        return loss, sends, caches, douts
+
+    def _backward(self, caches, douts):
+        sends = []
+        for i in reversed(range(len(self.micro))):
+            if self.last:
+                d = douts[i]
+            else:
+                with self.idle:
+                    wait(self.comm.Irecv(self.grad_in[i], source=self.next_rank,
+                                         tag=Tag.ACT_GRAD))
+                d = self.grad_in[i]
+            for pos in reversed(range(len(self.layer_ids))):
+                j = self.layer_ids[pos]
+                layer = self.model.layers[j]
+                lp = self._params_of(j)
+                if self.first and pos == 0 and isinstance(layer, Dense):
+                    grads, d = layer.backward(lp, caches[i][pos], d, need_dx=False)
+                else:
+                    grads, d = layer.backward(lp, caches[i][pos], d)
+                for local, full in self.names[j]:
+                    self.grad_views[full] += grads[local]
+            if not self.first:
+                out = np.ascontiguousarray(d)
+                sends.append(self.comm.Isend(out, dest=self.prev_rank, tag=Tag.ACT_GRAD))
+                caches[i].append(out)
+        return sends
