@@ -1,10 +1,11 @@
 """Command line: `psframe train ...`; with -n N it starts mpiexec itself, else it is one rank."""
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 
-from . import config, launch
+from . import callbacks, config, launch, progress
 
 __all__ = ["main", "build_parser", "resolve", "parse_model", "parse_data"]
 
@@ -40,7 +41,9 @@ def parse_data(spec, seed=0):
         dims = [int(s) for s in args.split(",")] if args else []
         keys = ("n_rows", "n_features", "n_classes")
         return data.synthetic(seed=seed, **dict(zip(keys, dims)))
-    raise ValueError(f"unknown dataset {spec!r}; use digits, mnist or synthetic[:rows,features,classes]")
+    raise ValueError(
+        f"unknown dataset {spec!r}; use digits, mnist or synthetic[:rows,features,classes]"
+    )
 
 
 def _numbers(text):
@@ -48,6 +51,15 @@ def _numbers(text):
         return tuple(float(s) for s in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+
+
+def _delays(text):
+    try:
+        pairs = (item.split(":") for item in text.split(",") if item.strip())
+        return {int(w): float(s) for w, s in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected worker:seconds pairs such as 0:0.01,2:0.05, "
+                                         f"got {text!r}")
 
 
 def _add_option(group, name, opt):
@@ -60,7 +72,7 @@ def _add_option(group, name, opt):
         # --shuffle/--no-shuffle, --quiet/--no-quiet: either way can override a file.
         group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         return
-    kind = _numbers if opt.kind == "floats" else opt.kind
+    kind = {"floats": _numbers, "delays": _delays}.get(opt.kind, opt.kind)
     group.add_argument(flag, type=kind, choices=opt.choices, metavar=name.upper(), **kwargs)
 
 
@@ -102,25 +114,22 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     launching = args.nprocs is not None and not launch.under_mpi()
     try:
-        options = resolve(args)
         if launching:
+            resolve(args)  # a bad config file fails here, before any rank starts
             return _launch(args, argv)
         if args.dry_run:
-            if _is_rank0(launching):
-                print(f"psframe: already under MPI ({launch.env_size() or '?'} ranks) or without "
-                      "-n N: this command would train in this process; nothing to launch")
+            if _is_rank0():
+                print("psframe: nothing to launch: under MPI already, or no -n N given; "
+                      "without --dry-run this command trains in this process", flush=True)
             return 0
-        _check_world(args.nprocs)
-        return _train(options)
+        return _run(args)
     except ValueError as exc:  # ConfigError included: same message on every rank, say it once
-        if _is_rank0(launching):
+        if launching or _is_rank0():
             print(f"psframe: error: {exc}", file=sys.stderr, flush=True)
         return 2
 
 
-def _is_rank0(launching):
-    if launching:  # the launching process is alone: no ranks yet
-        return True
+def _is_rank0():
     rank = launch.env_rank()
     if rank is not None:
         return rank == 0
@@ -137,6 +146,37 @@ def _launch(args, argv):
         print(shlex.join(cmd), flush=True)
         return 0
     launch.run(cmd)  # does not return
+
+
+def _agree(world, error):
+    """Raise the first rank's error on every rank: a rank that quit alone would leave the
+    others waiting for it in MPI forever (Hydra does not end a job when a rank exits 2)."""
+    errors = world.allgather(error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ValueError(message if len(failed) == len(errors) else f"{message} (on rank {rank})")
+
+
+def _run(args):
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    job = error = None
+    try:
+        job = _prepare(resolve(args), args.nprocs, rank)
+    except Exception as exc:  # noqa: B902 - every rank must hear of it, see _agree
+        error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    _agree(world, error)
+    o = job["options"]
+    record = (progress.worker_log(o["log_dir"], rank) if o["log_dir"] and rank
+              else contextlib.nullcontext())
+    with record:
+        result = _train(job, rank)
+    if result is not None:
+        print(result.summary(), flush=True)
+    return 0
 
 
 def _check_world(nprocs):
@@ -159,57 +199,62 @@ def _init(path):
     import numpy as np
 
     # allow_pickle=False: loading weights must never run code from the file.
-    with np.load(path, allow_pickle=False) as f:
-        return {name: f[name] for name in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {name: f[name] for name in f.files}
+    except OSError as exc:
+        raise ValueError(f"cannot read init weights {path}: {exc}") from None
+
+
+def _prepare(o, nprocs, rank):
+    """Everything that can fail before training: data, model, optimizer, weights, log dir."""
+    import psframe as ps
+
+    _check_world(nprocs)
+    if o["log_every"] < 0:
+        raise ValueError(f"log_every must be >= 0, got {o['log_every']}")
+    if o["log_dir"]:
+        os.makedirs(o["log_dir"], exist_ok=True)
+        if rank == 0:
+            config.save(o, o["log_dir"])
+    train_set, test_set = parse_data(o["data"], seed=o["seed"])
+    n_classes = int(train_set.y.max()) + 1 if train_set.y.dtype.kind in "iu" else None
+    return {
+        "options": o, "train": train_set, "test": test_set if o["eval"] else None,
+        "model": parse_model(o["model"], train_set.n_features, n_classes),
+        "optimizer": _optimizer(ps, o), "init": _init(o["init"]),
+    }
 
 
 def _callbacks(o, n_rows):
-    from . import callbacks, progress
-
     hooks = []
     mode = progress.display_mode(o["progress"], o["quiet"])
     if mode == "bar":
-        hooks.append(progress.ProgressBar(n_rows=n_rows, batch_size=o["batch_size"]))
+        hooks.append(progress.ProgressBar(n_rows=n_rows, batch_size=o["batch_size"],
+                                          dispatch=o["dispatch"]))
     elif mode == "lines":
         hooks.append(callbacks.PrintProgress())
     if o["log_dir"]:
         hooks.append(progress.MetricsLog(o["log_dir"], every=o["log_every"], n_rows=n_rows,
-                                         batch_size=o["batch_size"]))
+                                         batch_size=o["batch_size"], dispatch=o["dispatch"]))
     return hooks
 
 
-def _train(o):
-    import contextlib
-
-    from mpi4py import MPI
-
+def _train(job, rank):
     import psframe as ps
 
-    from . import progress
-
-    rank = MPI.COMM_WORLD.Get_rank()
-    if o["log_every"] < 0:
-        raise ValueError(f"log_every must be >= 0, got {o['log_every']}")
-    if o["log_dir"] and rank == 0:
-        config.save(o, o["log_dir"])
-    record = (progress.worker_log(o["log_dir"], rank) if o["log_dir"] and rank
-              else contextlib.nullcontext())
-    with record:
-        train_set, test_set = parse_data(o["data"], seed=o["seed"])
-        n_classes = int(train_set.y.max()) + 1 if train_set.y.dtype.kind in "iu" else None
-        model = parse_model(o["model"], train_set.n_features, n_classes)
-        result = ps.train(
-            model, train_set, eval_data=test_set if o["eval"] else None, mode=o["mode"],
-            policy=o["policy"], optimizer=_optimizer(ps, o), batch_size=o["batch_size"],
-            epochs=o["epochs"], steps=o["steps"], shuffle=o["shuffle"], seed=o["seed"],
-            dtype=o["dtype"], init=_init(o["init"]), eval_every=o["eval_every"],
-            threads=o["threads"], backend=o["backend"], shard_elems=o["shard_elems"],
-            on_bad_gradient=o["on_bad_gradient"],
-            callbacks=_callbacks(o, len(train_set)) if rank == 0 else None,
-        )
-    if result is not None:
-        print(result.summary(), flush=True)
-    return 0
+    o = job["options"]
+    # Pipeline options go to ps.train only when set: it takes them for model parallel modes.
+    pipeline = {k: o[k] for k in ("stages", "micro_batches") if o[k] != config.defaults()[k]}
+    return ps.train(
+        job["model"], job["train"], eval_data=job["test"], mode=o["mode"], policy=o["policy"],
+        optimizer=job["optimizer"], batch_size=o["batch_size"], epochs=o["epochs"],
+        steps=o["steps"], shuffle=o["shuffle"], seed=o["seed"], dtype=o["dtype"],
+        init=job["init"], eval_every=o["eval_every"], threads=o["threads"],
+        backend=o["backend"], shard_elems=o["shard_elems"], dispatch=o["dispatch"],
+        delay=o["delay"], on_bad_gradient=o["on_bad_gradient"],
+        callbacks=_callbacks(o, len(job["train"])) if rank == 0 else None, **pipeline,
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ __all__ = ["Option", "OPTIONS", "defaults", "check", "load", "merge", "save"]
 
 @dataclass(frozen=True)
 class Option:
-    """One run option. ``kind`` is int, float, str, bool or "floats" (a list of numbers)."""
+    """One run option. ``kind`` is int, float, str, bool, "floats" (a list of numbers) or
+    "delays" (worker index -> seconds)."""
 
     kind: object
     default: object
@@ -27,8 +28,9 @@ OPTIONS = {
     "model": Option(str, "mlp:784,128,10", "mlp:784,128,10 | softmax[:IN,CLASSES] | linear[:IN]"),
     "data": Option(str, "mnist", "digits | mnist | synthetic[:rows,features,classes]"),
     "eval": Option(bool, True, "evaluate on the dataset's test split"),
-    "mode": Option(str, "data", "data (model and hybrid come later)"),
-    "policy": Option(str, "sync", "sync"),
+    "mode": Option(str, "data", "data, model (a pipeline of stages) or hybrid"),
+    "policy": Option(str, "sync", "sync, sync:K (K backup workers), async, async:lr, ssp:S, "
+                                  "mixed:STEPS[:THEN]"),
     "optimizer": Option(str, "sgd", "sgd or adam", ("sgd", "adam")),
     "lr": Option(float, None, "learning rate (default: sgd 0.1, adam 0.001)"),
     "momentum": Option(float, 0.0, "SGD momentum"),
@@ -47,6 +49,11 @@ OPTIONS = {
     "threads": Option(int, None, "BLAS threads per rank (default: cores shared among ranks)"),
     "backend": Option(str, "auto", "array backend: auto or numpy"),
     "shard_elems": Option(int, None, "elements per shard (default 262144)"),
+    "stages": Option(int, None, "pipeline stages (mode hybrid: stages per pipeline)"),
+    "micro_batches": Option(int, 1, "micro-batches per pipeline step (modes model, hybrid)"),
+    "dispatch": Option(str, "static", "static blocks per worker, or dynamic batches on request",
+                       ("static", "dynamic")),
+    "delay": Option("delays", None, "simulated stragglers: worker:seconds per step, e.g. 0:0.01"),
     "on_bad_gradient": Option(str, "raise", "what a non-finite gradient does", ("raise", "skip")),
     "quiet": Option(bool, False, "print only the summary"),
     "progress": Option(str, "auto", "bar, lines, or auto: a bar on a terminal, else lines",
@@ -62,7 +69,7 @@ def defaults():
 
 def _kind_name(opt):
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             "floats": "a list of numbers"}
+             "floats": "a list of numbers", "delays": "a table of worker index = seconds"}
     return names[opt.kind] + (" or null" if opt.nullable else "")
 
 
@@ -80,11 +87,29 @@ def _coerce(opt, value):
         return float(value) if isinstance(value, (int, float)) else None
     if opt.kind is str:
         return value if isinstance(value, str) else None
+    if opt.kind == "delays":
+        return _delays(value)
     if isinstance(value, (list, tuple)) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
     ):
         return tuple(float(v) for v in value)
     return None
+
+
+def _delays(value):
+    """{worker index: seconds} from a table whose keys may be strings (TOML and JSON keys are)."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for key, seconds in value.items():
+        try:
+            worker = int(key)
+        except (TypeError, ValueError):
+            return None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            return None
+        out[worker] = float(seconds)
+    return out
 
 
 def check(values, source):

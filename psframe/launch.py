@@ -88,7 +88,7 @@ def _candidates():
     # 3. The libmpi mpi4py actually loaded: PREFIX/lib/libmpi.so -> PREFIX/bin/mpiexec.
     try:
         for lib_dir in _libmpi_dirs():
-            for rel in ("../bin", "../../bin", "../../../bin"):
+            for rel in ("../bin", "../../bin"):  # PREFIX/lib or PREFIX/lib/<arch>
                 yield os.path.normpath(os.path.join(lib_dir, rel, "mpiexec"))
     except Exception:  # noqa: B902 - mpi4py missing or unloadable: fall through to PATH
         pass

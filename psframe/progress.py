@@ -36,27 +36,38 @@ def _tty_columns(env=None):
 
 
 class _RunClock(Callback):
-    """What the bar and the log both need: the epoch of a step, and samples/s so far."""
+    """What the bar and the log both need: epochs done and samples/s so far.
 
-    def __init__(self, n_rows=None, batch_size=None):
-        self.n_rows, self.batch_size = n_rows, batch_size
-        self.per_epoch = None
+    An epoch is counted in samples, as the server's history does: ``epoch_samples`` from the
+    server when it says, else derived from ``n_rows``, ``batch_size`` and ``dispatch`` the
+    way ps.train derives it.
+    """
+
+    def __init__(self, n_rows=None, batch_size=None, dispatch="static"):
+        self.n_rows, self.batch_size, self.dispatch = n_rows, batch_size, dispatch
+        self.epoch_samples = None
         self.total = None
         self.stats = None
 
     def on_start(self, info):
         self.t0 = time.perf_counter()
         self.total = info.get("total_steps")
-        self.per_epoch = info.get("steps_per_epoch")
-        if self.per_epoch is None and self.n_rows and self.batch_size:
-            self.per_epoch = steps_per_epoch(self.n_rows, info["n_workers"], self.batch_size)
+        self.epoch_samples = info.get("epoch_samples")
+        if self.epoch_samples is None and self.n_rows and self.batch_size:
+            if self.dispatch == "dynamic":  # every row once per epoch, whoever trains it
+                self.epoch_samples = self.n_rows
+            else:  # each worker's block, rounded up to whole batches
+                n, b = info["n_workers"], self.batch_size
+                self.epoch_samples = steps_per_epoch(self.n_rows, n, b) * n * b
 
-    def epoch(self, step):
-        return step / self.per_epoch if self.per_epoch else None
+    def epoch(self):
+        if self.stats is None or not self.epoch_samples:
+            return None
+        return self.stats.samples / self.epoch_samples
 
-    def rate(self, stats, now):
+    def rate(self, now):
         elapsed = now - self.t0
-        return stats.samples / elapsed if stats is not None and elapsed > 0 else 0.0
+        return self.stats.samples / elapsed if self.stats is not None and elapsed > 0 else 0.0
 
 
 def _max_staleness(stats):
@@ -66,12 +77,13 @@ def _max_staleness(stats):
 class ProgressBar(_RunClock):
     """A tqdm bar: step/total, epoch, last train loss, eval accuracy, samples/s, max staleness.
 
-    ``n_rows`` and ``batch_size`` give epochs; redraws at most every ``interval`` seconds so
-    the server's update path stays cheap.
+    ``n_rows``, ``batch_size`` and ``dispatch`` give epochs; it redraws at most every
+    ``interval`` seconds, so the server's update path stays cheap.
     """
 
-    def __init__(self, n_rows=None, batch_size=None, file=None, ncols=None, interval=0.2):
-        super().__init__(n_rows, batch_size)
+    def __init__(self, n_rows=None, batch_size=None, dispatch="static", file=None, ncols=None,
+                 interval=0.2):
+        super().__init__(n_rows, batch_size, dispatch)
         self.file = file
         self.ncols = ncols if ncols is not None else _tty_columns()
         self.interval = interval
@@ -85,7 +97,8 @@ class ProgressBar(_RunClock):
         super().on_start(info)
         self.bar = tqdm(
             total=self.total, file=self.file or sys.stdout, ncols=self.ncols, unit="step",
-            bar_format="step {n_fmt}/{total_fmt} {bar} {elapsed}<{remaining} {postfix}",
+            # tqdm puts ", " before a non-empty postfix itself.
+            bar_format="step {n_fmt}/{total_fmt} {bar} {elapsed}<{remaining}{postfix}",
             mininterval=self.interval, dynamic_ncols=self.ncols is None,
         )
 
@@ -105,16 +118,16 @@ class ProgressBar(_RunClock):
         self._draw(result.stats["updates_applied"], time.perf_counter())
         self.bar.close()
 
-    def postfix(self, step, now):
+    def postfix(self, now):
         parts = []
-        epoch = self.epoch(step)
+        epoch = self.epoch()
         if epoch is not None:
             parts.append(f"epoch {epoch:.2f}")
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.accuracy is not None:
             parts.append(f"acc {self.accuracy:.4f}")
-        parts.append(f"{self.rate(self.stats, now):,.0f} samples/s")
+        parts.append(f"{self.rate(now):,.0f} samples/s")
         parts.append(f"staleness {_max_staleness(self.stats)}")
         return "  ".join(parts)
 
@@ -123,7 +136,7 @@ class ProgressBar(_RunClock):
             return
         self._drawn = now
         self.bar.n = step
-        self.bar.set_postfix_str(self.postfix(step, now), refresh=False)
+        self.bar.set_postfix_str(self.postfix(now), refresh=False)
         self.bar.refresh()
 
 
@@ -149,20 +162,20 @@ class MetricsLog(_RunClock):
     running job's log can be read.
     """
 
-    def __init__(self, log_dir, every=100, n_rows=None, batch_size=None):
-        super().__init__(n_rows, batch_size)
+    def __init__(self, log_dir, every=100, n_rows=None, batch_size=None, dispatch="static"):
+        super().__init__(n_rows, batch_size, dispatch)
         self.log_dir = log_dir
         self.every = every
         self.file = None
 
     def _write(self, kind, step, **fields):
         now = time.perf_counter()
-        record = {"kind": kind, "step": step, "epoch": self.epoch(step), "time": time.time(),
+        record = {"kind": kind, "step": step, "epoch": self.epoch(), "time": time.time(),
                   "elapsed_s": now - self.t0}
         if self.stats is not None:
             s = self.stats
             record.update(
-                samples=s.samples, samples_per_s=self.rate(s, now),
+                samples=s.samples, samples_per_s=self.rate(now),
                 updates_applied=s.updates_applied, updates_dropped=s.updates_dropped,
                 updates_rejected=s.updates_rejected, max_staleness=_max_staleness(s),
                 bytes_pulled=s.bytes_pulled, bytes_pushed=s.bytes_pushed,
@@ -174,7 +187,8 @@ class MetricsLog(_RunClock):
         super().on_start(info)
         os.makedirs(self.log_dir, exist_ok=True)
         self.file = open(os.path.join(self.log_dir, "metrics.jsonl"), "w", buffering=1)
-        self._write("start", 0, total_steps=self.total, n_workers=info.get("n_workers"))
+        self._write("start", 0, epoch=0.0, total_steps=self.total,
+                    n_workers=info.get("n_workers"))
 
     def on_update(self, version, stats):
         self.stats = stats
@@ -182,7 +196,7 @@ class MetricsLog(_RunClock):
             self._write("update", version)
 
     def on_record(self, row):
-        self._write("eval", row["step"], train_loss=row["train_loss"],
+        self._write("eval", row["step"], epoch=row["epoch"], train_loss=row["train_loss"],
                     eval_loss=row["eval_loss"], eval_accuracy=row["eval_accuracy"],
                     time_s=row["time_s"])
 
