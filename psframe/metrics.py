@@ -34,6 +34,11 @@ class ServerStats:
     bytes_pulled: int = 0
     bytes_pushed: int = 0
     samples: int = 0
+    recent_loss: float = None  # moving average of the workers' reported batch losses
+
+    def record_loss(self, loss):
+        # A short moving average: one worker's batch loss is too noisy to show alone.
+        self.recent_loss = loss if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * loss
 
     def record_update(self, staleness):
         self.updates_applied += 1

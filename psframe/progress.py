@@ -104,6 +104,8 @@ class ProgressBar(_RunClock):
 
     def on_update(self, version, stats):
         self.stats = stats
+        if stats.recent_loss is not None:
+            self.loss = stats.recent_loss
         now = time.perf_counter()
         if now - self._drawn >= self.interval:
             self._draw(version, now)
@@ -179,6 +181,7 @@ class MetricsLog(_RunClock):
                 updates_applied=s.updates_applied, updates_dropped=s.updates_dropped,
                 updates_rejected=s.updates_rejected, max_staleness=_max_staleness(s),
                 bytes_pulled=s.bytes_pulled, bytes_pushed=s.bytes_pushed,
+                train_loss=s.recent_loss,
             )
         record.update(fields)
         self.file.write(json.dumps(jsonable(record), allow_nan=False) + "\n")

@@ -314,14 +314,24 @@ def _serve(comm, run, verbose, callbacks):
         on_bad_gradient=run["on_bad_gradient"],
         callbacks=hooks,
     )
+    server.run_info["config"] = config = _describe(run)
     result = server.run()
-    result.config.update(
+    result.config.update(config)
+    hooks.on_end(result)
+    return result
+
+
+def _describe(run):
+    """The run's settings as plain values, for the result and the logs."""
+    par = run["parallel"]
+    return dict(
         mode=run["mode"], policy=repr(run["policy"]), optimizer=repr(run["optimizer"]),
         batch_size=run["batch_size"], steps=run["steps"], dtype=str(run["dtype"]),
         seed=run["seed"], shuffle=run["shuffle"], backend=run["backend"].name,
+        dispatch="dynamic" if run["dispatcher"] is not None else "static",
+        n_stages=par["n_stages"], micro_batches=par["micro_batches"],
+        stage_layers=par["stage_layers"],
     )
-    hooks.on_end(result)
-    return result
 
 
 def _groups(run):

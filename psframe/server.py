@@ -39,7 +39,7 @@ class ParameterServer:
 
     def __init__(self, comm, layout, weights, *, model, optimizer, groups, worker_ranks,
                  eval_data=None, eval_every=None, total_steps=None, epoch_samples=1,
-                 dispatcher=None, on_bad_gradient="raise", callbacks=None):
+                 dispatcher=None, on_bad_gradient="raise", callbacks=None, run_info=None):
         self.comm = comm
         self.layout = layout
         self.channel = Channel(comm, layout)
@@ -66,6 +66,7 @@ class ParameterServer:
         )
         self.on_bad_gradient = on_bad_gradient
         self.callbacks = callbacks if callbacks is not None else CallbackList()
+        self.run_info = dict(run_info or {})
 
         n = len(self.workers)
         # One landing slot per worker: pushes never wait on each other's buffers, and a step's
@@ -101,7 +102,9 @@ class ParameterServer:
     # -- main loop --------------------------------------------------------------------------
     def run(self):
         header = new_header()
-        self.callbacks.on_start({"total_steps": self.total_steps, "n_workers": len(self.workers)})
+        self.callbacks.on_start({**self.run_info, "total_steps": self.total_steps,
+                                 "n_workers": len(self.workers),
+                                 "epoch_samples": self.epoch_samples})
         waiting, busy = Stopwatch(), Stopwatch()
         self.t0 = time.perf_counter()
         cpu0 = time.process_time()
@@ -154,8 +157,11 @@ class ParameterServer:
             # Only the rank that saw the loss reports samples (a pipeline's last stage).
             samples = int(header[Field.SAMPLES])
             self.stats.samples += samples
-            self._loss_sum += get_loss(header) * samples
-            self._loss_n += samples
+            if samples:
+                loss = get_loss(header)
+                self._loss_sum += loss * samples
+                self._loss_n += samples
+                self.stats.record_loss(loss)
             if self.batch_counts is not None:
                 self.batch_counts[int(header[Field.BATCH])] += 1
         decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
