@@ -2,7 +2,7 @@
 from . import data, layers, losses, models
 from .backend import xp
 from .callbacks import Callback
-from .errors import ConfigError, GradientError
+from .errors import ConfigError, GradientError, TrainingInterrupted
 from .metrics import TrainResult
 from .models import Model, Sequential
 from .optim import SGD, Adam, Optimizer
@@ -12,7 +12,7 @@ from .runtime import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "train", "TrainResult", "ConfigError", "GradientError",
+    "train", "TrainResult", "ConfigError", "GradientError", "TrainingInterrupted",
     "Model", "Sequential", "layers", "losses", "models", "data", "xp",
     "Policy", "Sync", "Async", "SSP", "Mixed", "Optimizer", "SGD", "Adam", "Callback",
 ]

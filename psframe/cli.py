@@ -6,6 +6,7 @@ import shlex
 import sys
 
 from . import callbacks, config, launch, progress
+from .errors import TrainingInterrupted
 
 __all__ = ["main", "build_parser", "resolve", "parse_model", "parse_data"]
 
@@ -127,6 +128,10 @@ def main(argv=None):
         if launching or _is_rank0():
             print(f"psframe: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except TrainingInterrupted as exc:  # every rank stopped cleanly after SIGINT/SIGTERM
+        if _is_rank0():
+            print(f"psframe: {exc}", file=sys.stderr, flush=True)
+        return 130
 
 
 def _is_rank0():
@@ -253,6 +258,8 @@ def _train(job, rank):
         init=job["init"], eval_every=o["eval_every"], threads=o["threads"],
         backend=o["backend"], shard_elems=o["shard_elems"], dispatch=o["dispatch"],
         delay=o["delay"], on_bad_gradient=o["on_bad_gradient"],
+        checkpoint_dir=o["checkpoint_dir"], checkpoint_every=o["checkpoint_every"],
+        checkpoint_keep=o["checkpoint_keep"], resume=o["resume"],
         callbacks=_callbacks(o, len(job["train"])) if rank == 0 else None, **pipeline,
     )
 

@@ -30,7 +30,8 @@ class Status(enum.IntEnum):
     """Carried in a REPLY header: whether weights follow or the worker must stop."""
 
     OK = 0
-    STOP = 1
+    STOP = 1  # no more work for this worker (dynamic dispatch ran out of batches)
+    INTERRUPT = 2  # the run was interrupted (SIGINT/SIGTERM); in a PULL: please stop
 
 
 class Field(enum.IntEnum):

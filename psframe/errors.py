@@ -1,6 +1,6 @@
 """The errors psframe raises on purpose, importable without starting MPI."""
 
-__all__ = ["ConfigError", "GradientError", "ProtocolError"]
+__all__ = ["ConfigError", "GradientError", "ProtocolError", "TrainingInterrupted"]
 
 
 class ConfigError(ValueError):
@@ -13,3 +13,7 @@ class GradientError(RuntimeError):
 
 class ProtocolError(RuntimeError):
     """A worker sent something the policy's state cannot have allowed (a bug, not bad data)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run; raised on every rank after a clean stop."""

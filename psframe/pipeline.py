@@ -118,9 +118,9 @@ class StageWorker(Worker):
 
     def __init__(self, comm, server_rank, index, layout, model, backend, X, y, stream, steps,
                  *, layer_ids, stage, n_stages, prev_rank, next_rank, micro_batches,
-                 delay=0.0):
+                 delay=0.0, start_step=0):
         super().__init__(comm, server_rank, index, layout, model, backend, X, y, stream, steps,
-                         delay=delay)
+                         delay=delay, start_step=start_step)
         self.layer_ids = list(layer_ids)
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.prev_rank, self.next_rank = prev_rank, next_rank
@@ -154,9 +154,11 @@ class StageWorker(Worker):
         lo, hi = self.shards
         start, stop = self.layout.shard_range(lo, hi)
         grad_slice = self.grad[start:stop]
-        for step in range(self.steps):
+        step = self.start_step
+        for step in range(self.start_step, self.steps):
             with self.waiting:
-                self.pull(step, lo, hi)
+                if not self.pull(step, lo, hi):
+                    break
             rows = self.stream.rows(step)
             grad_slice[:] = 0
             with self.computing:
@@ -169,7 +171,9 @@ class StageWorker(Worker):
             with self.pushing:
                 self.push(step, loss if self.last else 0.0,
                           len(rows) if self.last else 0, lo, hi)
-        self._finish(t0, cpu0, self.steps, idle_s=self.idle.total + self.waiting.total)
+        else:
+            step = self.steps
+        self._finish(t0, cpu0, step, idle_s=self.idle.total + self.waiting.total)
 
     def _forward(self, rows):
         sends, caches, douts, loss = [], [], [], 0.0

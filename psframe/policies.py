@@ -73,6 +73,14 @@ class PolicyState:
         self.gaps = previous.gaps
         return self
 
+    def restore(self, version, clocks):
+        """Continue a checkpointed run: its update count and each worker's clock."""
+        self.version = version
+        self.clocks = list(clocks)
+        if hasattr(self, "start_version"):
+            self.start_version = version
+        return self
+
     @property
     def max_clock_gap(self):
         return max(self.gaps, default=0)
@@ -325,6 +333,18 @@ class MixedState:
         self.inner = phases[0][1].state(n_workers, version)
         self.phase_start = version
         self.switches = []  # versions at which each later phase began
+
+    def restore(self, version, clocks):
+        """Re-enter the phase that was running at ``version``, then restore its state."""
+        start = 0
+        for i, (length, policy) in enumerate(self.phases):
+            if length is None or version < start + length or i == len(self.phases) - 1:
+                break
+            start += length
+            self.switches.append(start)
+        self.phase, self.phase_start = i, start
+        self.inner = policy.state(self.inner.n_workers).restore(version, clocks)
+        return self
 
     def __getattr__(self, name):  # version, clocks, gaps, max_clock_gap, ...
         return getattr(self.inner, name)

@@ -1,7 +1,11 @@
 """train(): validate on every rank, agree on errors, split roles, abort the job on any failure."""
+import contextlib
+import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -9,13 +13,14 @@ import numpy as np
 
 from .backend import select_backend
 from .callbacks import CallbackList, PrintProgress
+from .checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from .data import ArrayDataset, BatchStream, steps_per_epoch, worker_block
 from .dispatch import BatchDispatcher
-from .errors import ConfigError
+from .errors import ConfigError, TrainingInterrupted
 from .models import Model
 from .optim import SGD, Optimizer
 from .params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout
-from .policies import policy_from_spec
+from .policies import Sync, policy_from_spec
 
 __all__ = ["train", "ConfigError"]
 
@@ -28,6 +33,7 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
           batch_size=32, epochs=1, steps=None, shuffle=True, seed=0, dtype="float32",
           init=None, eval_every=None, threads=None, backend="auto", shard_elems=None,
           dispatch="static", delay=None, micro_batches=1, stages=None,
+          checkpoint_dir=None, checkpoint_every=None, checkpoint_keep=3, resume=None,
           on_bad_gradient="raise", verbose=False, callbacks=None, comm=None):
     """Train ``model`` on ``data`` with a parameter server; call it on every rank.
 
@@ -36,12 +42,13 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
     """
     from mpi4py import MPI
 
+    # Every keyword but the plumbing ones is a run option, validated in one place.
+    options = {k: v for k, v in locals().items()
+               if k not in ("model", "data", "verbose", "callbacks", "comm", "MPI")}
     world = MPI.COMM_WORLD if comm is None else comm
     run = None
     try:
-        run = _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size,
-                        epochs, steps, shuffle, seed, dtype, init, eval_every, threads, backend,
-                        shard_elems, dispatch, delay, micro_batches, stages, on_bad_gradient)
+        run = _validate(world, model, data, **options)
         local_error = None
     except Exception as exc:  # noqa: B902 - an error on one rank must reach all, not hang them
         local_error = exc
@@ -52,17 +59,40 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
     n_threads = run["threads"] or _default_threads(world)
     comm = world.Dup()
     try:
-        with threadpool_limits(limits=n_threads):
-            if comm.Get_rank() == 0:
-                result = _serve(comm, run, verbose, callbacks)
-                result.config["threads"] = n_threads
-                return result
-            _work(comm, run)
-            return None
+        if comm.Get_rank() == 0:
+            role = _build_server(comm, run, verbose, callbacks, n_threads)
+        else:
+            role = _build_worker(comm, run)
+        with threadpool_limits(limits=n_threads), _stop_on_signals(role.request_stop):
+            result = role.run()
+        if comm.Get_rank() == 0:
+            role.callbacks.on_end(result)
+            return result
+        if role.interrupted:
+            raise TrainingInterrupted("run interrupted by a signal; the server wrote the checkpoint")
+        return None
+    except TrainingInterrupted:
+        raise  # every rank stopped cleanly and raises it: an exit status, not an abort
     except BaseException:  # noqa: B902 - any failure must take every rank down, never hang
         _abort(world)
     finally:
         comm.Free()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(request_stop):
+    """SIGINT/SIGTERM ask for a clean stop (mpiexec forwards them to every rank)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: request_stop())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -81,9 +111,10 @@ def _check_int(name, value, minimum=1, allow_none=False):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size, epochs,
+def _validate(world, model, data, *, eval_data, mode, policy, optimizer, batch_size, epochs,
               steps, shuffle, seed, dtype, init, eval_every, threads, backend, shard_elems,
-              dispatch, delay, micro_batches, stages, on_bad_gradient):
+              dispatch, delay, micro_batches, stages, checkpoint_dir, checkpoint_every,
+              checkpoint_keep, resume, on_bad_gradient):
     """Everything that can be wrong with the call, checked identically on each rank."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -100,6 +131,13 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
     _check_int("seed", seed, minimum=0)
     _check_int("shard_elems", shard_elems, allow_none=True)
     _check_int("micro_batches", micro_batches)
+    _check_int("checkpoint_every", checkpoint_every, allow_none=True)
+    _check_int("checkpoint_keep", checkpoint_keep)
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs checkpoint_dir, the directory to write into")
+    if dispatch == "dynamic" and (checkpoint_dir is not None or resume is not None):
+        raise ValueError("checkpoints need dispatch='static': dynamic batches in flight "
+                         "cannot be replayed exactly")
     if str(dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     if on_bad_gradient not in BAD_GRADIENT_ACTIONS:
@@ -145,6 +183,14 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
     if len(train_set) < n_replicas:
         raise ValueError(f"{len(train_set)} training rows cannot be split {n_replicas} ways")
 
+    meta = {"layout": _jsonable(layout.signature()), "n_workers": n_workers, "mode": mode,
+            "n_stages": parallel["n_stages"], "optimizer": repr(optimizer),
+            "policy": repr(policy), "batch_size": int(batch_size)}
+    resumed = None
+    if resume is not None:
+        resumed = _load_resume(resume, meta, optimizer, layout)
+        weights[:] = resumed[1]["weights"]
+
     per_epoch = steps_per_epoch(len(train_set), n_replicas, batch_size)
     steps_given = steps is not None
     steps = int(steps) if steps_given else int(epochs) * per_epoch
@@ -168,8 +214,35 @@ def _validate(world, model, data, eval_data, mode, policy, optimizer, batch_size
         "dispatcher": dispatcher, "delay": delay,
         "expected_updates": None if per_round is None else int(round(rounds * per_round)),
         "threads": threads, "backend": backend, "on_bad_gradient": on_bad_gradient,
-        "n_workers": n_workers, "parallel": parallel,
+        "n_workers": n_workers, "parallel": parallel, "resume": resumed,
+        "checkpointer": None if checkpoint_dir is None else Checkpointer(
+            checkpoint_dir, checkpoint_every, checkpoint_keep, meta),
     }
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _load_resume(path, meta, optimizer, layout):
+    """The checkpoint to continue from, refused unless it fits this run exactly."""
+    manifest, arrays = load_checkpoint(path)
+    for key in ("layout", "n_workers", "mode", "n_stages"):
+        if manifest.get(key) != meta[key]:
+            what = {"layout": "model layout or dtype"}.get(key, key.replace("_", " "))
+            raise CheckpointError(
+                f"checkpoint {path} was written for a different {what} "
+                f"({manifest.get(key)!r}, this run has {meta[key]!r}); resume needs the same "
+                "model, dtype, mode and worker count"
+            )
+    wanted = {f"opt.{k}" for k in optimizer.init_state(1, layout.dtype) if not k.startswith("_")}
+    saved = {k for k in arrays if k.startswith("opt.")}
+    if wanted != saved:
+        raise CheckpointError(
+            f"checkpoint {path} holds state for {manifest.get('optimizer')}, not for "
+            f"{optimizer!r}; resume with the optimizer it was written with"
+        )
+    return manifest, arrays
 
 
 def _plan_parallel(mode, model, layout, n_workers, stages, micro_batches, batch_size, dispatch):
@@ -295,7 +368,7 @@ def _abort(world):
 
 
 # -- roles ------------------------------------------------------------------------------------
-def _serve(comm, run, verbose, callbacks):
+def _build_server(comm, run, verbose, callbacks, n_threads):
     from .server import ParameterServer
 
     hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
@@ -305,20 +378,21 @@ def _serve(comm, run, verbose, callbacks):
             np.ascontiguousarray(run["eval"].X, dtype=run["dtype"]),
             _labels(run["model"], run["eval"].y, run["dtype"]),
         )
+    par = run["parallel"]
+    # Under Sync every worker stops at the same step, so a stopped run resumes exactly;
+    # otherwise each pipeline (or data-parallel worker) stops on its own.
+    lockstep = isinstance(run["policy"], Sync) and not run["policy"].backup
+    stop_units = [0 if lockstep else w // par["n_stages"] for w in range(run["n_workers"])]
     server = ParameterServer(
         comm, run["layout"], run["weights"], model=run["model"], optimizer=run["optimizer"],
-        groups=_groups(run),
-        worker_ranks=range(1, comm.Get_size()),
+        groups=_groups(run), worker_ranks=range(1, comm.Get_size()),
         eval_data=eval_data, eval_every=run["eval_every"], total_steps=run["expected_updates"],
         epoch_samples=run["epoch_samples"], dispatcher=run["dispatcher"],
-        on_bad_gradient=run["on_bad_gradient"],
-        callbacks=hooks,
+        on_bad_gradient=run["on_bad_gradient"], callbacks=hooks,
+        checkpointer=run["checkpointer"], resume=run["resume"], stop_units=stop_units,
+        run_info={"config": dict(_describe(run), threads=n_threads)},
     )
-    server.run_info["config"] = config = _describe(run)
-    result = server.run()
-    result.config.update(config)
-    hooks.on_end(result)
-    return result
+    return server
 
 
 def _describe(run):
@@ -347,7 +421,7 @@ def _groups(run):
     ]
 
 
-def _work(comm, run):
+def _build_worker(comm, run):
     from .pipeline import StageWorker
     from .worker import Worker
 
@@ -361,18 +435,20 @@ def _work(comm, run):
         stream = BatchStream(np.arange(len(rows)), run["batch_size"], run["shuffle"],
                              run["seed"], replica)
         steps = run["steps"]
+    start_step = 0
+    if run["resume"] is not None:  # the data position is the worker's clock
+        start_step = run["resume"][0]["groups"][stage]["clocks"][replica]
     X = np.ascontiguousarray(run["train"].X[rows], dtype=run["dtype"])
     y = np.ascontiguousarray(_labels(run["model"], run["train"].y[rows], run["dtype"]))
     common = (comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, steps)
     delay = run["delay"].get(index, 0.0)
     if par["stage_layers"] is None:
-        Worker(*common, delay=delay).run()
-        return
+        return Worker(*common, delay=delay, start_step=start_step)
     rank = comm.Get_rank()
-    StageWorker(*common, layer_ids=par["stage_layers"][stage], stage=stage,
-                n_stages=par["n_stages"], prev_rank=rank - 1 if stage else None,
-                next_rank=rank + 1 if stage < par["n_stages"] - 1 else None,
-                micro_batches=par["micro_batches"], delay=delay).run()
+    return StageWorker(*common, layer_ids=par["stage_layers"][stage], stage=stage,
+                       n_stages=par["n_stages"], prev_rank=rank - 1 if stage else None,
+                       next_rank=rank + 1 if stage < par["n_stages"] - 1 else None,
+                       micro_batches=par["micro_batches"], delay=delay, start_step=start_step)
 
 
 def _labels(model, y, dtype):

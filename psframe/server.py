@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from .callbacks import CallbackList
 from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header, wait_all
-from .errors import GradientError, ProtocolError
+from .errors import GradientError, ProtocolError, TrainingInterrupted
 from .metrics import ServerStats, Stopwatch, TrainResult
 
 __all__ = ["ParameterServer", "Group", "GradientError"]
@@ -39,7 +39,8 @@ class ParameterServer:
 
     def __init__(self, comm, layout, weights, *, model, optimizer, groups, worker_ranks,
                  eval_data=None, eval_every=None, total_steps=None, epoch_samples=1,
-                 dispatcher=None, on_bad_gradient="raise", callbacks=None, run_info=None):
+                 dispatcher=None, on_bad_gradient="raise", callbacks=None, run_info=None,
+                 checkpointer=None, resume=None, stop_units=None):
         self.comm = comm
         self.layout = layout
         self.channel = Channel(comm, layout)
@@ -88,6 +89,15 @@ class ParameterServer:
         self._last_logged = -1
         self._last_epoch = 0
         self._seen_version = 0
+        self.checkpointer = checkpointer
+        self.stopping = False
+        # Workers that must stop at the same step: all of them under Sync, one pipeline's
+        # stages otherwise (a stage left waiting for activations would hang).
+        self.stop_units = list(stop_units) if stop_units is not None else list(range(n))
+        self.answered_clock = [-1] * n
+        self.stop_at = {}
+        if resume is not None:
+            self._restore(*resume)
         self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push, Op.DONE: self._on_done}
         self.actions = (
             ("drop", self._drop), ("accumulate", self._accumulate),
@@ -124,16 +134,28 @@ class ParameterServer:
         cpu = time.process_time() - cpu0
         if self.version != self._last_logged:
             self._record()
+        if self.checkpointer is not None:
+            self._checkpoint()  # the final state, also when a signal stopped the run
+        if self.stopping:
+            where = f"; last checkpoint: {self.checkpointer.last_path}" if self.checkpointer else ""
+            raise TrainingInterrupted(f"run interrupted at step {self.version}{where}")
         return self._result(wall, cpu, waiting.total, busy.total)
+
+    def request_stop(self):
+        """Stop cleanly: every worker's next pull is answered with INTERRUPT (signal-safe)."""
+        self.stopping = True
 
     # -- handlers ---------------------------------------------------------------------------
     def _on_pull(self, w, header):
         group, local = self.group_of[w]
         lo, hi = self._shard_range(w, header, group)
-        if group.policy.pull(local, int(header[Field.CLOCK])):
-            wait_all(self._send_weights(w, lo, hi))
+        if header[Field.STATUS] == Status.INTERRUPT:  # a worker caught the signal
+            self.stopping = True
+        clock = int(header[Field.CLOCK])
+        if group.policy.pull(local, clock):
+            wait_all(self._send_weights(w, lo, hi, clock))
         else:
-            self.held[w] = (lo, hi)
+            self.held[w] = (lo, hi, clock)
 
     def _on_push(self, w, header):
         group, local = self.group_of[w]
@@ -239,14 +261,28 @@ class ParameterServer:
         self._last_epoch = max(epoch, self._last_epoch)
         if due:
             self._record()
+        if self.checkpointer is not None and self.checkpointer.due(version):
+            self._checkpoint()
 
-    def _send_weights(self, w, lo, hi):
+    def _stop_now(self, w, clock):
+        """In a stopping run: whether this pull is past its unit's last step."""
+        unit = self.stop_units[w]
+        if unit not in self.stop_at:
+            members = [v for v, u in enumerate(self.stop_units) if u == unit]
+            self.stop_at[unit] = max(self.answered_clock[v] for v in members) + 1
+        return clock >= self.stop_at[unit]
+
+    def _send_weights(self, w, lo, hi, clock):
         start, stop = self.layout.shard_range(lo, hi)
         group, _ = self.group_of[w]
         reply = new_header()
         reply[Field.STATUS] = Status.OK
         reply[Field.VERSION] = group.policy.version
         rank = self.workers[w]
+        if self.stopping and self._stop_now(w, clock):
+            reply[Field.STATUS] = Status.INTERRUPT
+            self.channel.send_header(reply, rank, Tag.REPLY)
+            return []
         if self.dispatcher is not None:
             batch = self.dispatcher.next()
             if batch is None:  # every batch is handed out: this worker is done
@@ -256,6 +292,7 @@ class ParameterServer:
             reply[Field.BATCH] = batch
         reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
         reply[Field.COUNT] = stop - start
+        self.answered_clock[w] = clock
         self.channel.send_header(reply, rank, Tag.REPLY)
         nbytes = (stop - start) * self.layout.dtype.itemsize
         self.stats.pulls_answered += 1
@@ -284,6 +321,34 @@ class ParameterServer:
                 f"worker {w} asked for shards [{lo}, {hi}); its group owns {group.shard_range}"
             )
         return lo, hi
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoint(self):
+        arrays = {"weights": self.w, "shard_updates": self.shard_updates}
+        for key, value in self.opt_state.items():
+            if not key.startswith("_"):  # scratch buffers carry no state
+                arrays[f"opt.{key}"] = value
+        state = {
+            "groups": [{"version": g.policy.version, "clocks": list(g.policy.clocks)}
+                       for g in self.groups],
+            "samples": self.stats.samples,
+            "history": self.history,
+        }
+        return self.checkpointer.save(self.version, arrays, state)
+
+    def _restore(self, manifest, arrays):
+        """Continue from a checkpoint: weights, optimizer state, clocks, data position."""
+        self.w[:] = arrays["weights"]
+        self.shard_updates[:] = arrays["shard_updates"]
+        for key in self.opt_state:
+            if not key.startswith("_"):
+                self.opt_state[key][:] = arrays[f"opt.{key}"]
+        for g, saved in zip(self.groups, manifest["groups"]):
+            g.policy.restore(saved["version"], saved["clocks"])
+        self.stats.samples = manifest["samples"]
+        self.history = list(manifest["history"])
+        self._seen_version = self._last_logged = self.version
+        self._last_epoch = int(self.stats.samples // self.epoch_samples)
 
     # -- history and result -----------------------------------------------------------------
     def _record(self):
@@ -340,4 +405,5 @@ class ParameterServer:
             stats["stage_idle_share"] = [
                 r.get("idle_s", 0.0) / max(r.get("wall_s", 0.0), 1e-12) for r in reports
             ]
-        return TrainResult(params=self.layout.unflatten(self.w), history=self.history, stats=stats)
+        return TrainResult(params=self.layout.unflatten(self.w), history=self.history,
+                           stats=stats, config=dict(self.run_info.get("config", {})))

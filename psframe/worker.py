@@ -12,7 +12,7 @@ class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
     def __init__(self, comm, server_rank, index, layout, model, backend, X, y, stream, steps,
-                 delay=0.0):
+                 delay=0.0, start_step=0):
         """``stream`` maps a step to rows (static data), or a BatchDispatcher maps the batch
         each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None)."""
         self.comm = comm
@@ -26,6 +26,9 @@ class Worker:
         self.stream = stream
         self.steps = steps
         self.delay = float(delay)
+        self.start_step = int(start_step)  # > 0 when resuming from a checkpoint
+        self.interrupted = False
+        self._stop_requested = False
         self.weights = layout.empty()
         self.params = layout.views(self.weights)
         self.grad = layout.empty()
@@ -39,7 +42,7 @@ class Worker:
 
     def run(self):
         t0, cpu0 = time.perf_counter(), time.process_time()
-        step = 0
+        step = self.start_step
         while self.steps is None or step < self.steps:
             with self.waiting:
                 if not self.pull(step):
@@ -87,9 +90,11 @@ class Worker:
         # Post the receives before asking, so the reply lands straight in the weight buffer.
         reply = self.comm.Irecv(self._reply, source=self.server, tag=Tag.REPLY)
         frames = self.channel.irecv_frames(self.weights, lo, hi, self.server, Tag.WEIGHTS)
-        self._send_header(Op.PULL, clock, lo, hi)
+        self._send_header(Op.PULL, clock, lo, hi,
+                          status=Status.INTERRUPT if self._stop_requested else Status.OK)
         wait(reply)
         if self._reply[Field.STATUS] != Status.OK:
+            self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
             for r in frames:
                 r.Cancel()
             wait_all(frames)
@@ -105,8 +110,13 @@ class Worker:
         self._send_header(Op.PUSH, clock, lo, hi, count=stop - start, loss=loss, samples=samples)
         wait_all(self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
 
-    def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0):
+    def request_stop(self):
+        """Ask the server to stop the run (signal-safe: the next pull carries the request)."""
+        self._stop_requested = True
+
+    def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0, status=Status.OK):
         h = self._request
+        h[Field.STATUS] = status
         h[Field.OP], h[Field.WORKER], h[Field.CLOCK] = op, self.index, clock
         h[Field.SHARD_LO], h[Field.SHARD_HI], h[Field.COUNT] = lo, hi, count
         h[Field.VERSION], h[Field.SAMPLES], h[Field.BATCH] = self.version, samples, self.batch

@@ -1,0 +1,87 @@
+"""Faults end the job, never hang it: exceptions, NaN pushes, SIGKILL, SIGTERM and SIGINT."""
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from psframe.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(ROOT, "tests", "scripts")
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+BOUND_S = 60  # generous for a loaded 2-core machine; a hang would run to the pytest timeout
+
+pytestmark = pytest.mark.skipif(not os.path.exists(MPIEXEC),
+                                reason="no mpiexec beside this Python (make install)")
+
+
+@pytest.mark.parametrize("case", range(20))
+def test_exception_at_a_random_step_in_a_random_worker_ends_the_job(case):
+    rng = random.Random(case)
+    n = rng.choice([3, 4])
+    rank, step = rng.randint(1, n - 1), rng.randint(1, 40)
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, os.path.join(SCRIPTS, "worker_raises.py"),
+           str(rank), str(step)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=BOUND_S)
+    assert proc.returncode != 0
+    assert f"user bug at step {step} on rank {rank}" in proc.stderr
+    assert "UNREACHABLE" not in proc.stdout
+
+
+def start_long_run(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable,
+                             os.path.join(SCRIPTS, "long_run.py"), ckpt],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + BOUND_S
+    while len(glob.glob(os.path.join(ckpt, "ckpt-*.json"))) < 2:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the run made no checkpoints: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc, ckpt
+
+
+def finish(proc):
+    try:
+        out, err = proc.communicate(timeout=BOUND_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job did not end after the fault")
+    return out, err
+
+
+def no_orphans(ckpt):
+    leftover = subprocess.run(["pgrep", "-f", ckpt], capture_output=True, text=True).stdout
+    assert leftover.strip() == "", f"ranks left running: {leftover}"
+
+
+def test_sigkill_of_a_worker_ends_the_job_and_the_newest_checkpoint_loads(tmp_path):
+    proc, ckpt = start_long_run(tmp_path)
+    with open(os.path.join(ckpt, "pid-2")) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    start = time.time()
+    finish(proc)
+    assert proc.returncode != 0
+    assert time.time() - start < 30
+    manifest, arrays = load_checkpoint(ckpt)  # verifies the checksum
+    assert manifest["version"] % 20 == 0 and arrays["weights"].size > 0
+    no_orphans(ckpt)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_a_final_checkpoint(tmp_path, sig):
+    proc, ckpt = start_long_run(tmp_path)
+    proc.send_signal(sig)
+    out, err = finish(proc)
+    assert proc.returncode != 0, (out, err)
+    assert out.count("run interrupted") == 3, (out, err)  # every rank stopped cleanly
+    manifest, _ = load_checkpoint(ckpt)
+    # The final checkpoint is the stop point: every worker's clock equals the step count.
+    assert manifest["groups"][0]["clocks"] == [manifest["version"]] * 2
+    no_orphans(ckpt)
