@@ -104,6 +104,8 @@ TRAIN_KEYWORDS = {
     "eval_every": "eval_every", "threads": "threads", "backend": "backend",
     "shard_elems": "shard_elems", "dispatch": "dispatch", "delay": "delay",
     "stages": "stages", "micro_batches": "micro_batches",
+    "checkpoint_dir": "checkpoint_dir", "checkpoint_every": "checkpoint_every",
+    "checkpoint_keep": "checkpoint_keep", "resume": "resume",
     "on_bad_gradient": "on_bad_gradient", "verbose": "quiet",
 }
 NOT_CONFIGURABLE = {"callbacks", "comm"}  # Python objects, not settings
