@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 MPIEXEC := $(VENV)/bin/mpiexec
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-mpi bench clean
+.PHONY: install demo test test-unit test-mpi bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[mpich,data,test]"
+	$(PY) -m pip install --quiet -e ".[mpich,data,test,bench]"
 	touch $(STAMP)
 
 # 1 server + 3 workers, Sync, the classic MNIST MLP on the 5,000-image subset.
@@ -29,6 +29,12 @@ test: install
 bench: install
 	$(MPIEXEC) -n 2 $(PY) benchmarks/transport.py
 	$(PY) benchmarks/overhead.py
+
+# The whole harness in well under a minute: the smoke grid as fresh jobs, then its report.
+bench-smoke: install
+	rm -rf results/bench/smoke.jsonl results/bench/smoke.cells
+	timeout 300 $(PY) -m psframe bench --config benchmarks/configs/smoke.toml
+	$(PY) -m psframe report results/bench/smoke.jsonl
 
 clean:
 	rm -rf $(VENV) .test-logs

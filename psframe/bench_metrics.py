@@ -29,7 +29,9 @@ def summarize(stats, history, target=None):
     last = history[-1] if history else {}
     wall = s.get("wall_s")
     samples = s.get("samples")
-    moved = (s.get("bytes_pulled") or 0) + (s.get("bytes_pushed") or 0)
+    moved = None  # a run that moves nothing (serial) has no bytes per sample, not zero
+    if s.get("bytes_pulled") is not None or s.get("bytes_pushed") is not None:
+        moved = (s.get("bytes_pulled") or 0) + (s.get("bytes_pushed") or 0)
     t_target, ep_target = time_to_target(history, target)
     idle = s.get("stage_idle_share")
     return {
@@ -46,7 +48,7 @@ def summarize(stats, history, target=None):
         "final_train_loss": last.get("train_loss"),
         "bytes_pulled": s.get("bytes_pulled"),
         "bytes_pushed": s.get("bytes_pushed"),
-        "bytes_per_sample": moved / samples if samples else None,
+        "bytes_per_sample": moved / samples if moved is not None and samples else None,
         "staleness_hist": s.get("staleness_hist"),
         "max_staleness": s.get("max_staleness"),
         "clock_gap_hist": s.get("clock_gap_hist"),

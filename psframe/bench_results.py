@@ -12,7 +12,7 @@ def append(path, record):
     grid) sees each record whole or not at all."""
     data = (json.dumps(jsonable(record), allow_nan=False) + "\n").encode()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         # A run killed mid-write leaves a line without its newline: start on a fresh line,

@@ -10,7 +10,7 @@ from . import config as run_config
 from .policies import policy_from_spec
 
 __all__ = ["SYSTEMS", "Mode", "Straggler", "Cell", "load", "from_flags", "expand",
-           "samples_per_update"]
+           "check_options", "samples_per_update"]
 
 # psframe itself, and the peers a user would pick instead (benchmarks/baselines/).
 SYSTEMS = ("psframe", "serial", "allreduce", "torch_ddp", "torch_rpc_ps")
@@ -19,6 +19,8 @@ BENCH_KEYS = {
     "eval_every_samples": int, "calibration_steps": int, "results": str,
 }
 AXES = ("systems", "workloads", "policies", "modes", "workers", "stragglers")
+# [bench] keys a workload may set for itself: a target and a cadence that suit its data.
+PER_WORKLOAD = ("target_accuracy", "eval_every_samples")
 # The grid sets these per cell; in [options] they would be overwritten without a word.
 GRID_OWNED = ("policy", "mode", "stages", "delay", "seed", "log_dir", "quiet", "progress")
 DEFAULT_WORKLOADS = {"digits": {"data": "digits", "model": "mlp:64,128,10"}}
@@ -108,6 +110,7 @@ class Cell:
     straggler: Straggler
     seed: int
     options: dict = field(default_factory=dict)
+    target: float = None  # test accuracy for time-to-target; not part of the run itself
 
     @property
     def id(self):
@@ -137,7 +140,8 @@ class Cell:
 
 
 # -- reading a spec ------------------------------------------------------------------------------
-def _options(values, source):
+def check_options(values, source):
+    """Train options for every cell, checked as `psframe train --config` checks them."""
     owned = sorted(set(values) & set(GRID_OWNED))
     if owned:
         raise ValueError(f"{source}: {', '.join(owned)} are set by the grid (use its axes: "
@@ -172,18 +176,32 @@ def _grids(raw, source):
     return grids or [{}]
 
 
+def _workloads(raw, path):
+    """({name: train options}, {name: its own [bench] settings})."""
+    options, settings = {}, {}
+    for name, values in raw.items():
+        source = f"[workloads.{name}] of {path}"
+        if not isinstance(values, dict):
+            raise ValueError(f"{source} must be a table")
+        own = {k: values[k] for k in PER_WORKLOAD if k in values}
+        settings[name] = {k: v for k, v in _check_bench(own, source).items() if k in own}
+        options[name] = check_options({k: v for k, v in values.items() if k not in own}, source)
+    return options, settings
+
+
 def load(path):
-    """The spec in a TOML file: {"bench", "options", "workloads", "grids"}, checked."""
+    """The spec in a TOML file: {"bench", "options", "workloads", "per_workload", "grids"}."""
     raw = run_config._read_toml(path)
     unknown = set(raw) - {"bench", "options", "workloads", "grid"}
     if unknown:
         raise ValueError(f"unknown table(s) {sorted(unknown)} in {path}; "
                          "use [bench], [options], [workloads.NAME] and [grid] or [[grid]]")
+    workloads, per_workload = _workloads(raw.get("workloads", {}), path)
     spec = {
         "bench": _check_bench(raw.get("bench", {}), f"[bench] of {path}"),
-        "options": _options(raw.get("options", {}), f"[options] of {path}"),
-        "workloads": {name: _options(w, f"[workloads.{name}] of {path}")
-                      for name, w in raw.get("workloads", {}).items()} or dict(DEFAULT_WORKLOADS),
+        "options": check_options(raw.get("options", {}), f"[options] of {path}"),
+        "workloads": workloads or dict(DEFAULT_WORKLOADS),
+        "per_workload": per_workload,
         "grids": _grids(raw, path),
     }
     if spec["bench"]["name"] == DEFAULT_BENCH["name"]:
@@ -194,7 +212,7 @@ def load(path):
 def from_flags():
     """The spec when no file is given: digits, an MLP, Sync on 2 workers, one seed."""
     return {"bench": dict(DEFAULT_BENCH), "options": {}, "workloads": dict(DEFAULT_WORKLOADS),
-            "grids": [{}]}
+            "per_workload": {}, "grids": [{}]}
 
 
 # -- expanding it --------------------------------------------------------------------------------
@@ -245,14 +263,16 @@ def _cell(spec, system, workload, policy, mode, workers, straggler, seed):
             options["micro_batches"] = mode.micro_batches
     if any(w >= workers for w, _, _ in straggler.slow):
         return None  # no such worker at this worker count
-    every = spec["bench"]["eval_every_samples"]
+    bench = {**spec["bench"], **spec["per_workload"].get(workload, {})}
+    every = bench["eval_every_samples"]
     if every and options.get("eval_every") is None:
         batch = options.get("batch_size", run_config.OPTIONS["batch_size"].default)
         per_update = {"psframe": None, "serial": batch}.get(system, workers * batch)
         if per_update is None:
             per_update = samples_per_update(policy, mode.replicas(workers), batch)
         options["eval_every"] = max(1, round(every / per_update))
-    return Cell(system, workload, policy, mode, workers, straggler, seed, options)
+    return Cell(system, workload, policy, mode, workers, straggler, seed, options,
+                target=bench["target_accuracy"])
 
 
 def expand(spec, overrides=None):
@@ -271,12 +291,13 @@ def expand(spec, overrides=None):
             policy_from_spec(p)  # a typo fails here, before any run
         modes = [Mode.parse(m) for m in _axis(grid, "modes", overrides)]
         stragglers = [Straggler.parse(s) for s in _axis(grid, "stragglers", overrides)]
-        # Seeds outermost: an interrupted grid has every configuration at the first seeds,
-        # and load that drifts over a long grid spreads over all configurations alike.
         for seed, workload, n, straggler, mode, system, policy in itertools.product(
                 seeds, workloads, workers, stragglers, modes, systems, policies):
             cell = _cell(spec, system, workload, policy, mode, n, straggler, seed)
             if cell is not None and cell.id not in seen:
                 seen.add(cell.id)
                 cells.append(cell)
+    # Seeds outermost, across grids too: an interrupted grid has every configuration at the
+    # first seeds, and load that drifts during a long grid falls on all of them alike.
+    cells.sort(key=lambda c: seeds.index(c.seed))
     return cells

@@ -1,11 +1,12 @@
-"""Command line: `psframe train ...`; with -n N it starts mpiexec itself, else it is one rank."""
+"""Command line: `psframe train ...` (with -n N it starts mpiexec itself, else it is one rank),
+`psframe bench ...` and `psframe report ...`."""
 import argparse
 import contextlib
 import os
 import shlex
 import sys
 
-from . import callbacks, config, launch, progress
+from . import bench, callbacks, config, launch, progress, report
 from .errors import TrainingInterrupted
 
 __all__ = ["main", "build_parser", "resolve", "parse_model", "parse_data"]
@@ -100,6 +101,19 @@ def build_parser():
     opts = t.add_argument_group("run options (also config-file keys, with _ for -)")
     for name, opt in config.OPTIONS.items():
         _add_option(opts, name, opt)
+    b = sub.add_parser(
+        "bench", help="run a benchmark grid",
+        description="Run a grid of policies x modes x workers x stragglers x workloads (and "
+                    "baselines), each cell its own mpiexec job, appending one JSON record per "
+                    "run; a second run resumes, skipping cells already recorded.",
+    )
+    bench.add_arguments(b)
+    r = sub.add_parser(
+        "report", help="tables and plots from bench results",
+        description="Write a Markdown table (median and spread over seeds) and PNG plots from "
+                    "the JSON lines of psframe bench.",
+    )
+    report.add_arguments(r)
     return parser
 
 
@@ -113,6 +127,8 @@ def resolve(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command != "train":
+        return _tool(args)
     launching = args.nprocs is not None and not launch.under_mpi()
     try:
         if launching:
@@ -131,6 +147,19 @@ def main(argv=None):
     except TrainingInterrupted as exc:  # every rank stopped cleanly after SIGINT/SIGTERM
         if _is_rank0():
             print(f"psframe: {exc}", file=sys.stderr, flush=True)
+        return 130
+
+
+def _tool(args):
+    """bench and report: one plain process each (bench starts its own jobs)."""
+    try:
+        return {"bench": bench.main, "report": report.main}[args.command](args)
+    except ValueError as exc:  # a bad spec or results file: one line, status 2
+        print(f"psframe: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:  # bench has ended the running job; its records are whole
+        print("psframe: interrupted; the same command resumes where this stopped",
+              file=sys.stderr, flush=True)
         return 130
 
 

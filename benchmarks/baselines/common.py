@@ -1,0 +1,153 @@
+"""What the hand-written baselines share: the cell spec, data, shards, history and the result."""
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+# The cell spec keys a baseline understands; the bench writes the cell's full options.
+DEFAULTS = {"model": "mlp:784,128,10", "data": "mnist", "optimizer": "sgd", "lr": None,
+            "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "batch_size": 32,
+            "epochs": 1, "steps": None, "eval_every": None, "seed": 0, "dtype": "float32",
+            "shuffle": True, "threads": None, "eval": True}
+
+
+def unsupported(message):
+    """The cell asks for something this baseline does not do: exit 2 with the reason."""
+    print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def load_spec(argv):
+    """(options, workers, delays {worker: s}, output path) from ``SCRIPT SPEC.json OUT.json``."""
+    if len(argv) != 3:
+        unsupported("usage: SCRIPT CELL.json RESULT.json (written by psframe bench)")
+    with open(argv[1]) as f:
+        cell = json.load(f)
+    options = {**DEFAULTS, **{k: v for k, v in cell["options"].items() if k in DEFAULTS}}
+    if options["optimizer"] != "sgd":
+        unsupported(f"optimizer {options['optimizer']!r}: the baselines implement sgd only")
+    if options["lr"] is None:
+        options["lr"] = 0.1  # psframe's default for sgd
+    delays = {int(w): float(s) for w, s in (cell.get("delay") or {}).items()}
+    return options, int(cell.get("workers", 1)), delays, argv[2]
+
+
+def mlp_sizes(options):
+    name, _, args = options["model"].partition(":")
+    if name != "mlp" or not args:
+        unsupported(f"model {options['model']!r}: the baselines implement mlp:SIZES only")
+    return [int(s) for s in args.split(",")]
+
+
+def load_data(options):
+    """(X, y, X_test, y_test) from psframe's loaders, X in the run's dtype, y as int64."""
+    from psframe import data
+
+    name, _, args = options["data"].partition(":")
+    seed = options["seed"]
+    if name == "synthetic":
+        dims = dict(zip(("n_rows", "n_features", "n_classes"), map(int, args.split(","))))
+        train, test = data.synthetic(seed=seed, **dims) if args else data.synthetic(seed=seed)
+    elif name in ("digits", "mnist"):
+        train, test = getattr(data, name)(seed=seed)
+    else:
+        unsupported(f"unknown dataset {options['data']!r}")
+    dtype = np.dtype(options["dtype"])
+
+    def prep(ds):
+        return np.ascontiguousarray(ds.X, dtype=dtype), ds.y.astype(np.int64)
+
+    return (*prep(train), *prep(test))
+
+
+def steps_per_epoch(n_rows, replicas, batch_size):
+    """Steps for every replica to pass once over its block (psframe's definition)."""
+    return max(1, math.ceil(math.ceil(n_rows / replicas) / batch_size))
+
+
+def total_steps(options, n_rows, replicas):
+    if options["steps"] is not None:
+        return int(options["steps"])
+    return int(options["epochs"]) * steps_per_epoch(n_rows, replicas, options["batch_size"])
+
+
+class Shard:
+    """One replica's rows: block ``w`` of array_split(arange(n), replicas), read as an endless
+    stream of batches, each pass over it reshuffled with the seed (seed, w, pass)."""
+
+    def __init__(self, n_rows, replicas, w, batch_size, shuffle, seed):
+        self.block = np.array_split(np.arange(n_rows), replicas)[w]
+        self.b, self.shuffle, self.seed, self.w = batch_size, shuffle, seed, w
+        self._pass, self._order = None, self.block
+
+    def _order_of(self, p):
+        if self.shuffle and p != self._pass:
+            rng = np.random.default_rng([self.seed, self.w, p])
+            self._pass, self._order = p, self.block[rng.permutation(len(self.block))]
+        return self._order
+
+    def rows(self, step):
+        n = len(self.block)
+        pos = step * self.b + np.arange(self.b)
+        return np.concatenate([self._order_of(int(p))[pos[pos // n == p] % n]
+                               for p in np.unique(pos // n)])
+
+
+class History:
+    """History rows as psframe records them: every ``eval_every`` steps, else at each epoch
+    boundary, and at the end; time_s is taken before the evaluation, as psframe does."""
+
+    def __init__(self, evaluate, eval_every, epoch_samples):
+        self.evaluate, self.every, self.epoch_samples = evaluate, eval_every, epoch_samples
+        self.rows, self.t0 = [], time.perf_counter()
+        self._loss, self._n, self._epoch, self._last = 0.0, 0, 0, -1
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def step(self, step, samples, loss, n):
+        """After update ``step`` (1-based), with ``samples`` trained so far."""
+        self._loss += loss * n
+        self._n += n
+        epoch = samples // self.epoch_samples
+        due = step % self.every == 0 if self.every else epoch > self._epoch
+        self._epoch = max(epoch, self._epoch)
+        if due:
+            self.record(step, samples)
+
+    def record(self, step, samples):
+        if step == self._last:
+            return
+        self._last = step
+        row = {"step": step, "epoch": samples / self.epoch_samples,
+               "time_s": time.perf_counter() - self.t0,
+               "train_loss": self._loss / self._n if self._n else None,
+               "eval_loss": None, "eval_accuracy": None}
+        self._loss, self._n = 0.0, 0
+        if self.evaluate is not None:
+            row["eval_loss"], row["eval_accuracy"] = self.evaluate()
+        self.rows.append(row)
+
+
+def thread_limit(options, ranks_here):
+    """BLAS threads: the option, else the node's cores shared among this job's ranks, as psframe
+    does; numpy's default (every core per rank) oversubscribes a small node badly."""
+    from threadpoolctl import threadpool_limits
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    threads = options["threads"] or max(1, cores // ranks_here)
+    return threads, threadpool_limits(limits=threads)
+
+
+def write_result(path, stats, history, config):
+    """RESULT.json, written to a temporary name and renamed: the bench never reads half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"stats": stats, "history": history, "config": config}, f, indent=1)
+    os.replace(tmp, path)
