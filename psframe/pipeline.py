@@ -133,11 +133,21 @@ class StageWorker(Worker):
                       for i in self.layer_ids}
         self._in_width = self._width_before(self.layer_ids[0], X.shape[1])
         self._out_width = self._width_before(self.layer_ids[-1] + 1, X.shape[1])
+        self.slices = [slice(int(mb[0]), int(mb[-1]) + 1) if len(mb) else slice(0, 0)
+                       for mb in self.micro]  # the same micro-batches, as device-friendly slices
         dt = layout.dtype
-        # Receive buffers of known shapes, one per micro-batch, allocated once.
-        self.act_in = [np.empty((len(mb), self._in_width), dt) for mb in self.micro]
-        self.grad_in = [np.empty((len(mb), self._out_width), dt) for mb in self.micro]
-        self.y_in = [np.empty((len(mb),) + y.shape[1:], y.dtype) for mb in self.micro]
+        be = self.backend
+        # Receive buffers of known shapes, one per micro-batch, allocated once: what MPI writes
+        # and what the layers read (one array on NumPy; pinned host + device on a GPU).
+        self.act_in, self.act_dev = map(list, zip(*[be.buffers((len(mb), self._in_width), dt)
+                                                    for mb in self.micro]))
+        self.grad_in, self.grad_dev = map(list, zip(*[be.buffers((len(mb), self._out_width), dt)
+                                                      for mb in self.micro]))
+        self.y_in = [be.empty((len(mb),) + y.shape[1:], y.dtype) for mb in self.micro]
+        self.act_out = self.grad_out = None
+        if self._staged:  # a GPU's outgoing activations and gradients leave through pinned memory
+            self.act_out = [be.pinned((len(mb), self._out_width), dt) for mb in self.micro]
+            self.grad_out = [be.pinned((len(mb), self._in_width), dt) for mb in self.micro]
         self.idle = Stopwatch()
 
     def _width_before(self, layer_index, n_features):
@@ -149,56 +159,98 @@ class StageWorker(Worker):
     def _params_of(self, i):
         return {local: self.params[full] for local, full in self.names[i]}
 
+    def _accumulator(self, grad_slice, start):
+        """Where the stage sums its gradient over micro-batches: the push buffer itself, or on a
+        host-staged GPU a device buffer (with per-parameter views) copied out once per step."""
+        if not self._staged:
+            return grad_slice, self.grad_views
+        acc = self.backend.empty(grad_slice.shape, self.layout.dtype)
+        views = {}
+        for i in self.layer_ids:
+            for _, full in self.names[i]:
+                a = self.layout.offsets[full] - start
+                views[full] = acc[a:a + self.layout.sizes[full]].reshape(self.layout.shapes[full])
+        return acc, views
+
     def run(self):
         t0, cpu0 = time.perf_counter(), time.process_time()
         lo, hi = self.shards
         start, stop = self.layout.shard_range(lo, hi)
         grad_slice = self.grad[start:stop]
+        acc, self._acc_views = self._accumulator(grad_slice, start)
         step = self.start_step
-        for step in range(self.start_step, self.steps):
-            with self.waiting:
-                if not self.pull(step, lo, hi):
-                    break
-            rows = self.stream.rows(step)
-            grad_slice[:] = 0
-            with self.computing:
-                loss, sends, caches, douts = self._forward(rows)
-            with self.computing:
-                sends += self._backward(caches, douts)
-            wait_all(sends)
-            if self.delay:
-                time.sleep(self.delay)
-            with self.pushing:
-                self.push(step, loss if self.last else 0.0,
-                          len(rows) if self.last else 0, lo, hi)
-        else:
-            step = self.steps
+        with self.backend.activate():  # the GPU path's kernels run on the worker's stream
+            for step in range(self.start_step, self.steps):
+                with self.waiting:
+                    if not self.pull(step, lo, hi):
+                        break
+                rows = self.stream.rows(step)
+                acc[:] = 0
+                with self.computing:
+                    loss, sends, caches, douts = self._forward(rows)
+                with self.computing:
+                    sends += self._backward(caches, douts)
+                    if acc is not grad_slice:
+                        self.backend.to_host(acc, out=grad_slice)  # push synchronizes on it
+                wait_all(sends)
+                if self.delay:
+                    time.sleep(self.delay)
+                with self.pushing:
+                    self.push(step, loss if self.last else 0.0,
+                              len(rows) if self.last else 0, lo, hi)
+            else:
+                step = self.steps
         self._finish(t0, cpu0, step, idle_s=self.idle.total + self.waiting.total)
+
+    def _outgoing(self, array, buffers, i):
+        """A device array made ready for MPI: copied into pinned ``buffers[i]`` (or contiguous
+        on the device where MPI is CUDA-aware), with the stream synchronized either way."""
+        if self._staged:
+            out = self.backend.to_host(array, out=buffers[i])
+        else:
+            out = self.backend.xp.ascontiguousarray(array)
+        self.backend.synchronize()
+        return out
+
+    def _rows_for_device(self, rows):
+        """The step's rows where the device gathers them: on the device if the data is."""
+        if not self._device or not (self.first or self.last):
+            return rows
+        return self._device_rows(rows) if self._device_data() is not None else rows
 
     def _forward(self, rows):
         sends, caches, douts, loss = [], [], [], 0.0
+        idx = self._rows_for_device(rows)
         for i, mb in enumerate(self.micro):
-            if self.first:
+            if self.first and self._device:
+                h = self._take(0, idx[self.slices[i]], self.act_dev[i], slot=i)
+            elif self.first:
                 # A buffer per micro-batch: layers cache their input until the backward.
                 h = np.take(self.X, rows[mb], axis=0, out=self.act_in[i])
             else:
                 with self.idle:
                     wait(self.comm.Irecv(self.act_in[i], source=self.prev_rank, tag=Tag.ACT))
-                h = self.act_in[i]
+                if self._staged:
+                    self.backend.to_device(self.act_in[i], out=self.act_dev[i])
+                h = self.act_dev[i]
             layer_caches = []
             for j in self.layer_ids:
                 h, cache = self.model.layers[j].forward(self._params_of(j), h)
                 layer_caches.append(cache)
             caches.append(layer_caches)
             if self.last:
-                yb = np.take(self.y, rows[mb], axis=0, out=self.y_in[i])
+                if self._device:
+                    yb = self._take(1, idx[self.slices[i]], self.y_in[i], slot=i)
+                else:
+                    yb = np.take(self.y, rows[mb], axis=0, out=self.y_in[i])
                 mb_loss, loss_cache = self.model.loss.forward(h, yb)
                 # Each micro-batch's mean loss, weighted by its share of the batch, sums to
                 # the full batch's mean: so do the gradients.
                 douts.append(self.model.loss.backward(loss_cache) * self.fractions[i])
                 loss += float(mb_loss) * self.fractions[i]
             else:
-                out = np.ascontiguousarray(h)
+                out = (self._outgoing(h, self.act_out, i) if self._device
+                       else np.ascontiguousarray(h))
                 sends.append(self.comm.Isend(out, dest=self.next_rank, tag=Tag.ACT))
                 caches[-1].append(out)  # keep the send buffer alive until it completes
         return loss, sends, caches, douts
@@ -212,7 +264,9 @@ class StageWorker(Worker):
                 with self.idle:
                     wait(self.comm.Irecv(self.grad_in[i], source=self.next_rank,
                                          tag=Tag.ACT_GRAD))
-                d = self.grad_in[i]
+                if self._staged:
+                    self.backend.to_device(self.grad_in[i], out=self.grad_dev[i])
+                d = self.grad_dev[i]
             for pos in reversed(range(len(self.layer_ids))):
                 j = self.layer_ids[pos]
                 layer = self.model.layers[j]
@@ -222,9 +276,10 @@ class StageWorker(Worker):
                 else:
                     grads, d = layer.backward(lp, caches[i][pos], d)
                 for local, full in self.names[j]:
-                    self.grad_views[full] += grads[local]
+                    self._acc_views[full] += grads[local]
             if not self.first:
-                out = np.ascontiguousarray(d)
+                out = (self._outgoing(d, self.grad_out, i) if self._device
+                       else np.ascontiguousarray(d))
                 sends.append(self.comm.Isend(out, dest=self.prev_rank, tag=Tag.ACT_GRAD))
                 caches[i].append(out)
         return sends

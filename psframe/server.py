@@ -401,6 +401,9 @@ class ParameterServer:
         )
         if self.batch_counts is not None:
             stats["batch_counts"] = self.batch_counts.tolist()
+        if any("backend" in r for r in reports):  # each worker's backend and data path
+            keys = ("backend", "device", "transfer", "data_on_device", "note")
+            stats["worker_backends"] = [{k: r[k] for k in keys if k in r} for r in reports]
         if any("idle_s" in r for r in reports):  # pipeline stages report their bubble
             stats["stage_idle_share"] = [
                 r.get("idle_s", 0.0) / max(r.get("wall_s", 0.0), 1e-12) for r in reports

@@ -6,7 +6,35 @@ import numpy as np
 from .comm import Channel, Field, Op, Status, Tag, new_header, set_loss, wait, wait_all
 from .metrics import Stopwatch
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "node_local_index"]
+
+_NOT_YET = object()  # the worker's data has not been offered to the device yet
+
+
+def node_local_index(comm, server_rank):
+    """This worker's place among the workers on its node, for picking its GPU.
+
+    Collective over the workers only (MPI_Comm_create_group), because the server never
+    takes part in building workers; leaving it out also keeps it from using up a device slot.
+    Every worker calls it, whatever its backend, so a node without a GPU cannot leave the
+    others waiting.
+    """
+    from mpi4py import MPI
+
+    everyone = comm.Get_group()
+    workers = everyone.Excl([server_rank])
+    everyone.Free()
+    if comm.Get_rank() == server_rank or workers.Get_size() == 0:
+        workers.Free()
+        return 0
+    sub = comm.Create_group(workers)
+    workers.Free()
+    node = sub.Split_type(MPI.COMM_TYPE_SHARED)
+    index = node.Get_rank()
+    node.Free()
+    sub.Free()
+    return index
+
 
 class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
@@ -21,7 +49,9 @@ class Worker:
         self.layout = layout
         self.channel = Channel(comm, layout)
         self.model = model
-        self.backend = backend
+        # bind may hand back another backend ("auto" whose GPU failed its check: NumPy).
+        self.backend = backend.bind(node_local_index(comm, server_rank))
+        self._device = self.backend.name != "numpy"
         self.X, self.y = X, y
         self.stream = stream
         self.steps = steps
@@ -29,10 +59,14 @@ class Worker:
         self.start_step = int(start_step)  # > 0 when resuming from a checkpoint
         self.interrupted = False
         self._stop_requested = False
-        self.weights = layout.empty()
-        self.params = layout.views(self.weights)
-        self.grad = layout.empty()
+        # weights/grad are what MPI reads and writes; the model computes on _weights_dev. They
+        # are one array on NumPy (and on CUDA-aware MPI), pinned host + device otherwise.
+        self.weights, self._weights_dev = self.backend.buffers(layout.size, layout.dtype)
+        self._staged = self.weights is not self._weights_dev
+        self.params = layout.views(self._weights_dev)
+        self.grad, _ = self.backend.buffers(layout.size, layout.dtype)
         self.grad_views = layout.views(self.grad)
+        self._data = _NOT_YET  # (X, y) on the device once the first batch asks for them
         self.version = 0
         self.batch = -1
         self._request = new_header()
@@ -43,20 +77,21 @@ class Worker:
     def run(self):
         t0, cpu0 = time.perf_counter(), time.process_time()
         step = self.start_step
-        while self.steps is None or step < self.steps:
-            with self.waiting:
-                if not self.pull(step):
-                    break
-            with self.computing:
-                rows = self.stream.rows(self.batch if self.steps is None else step)
-                xb, yb = self._gather(rows)
-                loss, grads = self.model.loss_and_grad(self.params, xb, yb)
-                self._pack(grads, step)
-            if self.delay:
-                time.sleep(self.delay)  # a simulated straggler: slower, never wrong
-            with self.pushing:
-                self.push(step, loss, len(rows))
-            step += 1
+        with self.backend.activate():  # the GPU path's kernels run on the worker's stream
+            while self.steps is None or step < self.steps:
+                with self.waiting:
+                    if not self.pull(step):
+                        break
+                with self.computing:
+                    rows = self.stream.rows(self.batch if self.steps is None else step)
+                    xb, yb = self._gather(rows)
+                    loss, grads = self.model.loss_and_grad(self.params, xb, yb)
+                    self._pack(grads, step)
+                if self.delay:
+                    time.sleep(self.delay)  # a simulated straggler: slower, never wrong
+                with self.pushing:
+                    self.push(step, float(loss), len(rows))
+                step += 1
         self._finish(t0, cpu0, step)
 
     def _finish(self, t0, cpu0, steps, **extra):
@@ -69,12 +104,15 @@ class Worker:
             "wait_s": self.waiting.total,
             "compute_s": self.computing.total,
             "push_s": self.pushing.total,
+            **self.backend.report(),  # backend, device, transfer: which data path ran
             **extra,
         }
         self.comm.send(report, dest=self.server, tag=Tag.CONTROL)
 
     def _gather(self, rows):
         """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step."""
+        if self._device:
+            return self._gather_device(rows)
         n = len(rows)
         if n not in self._batches:
             self._batches[n] = (np.empty((n,) + self.X.shape[1:], dtype=self.X.dtype),
@@ -84,9 +122,49 @@ class Worker:
         np.take(self.y, rows, axis=0, out=yb)
         return xb, yb
 
+    def _device_data(self):
+        """(X, y) on the device, copied once at the first batch; None if they do not fit."""
+        if self._data is _NOT_YET:
+            self._data = self.backend.put_data(self.X, self.y)
+        return self._data
+
+    def _device_rows(self, rows):
+        """``rows`` as a device index array (preallocated per batch size)."""
+        key = ("rows", len(rows))
+        if key not in self._batches:
+            self._batches[key] = self.backend.pair(len(rows), np.int64)
+        host, dev = self._batches[key]
+        np.copyto(host, rows)
+        return self.backend.to_device(host, out=dev)
+
+    def _take(self, which, rows, out, slot=0):
+        """Rows of X (which=0) or y (which=1) into device array ``out``: gathered on the device
+        where the data lives there, else on the host into a pinned buffer (one per ``slot``,
+        so a pending copy is never overwritten) and copied over asynchronously."""
+        data = self._device_data()
+        if data is not None:
+            return self.backend.xp.take(data[which], rows, axis=0, out=out)
+        source = (self.X, self.y)[which]
+        key = ("host", which, slot, out.shape)
+        if key not in self._batches:
+            self._batches[key] = self.backend.pinned(out.shape, source.dtype)
+        host = np.take(source, rows, axis=0, out=self._batches[key])
+        return self.backend.to_device(host, out=out)
+
+    def _gather_device(self, rows):
+        n = len(rows)
+        if n not in self._batches:
+            self._batches[n] = [self.backend.empty((n,) + a.shape[1:], a.dtype)
+                                for a in (self.X, self.y)]
+        xb, yb = self._batches[n]
+        idx = self._device_rows(rows) if self._device_data() is not None else rows
+        return self._take(0, idx, xb), self._take(1, idx, yb)
+
     def pull(self, clock, lo=0, hi=None):
         """Fetch the weights; False when the server says the run is over for this worker."""
         hi = self.layout.n_shards if hi is None else hi
+        if self._device:
+            self.backend.synchronize()  # no kernel may still read a buffer MPI will write
         # Post the receives before asking, so the reply lands straight in the weight buffer.
         reply = self.comm.Irecv(self._reply, source=self.server, tag=Tag.REPLY)
         frames = self.channel.irecv_frames(self.weights, lo, hi, self.server, Tag.WEIGHTS)
@@ -99,13 +177,25 @@ class Worker:
                 r.Cancel()
             wait_all(frames)
             return False
-        wait_all(frames)
+        if self._staged:
+            self._land(frames, lo, hi)
+        else:
+            wait_all(frames)
         self.version = int(self._reply[Field.VERSION])
         self.batch = int(self._reply[Field.BATCH])
         return True
 
+    def _land(self, frames, lo, hi):
+        """Each weight frame goes on to the device as soon as it arrives (async copy), so the
+        copy of one frame overlaps the receive of the next."""
+        for request, (a, b) in zip(frames, self.layout.frames(lo, hi)):
+            wait(request)
+            self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
+
     def push(self, clock, loss, samples, lo=0, hi=None):
         hi = self.layout.n_shards if hi is None else hi
+        if self._device:
+            self.backend.synchronize()  # the gradient's copies must be done before MPI reads
         start, stop = self.layout.shard_range(lo, hi)
         self._send_header(Op.PUSH, clock, lo, hi, count=stop - start, loss=loss, samples=samples)
         wait_all(self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
@@ -137,4 +227,5 @@ class Worker:
                 raise ValueError(
                     f"gradient {name!r} has shape {g.shape}, but the parameter is {view.shape}"
                 )
+            # Into the push buffer: host memory, or the device's where MPI is CUDA-aware.
             self.backend.to_host(g, out=view)
