@@ -18,34 +18,20 @@ usage() { sed -n '2,9s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${PSFRAME_VENV:-$root/.venv}
+me=run_hostfile.sh
+# shellcheck source=launch-common.sh
+source "$root/scripts/launch-common.sh"
 
 [[ $# -ge 2 && $2 =~ ^[0-9]+$ ]] || usage
 hostfile=$1
 n=$2
 shift 2
 [[ -r $hostfile ]] || { echo "run_hostfile.sh: cannot read hostfile $hostfile" >&2; exit 2; }
-if [[ ! -x $venv/bin/mpiexec || ! -x $venv/bin/python ]]; then
-    echo "run_hostfile.sh: no mpiexec/python in $venv; run 'make install' or set PSFRAME_VENV" >&2
-    exit 2
-fi
+psframe_check_venv
 
-if [[ $# -ge 1 && $1 == *.py ]]; then
-    target=("$1")
-    shift
-else
-    target=(-m psframe train)
-fi
+psframe_pick_target "$@" || shift
 
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-if [[ -t 1 ]]; then
-    PSFRAME_TTY=$(tput cols 2>/dev/null || echo 80)
-    export PSFRAME_TTY
-else
-    unset PSFRAME_TTY
-fi
-export PSFRAME_LAUNCHED=1
-
-read -r -a extra <<< "${PSFRAME_MPIEXEC_ARGS:-}"
+psframe_environment
 # MPICH's Hydra takes -f and forwards the whole environment; Open MPI takes --hostfile and
 # forwards only what -x names.
 if "$venv/bin/mpiexec" --version 2>&1 | grep -qi "open mpi\|openrte\|prrte"; then
@@ -56,9 +42,4 @@ else
 fi
 cmd=("$venv/bin/mpiexec" "${hosts[@]}" ${extra[@]+"${extra[@]}"} -n "$n"
      "$venv/bin/python" -m mpi4py "${target[@]}" "$@")
-if [[ -n ${PSFRAME_DRY_RUN:-} ]]; then
-    printf '%q ' "${cmd[@]}"
-    echo
-    exit 0
-fi
-exec "${cmd[@]}"
+psframe_exec "${cmd[@]}"

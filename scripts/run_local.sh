@@ -19,40 +19,18 @@ usage() { sed -n '2,9s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${PSFRAME_VENV:-$root/.venv}
+me=run_local.sh
+# shellcheck source=launch-common.sh
+source "$root/scripts/launch-common.sh"
 
 [[ $# -ge 1 && $1 =~ ^[0-9]+$ ]] || usage
 n=$1
 shift
-if [[ ! -x $venv/bin/mpiexec || ! -x $venv/bin/python ]]; then
-    echo "run_local.sh: no mpiexec/python in $venv; run 'make install' or set PSFRAME_VENV" >&2
-    exit 2
-fi
+psframe_check_venv
 
-# A script to run, or the psframe CLI; -m mpi4py makes an exception in one rank abort all.
-if [[ $# -ge 1 && $1 == *.py ]]; then
-    target=("$1")
-    shift
-else
-    target=(-m psframe train)
-fi
+psframe_pick_target "$@" || shift
 
-# The checkout's psframe, even in a venv where it is not installed.
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-# The ranks' stdout is a pipe to mpiexec; tell rank 0 whether a person watches a terminal.
-if [[ -t 1 ]]; then
-    PSFRAME_TTY=$(tput cols 2>/dev/null || echo 80)
-    export PSFRAME_TTY
-else
-    unset PSFRAME_TTY
-fi
-export PSFRAME_LAUNCHED=1
-
-read -r -a extra <<< "${PSFRAME_MPIEXEC_ARGS:-}"
+psframe_environment
 cmd=("$venv/bin/mpiexec" ${extra[@]+"${extra[@]}"} -n "$n"
      "$venv/bin/python" -m mpi4py "${target[@]}" "$@")
-if [[ -n ${PSFRAME_DRY_RUN:-} ]]; then
-    printf '%q ' "${cmd[@]}"
-    echo
-    exit 0
-fi
-exec "${cmd[@]}"
+psframe_exec "${cmd[@]}"
