@@ -236,7 +236,9 @@ class ParameterServer:
         for k in range(*group.shard_range):
             a, b = int(bounds[k]), int(bounds[k + 1])
             acc = self.acc[a:b]
-            if len(order) == 1:
+            if len(order) == 1 and scale == 1.0:
+                acc = self.slots[order[0], a:b]  # one gradient, unscaled: no copy needed
+            elif len(order) == 1:
                 np.multiply(self.slots[order[0], a:b], scale, out=acc)
             else:
                 np.add(self.slots[order[0], a:b], self.slots[order[1], a:b], out=acc)

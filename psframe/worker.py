@@ -3,7 +3,8 @@ import time
 
 import numpy as np
 
-from .comm import Channel, Field, Op, Status, Tag, new_header, set_loss, wait, wait_all
+from .comm import (TRANSFER_SPIN_S, Channel, Field, Op, Status, Tag, new_header, set_loss, wait,
+                   wait_all)
 from .metrics import Stopwatch
 
 __all__ = ["Worker", "node_local_index"]
@@ -189,7 +190,7 @@ class Worker:
         """Each weight frame goes on to the device as soon as it arrives (async copy), so the
         copy of one frame overlaps the receive of the next."""
         for request, (a, b) in zip(frames, self.layout.frames(lo, hi)):
-            wait(request)
+            wait(request, spin_s=TRANSFER_SPIN_S)  # payload in flight: keep MPI progressing
             self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
     def push(self, clock, loss, samples, lo=0, hi=None):
