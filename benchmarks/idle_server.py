@@ -127,11 +127,10 @@ def main():
 
 if __name__ == "__main__":
     try:
-        code = main()
-    except BaseException:  # one failing rank must not leave the others spinning in MPI
+        sys.exit(main())
+    except Exception:  # one failing rank must not leave the others spinning in MPI
         import traceback
 
         traceback.print_exc()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)
-    sys.exit(code)

@@ -10,12 +10,11 @@ from threadpoolctl import threadpool_limits
 import psframe
 import psframe.comm
 from psframe.backend import NumpyBackend
-from psframe.comm import Op, Tag
 from psframe.data import BatchStream
 from psframe.optim import SGD, Optimizer
 from psframe.params import DEFAULT_SHARD_ELEMS, ParamLayout
 from psframe.policies import Sync
-from psframe.server import ParameterServer
+from psframe.server import Group, ParameterServer
 from psframe.worker import Worker
 
 MiB = 1 << 20
@@ -85,8 +84,11 @@ def psframe_round_trips(comm, layout, optimizer, warmup, reps):
     comm.Barrier()
     if comm.Get_rank() == 0:
         weights = layout.flatten(model.init_params(None))
+        # As runtime._build_server does for data mode: one group holding every shard.
+        group = Group(Sync().state(1), [0], (0, layout.n_shards))
         server = ParameterServer(comm, layout, weights, model=model, optimizer=optimizer,
-                                 policy_state=Sync().state(1), workers=[1], total_steps=steps)
+                                 groups=[group], worker_ranks=[1], total_steps=steps,
+                                 epoch_samples=1 << 62)  # no history row per step
         server.run()
         return []
     X, y = np.zeros((2, 1), np.float32), np.zeros(2, np.int64)
@@ -100,9 +102,7 @@ def psframe_round_trips(comm, layout, optimizer, warmup, reps):
         worker.push(step, 0.0, 1)
         if step >= warmup:
             times.append(time.perf_counter() - t)
-    # End the server loop as Worker.run does: a DONE header, then the small pickled report.
-    worker._send_header(Op.DONE, steps, 0, 0)
-    comm.send({"steps": steps}, dest=0, tag=Tag.CONTROL)
+    worker._finish(time.perf_counter(), time.process_time(), steps)  # DONE, as Worker.run ends
     return times
 
 
@@ -158,6 +158,52 @@ def measure(comm, mb, shard_elems_list, args):
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
+def framed_round_trips(comm, bufs, n_frames, waiter, warmup, reps):
+    """The raw round trip cut into n_frames Isend/Irecv frames, finished by ``waiter``."""
+    rank, (out, into) = comm.Get_rank(), bufs
+    cuts = np.linspace(0, out.size, n_frames + 1).astype(int)
+    frames = list(zip(cuts[:-1], cuts[1:]))
+    times = []
+    comm.Barrier()
+    for i in range(warmup + reps):
+        t = time.perf_counter()
+        if rank == 1:
+            waiter([comm.Isend([out[a:b], MPI.FLOAT], dest=0, tag=1) for a, b in frames])
+            waiter([comm.Irecv([into[a:b], MPI.FLOAT], source=0, tag=2) for a, b in frames])
+        else:
+            waiter([comm.Irecv([into[a:b], MPI.FLOAT], source=1, tag=1) for a, b in frames])
+            waiter([comm.Isend([out[a:b], MPI.FLOAT], dest=1, tag=2) for a, b in frames])
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def diagnose(comm, mb, args, out):
+    """No psframe server: the same frames waited by MPI Waitall and by psframe.comm.wait_all."""
+    bufs = [np.full(mb * MiB // 4, 0.5, np.float32) for _ in range(2)]
+    waiters = (("MPI.Request.Waitall", MPI.Request.Waitall),
+               ("psframe.comm.wait_all", psframe.comm.wait_all))
+    out("")
+    out(f"diagnostic: raw {mb} MB round trip as 1 or {mb} Isend/Irecv frames each way "
+        "(no psframe server)")
+    head = f"{'frames':>6} | {'waited by':<22} | {'ms':>7} | {'ratio vs Send/Recv':>18}"
+    out(head)
+    out("-" * len(head))
+    for n_frames in (1, mb):
+        samples = {}
+        for _ in range(args.rounds):
+            samples.setdefault("raw", []).extend(
+                raw_round_trips(comm, bufs, args.warmup, args.reps))
+            for name, waiter in waiters:
+                samples.setdefault(name, []).extend(
+                    framed_round_trips(comm, bufs, n_frames, waiter, args.warmup, args.reps))
+        samples = comm.bcast(samples, root=1)
+        raw = float(np.median(samples["raw"]))
+        for name, _ in waiters:
+            t = float(np.median(samples[name]))
+            out(f"{n_frames:>6} | {name:<22} | {t * 1e3:7.2f} | {raw / t:18.2f}")
+
+
 def gbps(mb, seconds):
     return 2 * mb * MiB / seconds / 1e9
 
@@ -166,7 +212,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64],
                         help="model sizes in MiB of float32 (default: 1 4 16 64)")
-    parser.add_argument("--sweep-sizes", type=int, nargs="+", default=[16, 64],
+    parser.add_argument("--sweep-sizes", type=int, nargs="*", default=[16, 64],
                         help="model sizes for the shard-size sweep (default: 16 64)")
     parser.add_argument("--shards", type=int, nargs="+",
                         default=[1 << 16, 1 << 18, 1 << 20, PER_TENSOR],
@@ -177,6 +223,8 @@ def main():
                         help="runs per variant, interleaved; medians pool all rounds")
     parser.add_argument("--spin", action="store_true",
                         help="diagnostic: make psframe.comm.wait spin instead of sleeping")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also time raw 1 MiB frames waited by MPI vs by psframe.comm")
     args = parser.parse_args()
 
     comm = MPI.COMM_WORLD.Dup()
@@ -230,23 +278,26 @@ def main():
             "(finite check dot, 1/n mean copy, SGD apply).")
 
         # -- shard-size sweep ---------------------------------------------------------------
-        out("")
-        out("shard_elems sweep (psframe round trip with SGD / with the stub optimizer)")
-        head = (f"{'size':>6} {'shard_elems':>11} {'frames':>6} | {'psframe ms':>10} "
-                f"{'ratio':>6} | {'no-apply ms':>11} {'ratio':>6} | {'raw ms':>6} | "
-                f"{'mean ms':>7} {'SGD ms':>7}")
-        out(head)
-        out("-" * len(head))
-        for mb in args.sweep_sizes:
-            r = results[mb]
-            for s in args.shards:
-                frames = len(make_layout(mb, s).frames())
-                full, noapp = r[("sgd", s)], r[("noapply", s)]
-                label = SHARD_LABELS.get(s, str(s))
-                _, mean, sgd = parts.get((mb, s), (0, 0, 0))
-                out(f"{mb:>4}MB {label:>11} {frames:>6} | {full * 1e3:10.2f} "
-                    f"{r['raw'] / full:6.2f} | {noapp * 1e3:11.2f} {r['raw'] / noapp:6.2f} | "
-                    f"{r['raw'] * 1e3:6.2f} | {mean:7.2f} {sgd:7.2f}")
+        if args.sweep_sizes:
+            out("")
+            out("shard_elems sweep (psframe round trip with SGD / with the stub optimizer)")
+            head = (f"{'size':>6} {'shard_elems':>11} {'frames':>6} | {'psframe ms':>10} "
+                    f"{'ratio':>6} | {'no-apply ms':>11} {'ratio':>6} | {'raw ms':>6} | "
+                    f"{'mean ms':>7} {'SGD ms':>7}")
+            out(head)
+            out("-" * len(head))
+            for mb in args.sweep_sizes:
+                r = results[mb]
+                for s in args.shards:
+                    frames = len(make_layout(mb, s).frames())
+                    full, noapp = r[("sgd", s)], r[("noapply", s)]
+                    label = SHARD_LABELS.get(s, str(s))
+                    _, mean, sgd = parts.get((mb, s), (0, 0, 0))
+                    out(f"{mb:>4}MB {label:>11} {frames:>6} | {full * 1e3:10.2f} "
+                        f"{r['raw'] / full:6.2f} | {noapp * 1e3:11.2f} {r['raw'] / noapp:6.2f} | "
+                        f"{r['raw'] * 1e3:6.2f} | {mean:7.2f} {sgd:7.2f}")
+        if args.diagnose:
+            diagnose(comm, max(args.sizes), args, out)
     out(f"\ntotal {time.perf_counter() - t_start:.1f} s")
     comm.Free()
     return 0
@@ -254,11 +305,10 @@ def main():
 
 if __name__ == "__main__":
     try:
-        code = main()
-    except BaseException:  # one failing rank must not leave the other spinning in MPI
+        sys.exit(main())
+    except Exception:  # one failing rank must not leave the other spinning in MPI
         import traceback
 
         traceback.print_exc()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)
-    sys.exit(code)
