@@ -1,4 +1,4 @@
-"""Policies: wall time to a target test accuracy under every update policy, one worker a 3x straggler."""
+"""Policies: wall time to a target test accuracy under each update policy, one worker 3x slower."""
 import os
 
 # One BLAS thread per rank, set before NumPy loads: 5 ranks already oversubscribe a small node.
@@ -19,6 +19,7 @@ from psframe.data import steps_per_epoch  # noqa: E402
 
 STRAGGLER = 0  # worker index of the slow worker
 SLOWDOWN = 3.0  # its step takes this many times a normal step
+CALIBRATION_RUNS = 3  # seeds per calibration measurement (their median counts)
 
 
 # -- set-up -----------------------------------------------------------------------------------
@@ -29,6 +30,18 @@ def load(name, seed):
         return train, test, [64, 128, 10]
     train, test = ps.data.mnist(seed=seed)
     return train, test, [784, 128, 10]
+
+
+def node_busy_seconds():
+    """CPU-seconds the whole node has spent busy since boot (Linux /proc/stat), else None:
+    compared with this job's own CPU time it tells whether anything else ran meanwhile."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def idle_barrier(comm):
@@ -63,14 +76,15 @@ class Config:
     """One row of the table: a policy, a dispatch mode, and how many samples one update takes
     (so every row evaluates at the same cadence in samples)."""
 
-    def __init__(self, label, policy, dispatch="static", grads_per_update=1):
+    def __init__(self, label, policy, dispatch="static", grads_per_update=1, lr_scale=1.0):
         self.label = label
         self.policy = policy
         self.dispatch = dispatch
         self.grads_per_update = grads_per_update
+        self.lr_scale = lr_scale  # only the optional diagnostic row changes the step size
 
 
-def configs(n_workers, mixed_steps, with_dynamic_ssp=True):
+def configs(n_workers, mixed_steps, with_dynamic_ssp=True, sync_lr_scale=None):
     rows = [
         Config("Sync", ps.Sync(), grads_per_update=n_workers),
         Config("Sync(backup=1)", ps.Sync(backup=1), grads_per_update=n_workers - 1),
@@ -79,29 +93,78 @@ def configs(n_workers, mixed_steps, with_dynamic_ssp=True):
         Config("SSP(1)", ps.SSP(1)),
         Config("SSP(2)", ps.SSP(2)),
         Config("SSP(4)", ps.SSP(4)),
-        # Sync for its first K updates (n_workers gradients each), then one per gradient: the
-        # Sync cadence keeps the first phase's evaluations as dense as Sync's; the second
-        # phase is then evaluated n_workers times as often in samples as the other rows.
-        Config(f"Mixed({mixed_steps}, Async)", ps.Mixed(sync_steps=mixed_steps, then=ps.Async()),
-               grads_per_update=n_workers),
+        # Sync for its first K updates, then one update per gradient: evaluated at the Async
+        # cadence, which matches the other rows in samples after the switch (the Sync phase,
+        # one epoch, gets at most one evaluation: far too early to reach a useful target).
+        Config(f"Mixed({mixed_steps}, Async)", ps.Mixed(sync_steps=mixed_steps, then=ps.Async())),
         Config("Async + dynamic", ps.Async(), dispatch="dynamic"),
     ]
     if with_dynamic_ssp:
         rows.append(Config("SSP(2) + dynamic", ps.SSP(2), dispatch="dynamic"))
+    if sync_lr_scale:
+        # Diagnostic: Sync averages n_workers gradients into one step of size lr, where Async
+        # takes n_workers steps of size lr; scaling Sync's lr separates that from the straggler.
+        rows.append(Config(f"Sync, lr x{sync_lr_scale:g}", ps.Sync(), grads_per_update=n_workers,
+                           lr_scale=sync_lr_scale))
     return rows
 
 
+def slowdown(steps_per_worker):
+    """How many times slower the straggler is: the others' mean batch count over its own,
+    from a dynamic-dispatch run (each worker takes a new batch as soon as it is free)."""
+    fast = [n for i, n in enumerate(steps_per_worker) if i != STRAGGLER]
+    return statistics.mean(fast) / max(1, steps_per_worker[STRAGGLER])
+
+
+def calibrate(comm, run_dynamic, n_batches, runs=CALIBRATION_RUNS, rounds=4,
+              tolerance=0.1):
+    """Sleep per step that makes worker 0 SLOWDOWN times slower, as this node measures it.
+
+    A worker's step here is mostly transport, backoff and waiting for a core (5 ranks, few
+    cores), and a sleeping rank frees its core for the rest, so the sleep is found by
+    measurement: ``run_dynamic(delay, seed)`` runs the table's Async + dynamic row and returns
+    its stats; a measurement is the median over ``runs`` seeds. Start from (SLOWDOWN - 1) x
+    the undelayed step, then rescale the sleep by (SLOWDOWN - 1) / (measured - 1) until the
+    batch counts agree. Returns the sleep and the trail of (sleep, measured slowdown, walls);
+    identical on every rank."""
+    def measure(delay):
+        walls, ratios = [], []
+        for seed in range(runs):
+            stats = run_dynamic(delay, seed)
+            if stats is not None:
+                walls.append(stats["wall_s"])
+                ratios.append(slowdown(stats["steps_per_worker"]))
+        out = (statistics.median(walls), statistics.median(ratios)) if walls else None
+        return comm.bcast(out, root=0)
+
+    wall, _ = measure(0.0)
+    step = wall * (comm.Get_size() - 1) / n_batches  # one worker's undelayed step
+    delay, trail = (SLOWDOWN - 1) * step, [(0.0, 1.0, wall)]
+    for _ in range(rounds):
+        wall, measured = measure(delay)
+        trail.append((delay, measured, wall))
+        if abs(measured - SLOWDOWN) <= tolerance * SLOWDOWN:
+            break
+        delay *= (SLOWDOWN - 1) / max(measured - 1, 0.25)
+    best = min(trail[1:], key=lambda t: abs(t[1] - SLOWDOWN))  # the closest measurement wins
+    return best[0], trail
+
+
 # -- one run ----------------------------------------------------------------------------------
-def run_one(cfg, args, model, train, test, seed, delay, eval_every_sync, n_workers):
-    """ps.train on every rank; on rank 0 a dict of what the table shows, else None."""
+def run_one(cfg, args, model, train, test, seed, delay, eval_every_sync, n_workers, raw=False):
+    """ps.train on every rank; on rank 0 a dict of what the table shows (``raw``: the run's
+    stats), else None."""
     eval_every = max(1, round(eval_every_sync * n_workers / cfg.grads_per_update))
     result = ps.train(
-        model, train, eval_data=test, policy=cfg.policy, optimizer=make_optimizer(args),
+        model, train, eval_data=test, policy=cfg.policy,
+        optimizer=make_optimizer(args, cfg.lr_scale),
         batch_size=args.batch_size, epochs=args.epochs, seed=seed, eval_every=eval_every,
         dispatch=cfg.dispatch, delay=delay, threads=1,
     )
     if result is None:
         return None
+    if raw:
+        return result.stats
     s = result.stats
     hit = next((r for r in result.history
                 if r["eval_accuracy"] is not None and r["eval_accuracy"] >= args.target), None)
@@ -109,7 +172,6 @@ def run_one(cfg, args, model, train, test, seed, delay, eval_every_sync, n_worke
         "t_target": hit["time_s"] if hit else math.inf,
         "ep_target": hit["epoch"] if hit else math.inf,
         "final_acc": result.history[-1]["eval_accuracy"],
-        "best_acc": max(r["eval_accuracy"] for r in result.history),
         "wall_s": s["wall_s"],
         "updates": s["updates_applied"],
         "dropped": s["updates_dropped"],
@@ -117,18 +179,16 @@ def run_one(cfg, args, model, train, test, seed, delay, eval_every_sync, n_worke
         "max_gap": s["max_clock_gap"],
         "wait_share": s["worker_wait_share"],
         "steps": s["steps_per_worker"],
-        "evals": len(result.history),
     }
 
 
-def make_optimizer(args):
-    return ps.SGD(lr=args.lr, momentum=args.momentum)
+def make_optimizer(args, lr_scale=1.0):
+    return ps.SGD(lr=args.lr * lr_scale, momentum=args.momentum)
 
 
 # -- output -----------------------------------------------------------------------------------
 def median(values):
-    finite = sorted(values)
-    return statistics.median(finite)  # inf sorts last: a majority of misses gives inf
+    return statistics.median(values)  # a miss counts as inf: a majority of misses gives inf
 
 
 def fmt_time(t):
@@ -139,7 +199,7 @@ def table(rows, runs, repeats):
     """rows: Configs; runs: label -> list of per-seed dicts. Medians over seeds."""
     sync_t = median([r["t_target"] for r in runs["Sync"]])
     sync_acc = median([r["final_acc"] for r in runs["Sync"]])
-    head = (f"{'policy':<22} {'t->target s':>11} {'vs Sync':>7} {'reached':>7} {'epochs':>6} "
+    head = (f"{'policy':<22} {'t->target s':>11} {'vs Sync':>7} {'reached':>7} {'ep->tgt':>7} "
             f"{'final acc':>9} {'d pts':>6} {'wall s':>7} {'updates':>7} {'dropped':>7} "
             f"{'max stale':>9} {'max gap':>7} {'wait':>6}")
     lines = [head, "-" * len(head)]
@@ -152,9 +212,10 @@ def table(rows, runs, repeats):
         reached = sum(not math.isinf(r["t_target"]) for r in rs)
         lines.append(
             f"{cfg.label:<22} {fmt_time(t):>11} {ratio:>7} {f'{reached}/{repeats}':>7} "
-            f"{'-' if math.isinf(ep) else f'{ep:.2f}':>6} {acc:>9.4f} "
+            f"{'-' if math.isinf(ep) else f'{ep:.2f}':>7} {acc:>9.4f} "
             f"{100 * (acc - sync_acc):>+6.1f} {median([r['wall_s'] for r in rs]):>7.2f} "
-            f"{median([r['updates'] for r in rs]):>7.0f} {median([r['dropped'] for r in rs]):>7.0f} "
+            f"{median([r['updates'] for r in rs]):>7.0f} "
+            f"{median([r['dropped'] for r in rs]):>7.0f} "
             f"{max(r['max_stale'] for r in rs):>9} {max(r['max_gap'] for r in rs):>7} "
             f"{median([r['wait_share'] for r in rs]):>6.1%}"
         )
@@ -172,13 +233,17 @@ def main():
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--evals-per-epoch", type=float, default=4.0,
                         help="evaluation cadence, the same in samples for every policy")
-    parser.add_argument("--straggler-basis", choices=("compute", "step"), default="compute",
-                        help="what the straggler is 3x slower at: the model's compute alone "
-                        "(timed on rank 1), or a whole undelayed Async step (pull + compute + "
-                        "push under this node's contention)")
+    parser.add_argument("--straggler-basis", choices=("measured", "compute"), default="measured",
+                        help="measured: calibrate worker 0's sleep until runs of the Async + "
+                        "dynamic row show it taking 1/3 of the others' batches; compute: sleep "
+                        "2x the model's compute time per step (timed on rank 1), ignoring "
+                        "transport and contention")
     parser.add_argument("--delay", type=float, default=None,
                         help="seconds added to each of worker 0's steps (overrides the basis)")
     parser.add_argument("--no-dynamic-ssp", action="store_true", help="skip SSP(2) + dynamic")
+    parser.add_argument("--sync-lr-scale", type=float, default=None, metavar="K",
+                        help="add a diagnostic row: Sync with lr x K (e.g. 4 = the number of "
+                        "workers), the only row whose optimizer differs")
     args = parser.parse_args()
 
     comm = MPI.COMM_WORLD
@@ -186,44 +251,51 @@ def main():
     if size < 3:
         raise SystemExit("run with at least 3 ranks, e.g. mpiexec -n 5 (1 server + 4 workers)")
     n_workers = size - 1
-    t_start = time.perf_counter()
+    comm.Barrier()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    busy0 = node_busy_seconds() if rank == 0 else None
 
     train, test, sizes = load(args.data, seed=0)
     model = ps.models.MLP(sizes)
     per_epoch = steps_per_epoch(len(train), n_workers, args.batch_size)
     eval_every_sync = max(1, round(per_epoch / args.evals_per_epoch))
-    rows = configs(n_workers, mixed_steps=per_epoch, with_dynamic_ssp=not args.no_dynamic_ssp)
+    rows = configs(n_workers, mixed_steps=per_epoch, with_dynamic_ssp=not args.no_dynamic_ssp,
+                   sync_lr_scale=args.sync_lr_scale)
 
     compute_s = compute_seconds(comm, model, train, args.batch_size)
-    step_s = None
+    trail = []
     if args.delay is not None:
         delay_s, basis = args.delay, "given"
     elif args.straggler_basis == "compute":
         delay_s, basis = (SLOWDOWN - 1) * compute_s, "compute"
-    else:  # a short undelayed Async run: seconds per worker step with the node as loaded as in the runs
-        probe = ps.train(model, train, eval_data=None, policy=ps.Async(),
-                         optimizer=make_optimizer(args), batch_size=args.batch_size,
-                         epochs=2, seed=0, threads=1)
-        if rank == 0:
-            step_s = probe.stats["wall_s"] / max(probe.stats["steps_per_worker"])
-        step_s = comm.bcast(step_s, root=0)
-        delay_s, basis = (SLOWDOWN - 1) * step_s, "step"
+    else:
+        dynamic = next(cfg for cfg in rows if cfg.label == "Async + dynamic")
+        delay_s, trail = calibrate(
+            comm,
+            lambda d, seed: run_one(dynamic, args, model, train, test, seed,
+                                    {STRAGGLER: d} if d else None, eval_every_sync, n_workers,
+                                    raw=True),
+            n_batches=args.epochs * math.ceil(len(train) / args.batch_size),
+        )
+        basis = "measured"
     delay = {STRAGGLER: delay_s} if delay_s > 0 else None
 
     if rank == 0:
         print(f"policies: {args.data} MLP {'-'.join(map(str, sizes))}, {len(train)} train / "
               f"{len(test)} test rows, {n_workers} workers + 1 server = {size} ranks on "
-              f"{os.cpu_count()} cores; {MPI.Get_library_version().splitlines()[0].strip()}; "
+              f"{os.cpu_count()} cores; {' '.join(MPI.Get_library_version().split()[:3])}; "
               f"Python {platform.python_version()}")
         print(f"  SGD lr={args.lr} momentum={args.momentum}, batch {args.batch_size}, "
               f"{args.epochs} epochs ({per_epoch} Sync steps/epoch), target acc {args.target}, "
               f"seeds 0..{args.repeats - 1}")
-        print(f"  compute per step (rank 1, others asleep): {compute_s * 1e3:.3f} ms"
-              + (f"; undelayed Async step: {step_s * 1e3:.3f} ms" if step_s else ""))
+        print(f"  compute per step (rank 1, others asleep): {compute_s * 1e3:.3f} ms")
+        for d, r, wall in trail:
+            print(f"  calibration: sleep {d * 1e3:6.3f} ms -> worker {STRAGGLER} {r:.2f}x slower, "
+                  f"wall {wall:.2f} s (Async + dynamic row, median of {CALIBRATION_RUNS} seeds)")
         print(f"  straggler: worker {STRAGGLER} sleeps {delay_s * 1e3:.3f} ms per step "
-              f"({basis} basis: {SLOWDOWN - 1:g} x the measured {basis} time)")
-        print(f"  evaluation every {eval_every_sync} Sync updates "
-              f"({eval_every_sync * n_workers * args.batch_size} samples), "
+              f"({basis} basis, aiming at {SLOWDOWN:g}x)")
+        print(f"  evaluation every {eval_every_sync * n_workers * args.batch_size} samples "
+              f"({eval_every_sync} Sync updates, {eval_every_sync * n_workers} Async updates), "
               f"Mixed switches to Async after {per_epoch} updates", flush=True)
 
     runs = {cfg.label: [] for cfg in rows}
@@ -236,21 +308,26 @@ def main():
                       f"final {out['final_acc']:.4f}  wall {out['wall_s']:.2f} s  "
                       f"steps/worker {out['steps']}", flush=True)
 
+    own_cpu = comm.gather(time.process_time() - cpu_start, root=0)
     if rank == 0:
         print()
         print(table(rows, runs, args.repeats))
         dyn = runs.get("Async + dynamic")
         if dyn:
-            ratios = []
-            for r in dyn:
-                fast = [n for i, n in enumerate(r["steps"]) if i != STRAGGLER]
-                ratios.append(statistics.mean(fast) / max(1, r["steps"][STRAGGLER]))
-            print(f"effective slowdown of worker {STRAGGLER} (its batches vs the others' under "
-                  f"Async + dynamic): {statistics.median(ratios):.2f}x")
+            ratios = [slowdown(r["steps"]) for r in dyn]
+            print(f"effective slowdown of worker {STRAGGLER} (the others' batches / its own under "
+                  f"Async + dynamic): median {statistics.median(ratios):.2f}x, per seed "
+                  + ", ".join(f"{r:.2f}" for r in ratios))
         print("medians over seeds; 'vs Sync' = time to target / Sync's; 'd pts' = final accuracy "
               "minus Sync's, in points; max stale / max gap = largest over seeds; wait = worker "
               "wait share")
-        print(f"total {time.perf_counter() - t_start:.1f} s")
+        elapsed = time.perf_counter() - t_start
+        line = f"total {elapsed:.1f} s"
+        if busy0 is not None:
+            other = node_busy_seconds() - busy0 - sum(own_cpu)
+            line += (f"; other processes used {max(other, 0.0):.1f} CPU-s of the node's "
+                     f"{elapsed * (os.cpu_count() or 1):.0f} meanwhile (near 0: a quiet node)")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def main():
                     parts[mb, shard] = server_compute_ms(make_layout(mb, shard), args.reps)
 
         out("")
-        out(f"(a)-(c) by model size, shard_elems = {DEFAULT_SHARD_ELEMS} (256Ki, psframe default)")
+        out(f"(a)-(c) by model size, shard_elems = {DEFAULT_SHARD_ELEMS} (psframe default)")
         head = (f"{'size':>6} | {'raw ms':>7} {'GB/s':>6} | {'psframe ms':>10} {'GB/s':>6} "
                 f"{'ratio':>6} | {'no-apply ms':>11} {'GB/s':>6} {'ratio':>6} | "
                 f"{'check ms':>8} {'mean ms':>7} {'SGD ms':>7}")

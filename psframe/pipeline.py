@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from .comm import Tag, wait, wait_all
+from .comm import Tag, wait
 from .layers import Dense
 from .metrics import Stopwatch
 from .models import Sequential
@@ -192,7 +192,7 @@ class StageWorker(Worker):
                     sends += self._backward(caches, douts)
                     if acc is not grad_slice:
                         self.backend.to_host(acc, out=grad_slice)  # push synchronizes on it
-                wait_all(sends)
+                self.channel.wait_frames(sends)
                 if self.delay:
                     time.sleep(self.delay)
                 with self.pushing:

@@ -8,7 +8,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .callbacks import CallbackList
-from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header, wait_all
+from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header
 from .errors import GradientError, ProtocolError, TrainingInterrupted
 from .metrics import ServerStats, Stopwatch, TrainResult
 
@@ -153,7 +153,7 @@ class ParameterServer:
             self.stopping = True
         clock = int(header[Field.CLOCK])
         if group.policy.pull(local, clock):
-            wait_all(self._send_weights(w, lo, hi, clock))
+            self.channel.wait_frames(self._send_weights(w, lo, hi, clock))
         else:
             self.held[w] = (lo, hi, clock)
 
@@ -169,7 +169,7 @@ class ParameterServer:
                 f"hold {stop - start}; the model's gradients do not match its parameters"
             )
         slot = self.slots[w]
-        wait_all(self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH))
+        self.channel.wait_frames(self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH))
         nbytes = count * self.layout.dtype.itemsize
         self.stats.pushes_received += 1
         self.stats.bytes_pushed += nbytes
@@ -204,7 +204,7 @@ class ParameterServer:
         for local in decision.release:
             r = group.workers[local]
             requests += self._send_weights(r, *self.held.pop(r))
-        wait_all(requests)
+        self.channel.wait_frames(requests)
 
     def _drop(self, decision, group, w):
         self.stats.updates_dropped += 1

@@ -3,8 +3,7 @@ import time
 
 import numpy as np
 
-from .comm import (TRANSFER_SPIN_S, Channel, Field, Op, Status, Tag, new_header, set_loss, wait,
-                   wait_all)
+from .comm import Channel, Field, Op, Status, Tag, new_header, set_loss, wait
 from .metrics import Stopwatch
 
 __all__ = ["Worker", "node_local_index"]
@@ -176,12 +175,12 @@ class Worker:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
             for r in frames:
                 r.Cancel()
-            wait_all(frames)
+            self.channel.wait_frames(frames)
             return False
         if self._staged:
             self._land(frames, lo, hi)
         else:
-            wait_all(frames)
+            self.channel.wait_frames(frames)
         self.version = int(self._reply[Field.VERSION])
         self.batch = int(self._reply[Field.BATCH])
         return True
@@ -190,7 +189,7 @@ class Worker:
         """Each weight frame goes on to the device as soon as it arrives (async copy), so the
         copy of one frame overlaps the receive of the next."""
         for request, (a, b) in zip(frames, self.layout.frames(lo, hi)):
-            wait(request, spin_s=TRANSFER_SPIN_S)  # payload in flight: keep MPI progressing
+            self.channel.wait_frames([request])  # payload in flight: keep MPI progressing
             self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
     def push(self, clock, loss, samples, lo=0, hi=None):
@@ -199,7 +198,7 @@ class Worker:
             self.backend.synchronize()  # the gradient's copies must be done before MPI reads
         start, stop = self.layout.shard_range(lo, hi)
         self._send_header(Op.PUSH, clock, lo, hi, count=stop - start, loss=loss, samples=samples)
-        wait_all(self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
+        self.channel.wait_frames(self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
 
     def request_stop(self):
         """Ask the server to stop the run (signal-safe: the next pull carries the request)."""
