@@ -189,7 +189,7 @@ class Worker:
         """Each weight frame goes on to the device as soon as it arrives (async copy), so the
         copy of one frame overlaps the receive of the next."""
         for request, (a, b) in zip(frames, self.layout.frames(lo, hi)):
-            self.channel.wait_frames([request])  # payload in flight: keep MPI progressing
+            wait(request, spin_s=self.channel.idle_s)  # in flight: keep MPI progressing
             self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
     def push(self, clock, loss, samples, lo=0, hi=None):
