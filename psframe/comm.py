@@ -71,8 +71,9 @@ def get_loss(header):
 # rank is inside an MPI call, so sleeping while payload is in flight stalls the transfer
 # (measured: a 64 MB round trip in 1 MiB frames took 10 ms with Waitall, 140 ms with a
 # sleeping wait). So there are two waits:
-# - wait(): for what may take long (the next request, a held pull): 100 us of tests, then
-#   sleep with exponential backoff from 20 us to 1 ms;
+# - wait(): for what may take long (the next request, a held pull): 100 us of tests (1 ms
+#   when every rank has a core of its own), then sleep with exponential backoff from 20 us
+#   to 1 ms;
 # - wait_all(): for payload frames: test without sleeping as long as frames keep completing,
 #   and back off once none has for ``idle_s``: about the time one frame takes to copy, so a
 #   peer busy elsewhere (a server that has not started receiving this push) is not spun on.
@@ -97,10 +98,24 @@ def _backoff(done):
         pause = min(pause * 2, _MAX_SLEEP_S)
 
 
-def wait(request, spin_s=100e-6):
+_idle_spin_s = 100e-6
+
+
+def configure_waits(oversubscribed):
+    """Set how long wait() tests before it sleeps, once per run.
+
+    With a core per rank, spinning up to 1 ms costs no one anything and catches a reply
+    without a sleep's wake-up delay (an idle server still sleeps most of the time); with more
+    ranks than cores, spin only 100 us, since every spin takes a core from another rank.
+    """
+    global _idle_spin_s
+    _idle_spin_s = 100e-6 if oversubscribed else 1e-3
+
+
+def wait(request, spin_s=None):
     """Wait for one request without burning a core; returns its MPI.Status."""
     status = MPI.Status()
-    deadline = time.perf_counter() + spin_s
+    deadline = time.perf_counter() + (_idle_spin_s if spin_s is None else spin_s)
     tests = 0
     while tests < _SPIN_TESTS or time.perf_counter() < deadline:
         if request.Test(status):

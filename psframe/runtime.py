@@ -56,7 +56,11 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
 
     from threadpoolctl import threadpool_limits
 
-    n_threads = run["threads"] or _default_threads(world)
+    local_ranks, cores = _node_share(world)
+    n_threads = run["threads"] or max(1, cores // local_ranks)
+    from .comm import configure_waits
+
+    configure_waits(oversubscribed=local_ranks > cores)
     comm = world.Dup()
     try:
         if comm.Get_rank() == 0:
@@ -339,8 +343,8 @@ def _agree_or_raise(world, local_error):
     raise ConfigError(message) from local_error
 
 
-def _default_threads(world):
-    """Cores on this node shared evenly among the ranks on it; at least one each."""
+def _node_share(world):
+    """(ranks on this node, cores this process may use): threads and waits follow from it."""
     from mpi4py import MPI
 
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
@@ -350,7 +354,7 @@ def _default_threads(world):
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, cores // local_ranks)
+    return local_ranks, cores
 
 
 def _abort(world):
