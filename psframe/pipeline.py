@@ -178,7 +178,6 @@ class StageWorker(Worker):
         start, stop = self.layout.shard_range(lo, hi)
         grad_slice = self.grad[start:stop]
         acc, self._acc_views = self._accumulator(grad_slice, start)
-        step = self.start_step
         with self.backend.activate():  # the GPU path's kernels run on the worker's stream
             for step in range(self.start_step, self.steps):
                 with self.waiting:
@@ -188,7 +187,6 @@ class StageWorker(Worker):
                 acc[:] = 0
                 with self.computing:
                     loss, sends, caches, douts = self._forward(rows)
-                with self.computing:
                     sends += self._backward(caches, douts)
                     if acc is not grad_slice:
                         self.backend.to_host(acc, out=grad_slice)  # push synchronizes on it
@@ -198,7 +196,7 @@ class StageWorker(Worker):
                 with self.pushing:
                     self.push(step, loss if self.last else 0.0,
                               len(rows) if self.last else 0, lo, hi)
-            else:
+            else:  # every step ran (or none was left after a resume)
                 step = self.steps
         self._finish(t0, cpu0, step, idle_s=self.idle.total + self.waiting.total)
 
