@@ -1,4 +1,4 @@
-"""Transport: psframe's pull + push round trip against raw mpi4py Send/Recv, by size and shard."""
+"""Transport: psframe's push + pull round trip against raw mpi4py Send/Recv, by size and shard."""
 import argparse
 import sys
 import time
@@ -78,8 +78,10 @@ def raw_round_trips(comm, bufs, warmup, reps):
 
 
 def psframe_round_trips(comm, layout, optimizer, warmup, reps):
-    """Rank 0 runs a real ParameterServer (Sync, 1 worker); rank 1 times Worker.pull + push."""
-    steps = warmup + reps
+    """Rank 0 runs a real ParameterServer (Sync, 1 worker); rank 1 times Worker.push_pull:
+    a step's push and the next step's pull, as Worker.run does between two computes."""
+    timed = warmup + reps
+    steps = timed + 1  # the last step's push is a push alone
     model = FlatModel(layout.size)
     comm.Barrier()
     if comm.Get_rank() == 0:
@@ -96,12 +98,13 @@ def psframe_round_trips(comm, layout, optimizer, warmup, reps):
     worker = Worker(comm, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps)
     worker.grad[:] = 1e-3  # a finite gradient, or the server rejects the push
     times = []
-    for step in range(steps):
+    worker.pull(0)
+    for step in range(timed):
         t = time.perf_counter()
-        worker.pull(step)
-        worker.push(step, 0.0, 1)
+        worker.push_pull(step, 0.0, 1)
         if step >= warmup:
             times.append(time.perf_counter() - t)
+    worker.push(timed, 0.0, 1)
     worker._finish(time.perf_counter(), time.process_time(), steps)  # DONE, as Worker.run ends
     return times
 
@@ -110,14 +113,14 @@ def server_compute_ms(layout, reps):
     """Rank 0's per-push work besides the transfer, each part alone: ms (check, mean, SGD)."""
     size = layout.size
     grad = np.full(size, 1e-3, np.float32)
-    zeros, acc = np.zeros(size, np.float32), np.empty(size, np.float32)
+    acc = np.empty(size, np.float32)
     w = np.full(size, 0.5, np.float32)
     opt = SGD(lr=1e-6)
     state = opt.init_state(size, layout.dtype)
     bounds = layout.shard_bounds
 
     def check():
-        float(np.dot(grad, zeros))
+        float(np.dot(grad, grad))
 
     def mean():
         for k in range(layout.n_shards):
@@ -243,7 +246,7 @@ def main():
         f"model = {N_TENSORS} float32 tensors; Sync policy, 1 worker"
         + ("; comm.wait SPINS (diagnostic)" if args.spin else ""))
     out("round trip = rank 1 sends the model's bytes to rank 0 and gets them back "
-        "(psframe: Worker.pull + Worker.push); GB/s = 2 x bytes / time")
+        "(psframe: Worker.push_pull, one request); GB/s = 2 x bytes / time")
 
     with threadpool_limits(limits=1):  # what ps.train picks for 2 ranks on 2 cores
         # -- by model size, default shard size ----------------------------------------------
@@ -275,7 +278,7 @@ def main():
                 f"{gbps(mb, noapp):6.2f} {raw / noapp:6.2f} | {chk:8.2f} {mean:7.2f} {sgd:7.2f}")
         out("ratio = psframe GB/s / raw GB/s (target >= 0.8 from 4 MB). no-apply: same server "
             "loop with a stub optimizer. check/mean/SGD: rank 0's per-push compute, timed alone "
-            "(finite check dot, 1/n mean copy, SGD apply).")
+            "(finite check g.g, 1/n mean copy, SGD apply).")
 
         # -- shard-size sweep ---------------------------------------------------------------
         if args.sweep_sizes:

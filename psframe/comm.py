@@ -6,7 +6,7 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["Tag", "Op", "Field", "Status", "HEADER_LEN", "Channel", "new_header", "wait",
-           "wait_all", "transfer_idle_s"]
+           "wait_all", "completed", "transfer_idle_s"]
 
 
 class Tag(enum.IntEnum):
@@ -25,6 +25,7 @@ class Op(enum.IntEnum):
     PULL = 1
     PUSH = 2
     DONE = 3
+    PUSH_PULL = 4  # a push, then the pull of the worker's next step: one request per step
 
 
 class Status(enum.IntEnum):
@@ -127,6 +128,12 @@ def wait(request, spin_s=None):
 
 def wait_all(requests, idle_s=TRANSFER_IDLE_S):
     """Wait for payload frames: keep MPI progressing while they move, back off when stalled."""
+    for _ in completed(requests, idle_s):
+        pass
+
+
+def completed(requests, idle_s=TRANSFER_IDLE_S):
+    """Yield the index of each request as it completes, waiting as wait_all does."""
     pending = len(requests)
     last_progress = time.perf_counter()
     pause = _MIN_SLEEP_S
@@ -138,6 +145,7 @@ def wait_all(requests, idle_s=TRANSFER_IDLE_S):
         if done:
             pending -= len(done)
             last_progress, pause = now, _MIN_SLEEP_S
+            yield from done
         elif now - last_progress > idle_s:
             time.sleep(pause)
             pause = min(pause * 2, _MAX_SLEEP_S)
@@ -157,11 +165,20 @@ class Channel:
         """Wait for frames in flight (see wait_all), with this layout's frame-size budget."""
         wait_all(requests, self.idle_s)
 
+    def each_frame(self, requests, frames):
+        """Yield each frame's (start, stop) as its request completes, in arrival order."""
+        for i in completed(requests, self.idle_s):
+            yield frames[i]
+
     def send_header(self, header, dest, tag):
         wait(self.comm.Isend([header, MPI.INT64_T], dest=dest, tag=tag))
 
     def recv_header(self, header, source, tag):
         return wait(self.comm.Irecv([header, MPI.INT64_T], source=source, tag=tag))
+
+    def isend(self, flat, a, b, dest, tag):
+        """Send elements [a, b) of ``flat``: one frame."""
+        return self.comm.Isend([flat[a:b], self.mpi_dtype], dest=dest, tag=tag)
 
     def isend_frames(self, flat, lo, hi, dest, tag):
         return [

@@ -96,7 +96,10 @@ class ParameterServer:
         self.stop_at = {}
         if resume is not None:
             self._restore(*resume)
-        self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push, Op.DONE: self._on_done}
+        self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push,
+                         Op.PUSH_PULL: self._on_push_pull, Op.DONE: self._on_done}
+        # Decision flag -> method; "apply" and "complete" return the per-shard update to run
+        # (or None), which _carry_out interleaves with sending the new weights.
         self.actions = (
             ("drop", self._drop), ("accumulate", self._accumulate),
             ("apply", self._apply_one), ("complete", self._complete),
@@ -151,11 +154,16 @@ class ParameterServer:
             self.stopping = True
         clock = int(header[Field.CLOCK])
         if group.policy.pull(local, clock):
-            self.channel.wait_frames(self._send_weights(w, lo, hi, clock))
+            self._update_and_send(group, None, [(w, lo, hi, clock)])
         else:
             self.held[w] = (lo, hi, clock)
 
-    def _on_push(self, w, header):
+    def _on_push_pull(self, w, header):
+        """A push, then the pull of the worker's next step, in one request: the weights can
+        go out frame by frame as the update finishes each, with no second request to wait for."""
+        self._on_push(w, header, then_pull=True)
+
+    def _on_push(self, w, header, then_pull=False):
         group, local = self.group_of[w]
         lo, hi = self._shard_range(w, header, group)
         start, stop = self.layout.shard_range(lo, hi)
@@ -167,12 +175,16 @@ class ParameterServer:
                 f"hold {stop - start}; the model's gradients do not match its parameters"
             )
         slot = self.slots[w]
-        self.channel.wait_frames(self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH))
+        requests = self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH)
+        # Check each frame as it lands, while the next ones are still arriving.
+        finite = True
+        for a, b in self.channel.each_frame(requests, self.layout.frames(lo, hi)):
+            finite = self._frame_finite(slot[a:b]) and finite
         nbytes = count * self.layout.dtype.itemsize
         self.stats.pushes_received += 1
         self.stats.bytes_pushed += nbytes
         self.bytes_pushed_by[w] += nbytes
-        accepted = self._check_finite(w, clock, slot[start:stop])
+        accepted = finite or self._reject(w, clock)
         if accepted:
             # Only the rank that saw the loss reports samples (a pipeline's last stage).
             samples = int(header[Field.SAMPLES])
@@ -185,7 +197,15 @@ class ParameterServer:
             if self.batch_counts is not None:
                 self.batch_counts[int(header[Field.BATCH])] += 1
         decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
-        self._carry_out(decision, group, w)
+        serve = []
+        if then_pull:
+            if header[Field.STATUS] == Status.INTERRUPT:  # a worker caught the signal
+                self.stopping = True
+            if group.policy.pull(local, clock + 1):
+                serve.append((w, lo, hi, clock + 1))
+            else:
+                self.held[w] = (lo, hi, clock + 1)
+        self._carry_out(decision, group, w, serve)
 
     def _on_done(self, w, header):
         self.worker_reports[w] = self.comm.recv(source=self.workers[w], tag=Tag.CONTROL)
@@ -194,14 +214,39 @@ class ParameterServer:
         self._carry_out(group.policy.finish(local), group, w)
 
     # -- actions ----------------------------------------------------------------------------
-    def _carry_out(self, decision, group, w):
+    def _carry_out(self, decision, group, w, serve=()):
+        """Do what the policy decided, then answer the pulls it released (and ``serve``)."""
+        update = None
         for flag, action in self.actions:
             if getattr(decision, flag):
-                action(decision, group, w)
+                update = action(decision, group, w) or update
+        pulls = [(group.workers[local], *self.held.pop(group.workers[local]))
+                 for local in decision.release]
+        self._update_and_send(group, update, pulls + list(serve))
+        if update is not None:
+            self._updated(decision.staleness)
+
+    def _update_and_send(self, group, update, pulls):
+        """Run ``update`` over the group's shards frame by frame, sending each frame of new
+        weights to every answered pull as soon as it is updated: the copy of one frame to the
+        workers overlaps the update of the next. Reply headers go first."""
+        pulls = [p for p in pulls if self._reply(*p)]
+        if update is None and not pulls:
+            return
+        lo, hi = group.shard_range
+        bounds = self.layout.shard_bounds
         requests = []
-        for local in decision.release:
-            r = group.workers[local]
-            requests += self._send_weights(r, *self.held.pop(r))
+        k = lo
+        for a, b in self.layout.frames(lo, hi):
+            if update is not None:
+                while k < hi and bounds[k + 1] <= b:
+                    self.shard_updates[k] += 1
+                    update(k, int(bounds[k]), int(bounds[k + 1]))
+                    k += 1
+            for p in pulls:
+                requests.append(self.channel.isend(self.w, a, b, self.workers[p[0]], Tag.WEIGHTS))
+            if requests:
+                MPI.Request.Testall(requests)  # moves the frames already posted along
         self.channel.wait_frames(requests)
 
     def _drop(self, decision, group, w):
@@ -211,40 +256,34 @@ class ParameterServer:
         group.pending.append(w)
 
     def _complete(self, decision, group, w):
-        if group.pending:  # a step whose every gradient was rejected changes nothing
-            self._apply_mean(group, decision.scale)
-            self._updated(decision.staleness)
+        order = sorted(group.pending)
         group.pending = []
+        if not order:  # a step whose every gradient was rejected changes nothing
+            return None
+        return lambda k, a, b: self._apply_mean(order, decision.scale, k, a, b)
 
     def _apply_one(self, decision, group, w):
         """Apply one worker's gradient on arrival (Async, SSP), shard by shard."""
-        bounds = self.layout.shard_bounds
-        slot = self.slots[w]
-        for k in range(*group.shard_range):
-            a, b = int(bounds[k]), int(bounds[k + 1])
-            self.shard_updates[k] += 1
-            self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b,
-                                 int(self.shard_updates[k]), decision.lr_scale)
-        self._updated(decision.staleness)
+        slot, lr_scale = self.slots[w], decision.lr_scale
 
-    def _apply_mean(self, group, scale):
-        """Sum the pending slots in worker order, scale, and step the optimizer shard by shard."""
-        bounds = self.layout.shard_bounds
-        order = sorted(group.pending)
-        for k in range(*group.shard_range):
-            a, b = int(bounds[k]), int(bounds[k + 1])
-            acc = self.acc[a:b]
-            if len(order) == 1 and scale == 1.0:
-                acc = self.slots[order[0], a:b]  # one gradient, unscaled: no copy needed
-            elif len(order) == 1:
-                np.multiply(self.slots[order[0], a:b], scale, out=acc)
-            else:
-                np.add(self.slots[order[0], a:b], self.slots[order[1], a:b], out=acc)
-                for w in order[2:]:
-                    acc += self.slots[w, a:b]
-                acc *= scale
-            self.shard_updates[k] += 1
-            self.optimizer.apply(self.opt_state, self.w, acc, a, b, int(self.shard_updates[k]))
+        def update(k, a, b):
+            self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b,
+                                 int(self.shard_updates[k]), lr_scale)
+        return update
+
+    def _apply_mean(self, order, scale, k, a, b):
+        """Shard k: sum the pending slots in worker order, scale, step the optimizer."""
+        acc = self.acc[a:b]
+        if len(order) == 1 and scale == 1.0:
+            acc = self.slots[order[0], a:b]  # one gradient, unscaled: no copy needed
+        elif len(order) == 1:
+            np.multiply(self.slots[order[0], a:b], scale, out=acc)
+        else:
+            np.add(self.slots[order[0], a:b], self.slots[order[1], a:b], out=acc)
+            for w in order[2:]:
+                acc += self.slots[w, a:b]
+            acc *= scale
+        self.optimizer.apply(self.opt_state, self.w, acc, a, b, int(self.shard_updates[k]))
 
     def _updated(self, staleness):
         self.stats.record_update(staleness)
@@ -272,7 +311,8 @@ class ParameterServer:
             self.stop_at[unit] = max(self.answered_clock[v] for v in members) + 1
         return clock >= self.stop_at[unit]
 
-    def _send_weights(self, w, lo, hi, clock):
+    def _reply(self, w, lo, hi, clock):
+        """Answer worker w's pull with a header; True when weight frames are to follow."""
         start, stop = self.layout.shard_range(lo, hi)
         group, _ = self.group_of[w]
         reply = new_header()
@@ -282,13 +322,13 @@ class ParameterServer:
         if self.stopping and self._stop_now(w, clock):
             reply[Field.STATUS] = Status.INTERRUPT
             self.channel.send_header(reply, rank, Tag.REPLY)
-            return []
+            return False
         if self.dispatcher is not None:
             batch = self.dispatcher.next()
             if batch is None:  # every batch is handed out: this worker is done
                 reply[Field.STATUS] = Status.STOP
                 self.channel.send_header(reply, rank, Tag.REPLY)
-                return []
+                return False
             reply[Field.BATCH] = batch
         reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
         reply[Field.COUNT] = stop - start
@@ -298,16 +338,19 @@ class ParameterServer:
         self.stats.pulls_answered += 1
         self.stats.bytes_pulled += nbytes
         self.bytes_pulled_by[w] += nbytes
-        return self.channel.isend_frames(self.w, lo, hi, rank, Tag.WEIGHTS)
+        return True
 
-    def _check_finite(self, w, clock, grad):
+    @staticmethod
+    def _frame_finite(grad):
         # One BLAS pass, no temporaries: g·g is finite whenever every element is (unless the
         # sum of squares overflows, for absurdly large but finite gradients: the exact,
-        # slower check below settles that rare case, so no finite gradient is refused).
+        # slower check settles that rare case, so no finite gradient is refused).
         with np.errstate(over="ignore", invalid="ignore"):
             squares = float(np.dot(grad, grad))
-        if math.isfinite(squares) or np.isfinite(grad).all():
-            return True
+        return math.isfinite(squares) or bool(np.isfinite(grad).all())
+
+    def _reject(self, w, clock):
+        """Count a non-finite push; raise or warn as on_bad_gradient says. Returns False."""
         self.stats.updates_rejected += 1
         message = (
             f"worker {w} pushed a non-finite gradient (NaN or inf) for step {clock}; "
@@ -391,6 +434,8 @@ class ParameterServer:
             samples_per_s=stats["samples"] / wall if wall > 0 else 0.0,
             steps_per_worker=[r.get("steps", 0) for r in reports],
             worker_wait_s=worker_wait,
+            worker_push_s=[r.get("push_s", 0.0) for r in reports],
+            worker_compute_s=[r.get("compute_s", 0.0) for r in reports],
             worker_wait_share=sum(worker_wait) / max(sum(worker_wall), 1e-12),
             bytes_pulled_per_worker=list(self.bytes_pulled_by),
             bytes_pushed_per_worker=list(self.bytes_pushed_by),

@@ -78,10 +78,11 @@ class Worker:
         t0, cpu0 = time.perf_counter(), time.process_time()
         step = self.start_step
         with self.backend.activate():  # the GPU path's kernels run on the worker's stream
-            while self.steps is None or step < self.steps:
+            more = self._has_step(step)
+            if more:
                 with self.waiting:
-                    if not self.pull(step):
-                        break
+                    more = self.pull(step)
+            while more:
                 with self.computing:
                     rows = self.stream.rows(self.batch if self.steps is None else step)
                     xb, yb = self._gather(rows)
@@ -89,10 +90,18 @@ class Worker:
                     self._pack(grads, step)
                 if self.delay:
                     time.sleep(self.delay)  # a simulated straggler: slower, never wrong
-                with self.pushing:
-                    self.push(step, float(loss), len(rows))
                 step += 1
+                more = self._has_step(step)
+                if more:  # push this step's gradient and pull the next step's weights at once
+                    more = self.push_pull(step - 1, float(loss), len(rows))
+                else:
+                    with self.pushing:
+                        self.push(step - 1, float(loss), len(rows))
         self._finish(t0, cpu0, step)
+
+    def _has_step(self, step):
+        """Whether step ``step`` is this worker's to take (always, under dynamic dispatch)."""
+        return self.steps is None or step < self.steps
 
     def _finish(self, t0, cpu0, steps, **extra):
         """Tell the server this worker is done, with its timing report."""
@@ -163,13 +172,36 @@ class Worker:
     def pull(self, clock, lo=0, hi=None):
         """Fetch the weights; False when the server says the run is over for this worker."""
         hi = self.layout.n_shards if hi is None else hi
+        reply, frames = self._post_pull(lo, hi)
+        self._send_header(Op.PULL, clock, lo, hi, status=self._pull_status())
+        return self._receive_weights(reply, frames, lo, hi)
+
+    def push_pull(self, clock, loss, samples, lo=0, hi=None):
+        """Push step ``clock``'s gradient and pull the weights of step ``clock + 1`` in one
+        request; False when the server says the run is over for this worker."""
+        hi = self.layout.n_shards if hi is None else hi
+        reply, frames = self._post_pull(lo, hi)  # the compute is done: safe to post now
+        start, stop = self.layout.shard_range(lo, hi)
+        with self.pushing:
+            self._send_header(Op.PUSH_PULL, clock, lo, hi, count=stop - start, loss=loss,
+                              samples=samples, status=self._pull_status())
+            self.channel.wait_frames(
+                self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
+        with self.waiting:
+            return self._receive_weights(reply, frames, lo, hi)
+
+    def _pull_status(self):
+        return Status.INTERRUPT if self._stop_requested else Status.OK
+
+    def _post_pull(self, lo, hi):
+        """Post the receives of a pull's reply and weight frames, before asking for them, so
+        the weights land straight in the weight buffer."""
         if self._device:
             self.backend.synchronize()  # no kernel may still read a buffer MPI will write
-        # Post the receives before asking, so the reply lands straight in the weight buffer.
         reply = self.comm.Irecv(self._reply, source=self.server, tag=Tag.REPLY)
-        frames = self.channel.irecv_frames(self.weights, lo, hi, self.server, Tag.WEIGHTS)
-        self._send_header(Op.PULL, clock, lo, hi,
-                          status=Status.INTERRUPT if self._stop_requested else Status.OK)
+        return reply, self.channel.irecv_frames(self.weights, lo, hi, self.server, Tag.WEIGHTS)
+
+    def _receive_weights(self, reply, frames, lo, hi):
         wait(reply)
         if self._reply[Field.STATUS] != Status.OK:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
