@@ -139,6 +139,9 @@ class BatchStream:
 
     def rows(self, step):
         n = len(self.block)
+        epoch, offset = divmod(step * self.batch_size, n)
+        if offset + self.batch_size <= n:  # the usual case, one slice of one pass: no index math
+            return self._order(epoch)[offset:offset + self.batch_size]
         positions = step * self.batch_size + np.arange(self.batch_size)
         epochs = positions // n
         if epochs[0] == epochs[-1]:

@@ -72,3 +72,17 @@ def test_mnist_subset_is_cached(tmp_path, monkeypatch):
     assert (tmp_path / "mnist5k_X.npy").exists()
     train2, _ = ps.data.mnist(seed=0)
     np.testing.assert_array_equal(train.X, train2.X)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 11, 25])
+def test_stream_rows_follow_the_contract_step_by_step(batch):
+    """The slice fast path and the wrapping path give the formula's rows, shuffled or not."""
+    block = np.arange(100, 111)  # 11 rows
+    plain = BatchStream(block, batch, shuffle=False, seed=0, worker=0)
+    mixed = BatchStream(block, batch, shuffle=True, seed=3, worker=1)
+    for t in range(40):
+        positions = t * batch + np.arange(batch)
+        np.testing.assert_array_equal(plain.rows(t), block[positions % len(block)])
+        orders = [mixed._order(int(e)) for e in positions // len(block)]
+        expected = [o[p % len(block)] for o, p in zip(orders, positions)]
+        np.testing.assert_array_equal(mixed.rows(t), expected)
