@@ -75,6 +75,7 @@ class ParameterServer:
         self.slots = np.empty((n, layout.size), dtype=layout.dtype)
         self.acc = layout.empty()
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
+        self._plans = {}  # shard range -> frame plan (see _frame_plan)
         self.held = {}  # worker index -> (lo, hi) of a pull the policy holds
         self.finished = set()
         self.worker_reports = {}
@@ -233,16 +234,13 @@ class ParameterServer:
         pulls = [p for p in pulls if self._reply(*p)]
         if update is None and not pulls:
             return
-        lo, hi = group.shard_range
-        bounds = self.layout.shard_bounds
         requests = []
-        k = lo
-        for a, b in self.layout.frames(lo, hi):
+        for a, b, k_lo, k_hi in self._frame_plan(group):
             if update is not None:
-                while k < hi and bounds[k + 1] <= b:
-                    self.shard_updates[k] += 1
-                    update(k, int(bounds[k]), int(bounds[k + 1]))
-                    k += 1
+                # A group's shards always step together, so a frame's shards share one count:
+                # one optimizer call per frame, not one per (often tiny) shard.
+                self.shard_updates[k_lo:k_hi] += 1
+                update(int(self.shard_updates[k_lo]), a, b)
             for p in pulls:
                 requests.append(self.channel.isend(self.w, a, b, self.workers[p[0]], Tag.WEIGHTS))
             if requests:
@@ -255,24 +253,32 @@ class ParameterServer:
     def _accumulate(self, decision, group, w):
         group.pending.append(w)
 
+    def _frame_plan(self, group):
+        """(start, stop, first shard, end shard) of each frame of the group's shards; cached."""
+        plan = self._plans.get(group.shard_range)
+        if plan is None:
+            plan = [(a, b, *self.layout.shards_of_range(a, b))
+                     for a, b in self.layout.frames(*group.shard_range)]
+            self._plans[group.shard_range] = plan
+        return plan
+
     def _complete(self, decision, group, w):
         order = sorted(group.pending)
         group.pending = []
         if not order:  # a step whose every gradient was rejected changes nothing
             return None
-        return lambda k, a, b: self._apply_mean(order, decision.scale, k, a, b)
+        return lambda step, a, b: self._apply_mean(order, decision.scale, step, a, b)
 
     def _apply_one(self, decision, group, w):
         """Apply one worker's gradient on arrival (Async, SSP), shard by shard."""
         slot, lr_scale = self.slots[w], decision.lr_scale
 
-        def update(k, a, b):
-            self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b,
-                                 int(self.shard_updates[k]), lr_scale)
+        def update(step, a, b):
+            self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b, step, lr_scale)
         return update
 
-    def _apply_mean(self, order, scale, k, a, b):
-        """Shard k: sum the pending slots in worker order, scale, step the optimizer."""
+    def _apply_mean(self, order, scale, step, a, b):
+        """Elements [a, b): sum the pending slots in worker order, scale, step the optimizer."""
         acc = self.acc[a:b]
         if len(order) == 1 and scale == 1.0:
             acc = self.slots[order[0], a:b]  # one gradient, unscaled: no copy needed
@@ -283,7 +289,7 @@ class ParameterServer:
             for w in order[2:]:
                 acc += self.slots[w, a:b]
             acc *= scale
-        self.optimizer.apply(self.opt_state, self.w, acc, a, b, int(self.shard_updates[k]))
+        self.optimizer.apply(self.opt_state, self.w, acc, a, b, step)
 
     def _updated(self, staleness):
         self.stats.record_update(staleness)
