@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 MPIEXEC := $(VENV)/bin/mpiexec
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-mpi bench bench-smoke clean
+.PHONY: install install-torch demo test test-unit test-mpi bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[mpich,data,test,bench]"
 	touch $(STAMP)
+
+# Optional: torch for the bench's PyTorch baselines (torch_ddp, torch_rpc_ps). The extra pins
+# torch==2.13.0, a CPU build; `make test` never needs it.
+install-torch: install
+	$(PY) -m pip install --quiet -e ".[torch]"
 
 # 1 server + 3 workers, Sync, the classic MNIST MLP on the 5,000-image subset.
 demo: install
