@@ -126,8 +126,8 @@ class Runner:
     def _skip(self, cell):
         record = self._base_record(cell)
         record.update(status="skipped", note=(
-            f"torch is not importable by {sys.executable}; install a CPU build of torch in this "
-            "environment to run this baseline"))
+            f"torch is not importable by {sys.executable}; `pip install -e '.[torch]'` in the "
+            "checkout (`make install-torch`) adds the pinned CPU build that runs this baseline"))
         return record
 
     def _job(self, cell, delays, directory):

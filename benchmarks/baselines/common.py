@@ -100,8 +100,12 @@ class History:
     """History rows as psframe records them: every ``eval_every`` steps, else at each epoch
     boundary, and at the end; time_s is taken before the evaluation, as psframe does."""
 
-    def __init__(self, evaluate, eval_every, epoch_samples):
+    def __init__(self, evaluate, eval_every, epoch_samples, reduce=None):
+        """``reduce(loss_sum, n) -> (loss_sum, n)``, when given, is called at every row, on
+        every rank that keeps a History: it sums the training loss over ranks (each rank then
+        calls step() and record() at the same steps)."""
         self.evaluate, self.every, self.epoch_samples = evaluate, eval_every, epoch_samples
+        self.reduce = reduce
         self.rows, self.t0 = [], time.perf_counter()
         self._loss, self._n, self._epoch, self._last = 0.0, 0, 0, -1
 
@@ -122,6 +126,8 @@ class History:
         if step == self._last:
             return
         self._last = step
+        if self.reduce is not None:
+            self._loss, self._n = self.reduce(self._loss, self._n)
         row = {"step": step, "epoch": samples / self.epoch_samples,
                "time_s": time.perf_counter() - self.t0,
                "train_loss": self._loss / self._n if self._n else None,
@@ -143,6 +149,38 @@ def thread_limit(options, ranks_here):
         cores = os.cpu_count() or 1
     threads = options["threads"] or max(1, cores // ranks_here)
     return threads, threadpool_limits(limits=threads)
+
+
+def rendezvous(comm):
+    """(address, port) where torch.distributed's ranks meet: $MASTER_ADDR / $MASTER_PORT when
+    set, else 127.0.0.1 and a port that rank 0 found free (the job runs on one node). On the
+    loopback address, gloo and TensorPipe are told to use the loopback interface as well, so
+    they do not depend on how this host's name resolves."""
+    import socket
+
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT")
+    if port is None:
+        if comm.Get_rank() == 0:
+            with socket.socket() as s:
+                s.bind((address, 0))
+                port = s.getsockname()[1]
+        port = comm.bcast(port, root=0)
+    if address.startswith("127."):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+    return address, int(port)
+
+
+def torch_threads(torch, threads):
+    """Intra-op threads of this rank, as for BLAS: cores / ranks, so that ranks x threads fit
+    the node. Inter-op threads (unused by these loops) are kept to 1 where torch allows it."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before torch's first parallel work
+        pass
+    return torch.get_num_threads()
 
 
 def write_result(path, stats, history, config):

@@ -15,9 +15,15 @@ BIN = os.path.dirname(sys.executable)
 SMOKE = os.path.join(ROOT, "benchmarks", "configs", "smoke.toml")
 needs_mpiexec = pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "mpiexec")),
                                    reason="no mpiexec beside this Python (make install)")
-# The smoke grid is 4 jobs (~4 s each on 2 idle cores) plus 2 torch cells skipped or run.
-GRID_TIMEOUT_S = 50
 TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(
+    not TORCH, reason="torch is not installed in this Python, so the PyTorch baselines cannot "
+    "run: `make install-torch` adds the pinned CPU build (torch==2.13.0) to .venv")
+# The smoke grid is 4 jobs (~4 s each on 2 idle cores) plus 2 torch cells: skipped at once
+# without torch; with it, ~7 s (DDP) and ~10-25 s (RPC, 3 processes importing torch on 2 cores).
+GRID_TIMEOUT_S = 110 if TORCH else 50
+# Whichever test first asks for the smoke fixture runs the grid inside its own time limit.
+smoke_timeout = pytest.mark.timeout(GRID_TIMEOUT_S + 60)
 
 
 def clean_env():
@@ -54,6 +60,7 @@ def smoke(tmp_path_factory):
 
 
 # -- one record per run -------------------------------------------------------------------------
+@smoke_timeout
 def test_smoke_grid_writes_one_record_per_cell(smoke):
     path, proc = smoke
     records = runs(path)
@@ -74,11 +81,16 @@ def test_smoke_grid_writes_one_record_per_cell(smoke):
         assert len(r["history"]) >= 4  # eval_every_samples = 256 on ~1,350 rows
         times = [h["time_s"] for h in r["history"]]
         assert times == sorted(times)
-        hit = next(h for h in r["history"] if h["eval_accuracy"] >= 0.8)
-        assert m["time_to_target_s"] == hit["time_s"]
-    assert "4 ok" in proc.stdout or TORCH
+        # Async with momentum 0.9 does not always get to 0.8 in one epoch (its interleaving
+        # depends on load); time to target is then None, never a made-up time.
+        hit = next((h for h in r["history"] if h["eval_accuracy"] >= 0.8), None)
+        assert m["time_to_target_s"] == (hit["time_s"] if hit else None)
+        if not key.startswith("psframe/digits/async"):
+            assert hit is not None, key
+    assert ("6 ok" if TORCH else "4 ok, 2 skipped") in proc.stdout
 
 
+@smoke_timeout
 def test_records_carry_config_and_environment(smoke):
     r = {r["key"]: r for r in runs(smoke[0])}["psframe/digits/async/data/w2/none/s0"]
     c = r["config"]
@@ -91,6 +103,7 @@ def test_records_carry_config_and_environment(smoke):
     assert "revision" in env["git"]
 
 
+@smoke_timeout
 def test_psframe_metrics_come_from_the_run(smoke):
     by_key = {r["key"]: r for r in runs(smoke[0])}
     sync = by_key["psframe/digits/sync/data/w2/none/s0"]["metrics"]
@@ -103,6 +116,7 @@ def test_psframe_metrics_come_from_the_run(smoke):
         assert 0 < m["worker_wait_share"] < 1 and 0 < m["server_busy_share"] <= 1.01
 
 
+@smoke_timeout
 def test_allreduce_baseline_trains_exactly_like_sync(smoke):
     # Same shards, shuffles, initial weights and SGD: Sync's mean of 2 gradients per step and
     # the Allreduce loop's are the same update, so the runs agree to float32 rounding.
@@ -116,7 +130,73 @@ def test_allreduce_baseline_trains_exactly_like_sync(smoke):
                                                             rel=0.01)
 
 
+@needs_torch
+@smoke_timeout
+def test_torch_baselines_train_exactly_like_sync(smoke):
+    # DDP (gloo) and the RPC batch-update server start from the same weights, read the same
+    # shards and apply the mean of the 2 gradients with torch's SGD: Sync's updates, so the
+    # same curve to float32 rounding. Their records carry the run's torch and thread count.
+    by_key = {r["key"]: r for r in runs(smoke[0])}
+    sync = by_key["psframe/digits/sync/data/w2/none/s0"]
+    cores = sync["env"]["cores"]["usable"]
+    for key in ("torch_ddp/digits/-/-/w2/none/s0", "torch_rpc_ps/digits/-/-/w2/none/s0"):
+        r = by_key[key]
+        assert r["status"] == "ok", r.get("note")
+        assert r["env"]["torch"] and r["run_config"]["torch"] == r["env"]["torch"]
+        ranks = r["config"]["ranks"]
+        assert ranks == (2 if key.startswith("torch_ddp") else 3)
+        assert r["run_config"]["threads"] == max(1, cores // ranks)  # ranks x threads <= cores
+        assert [h["step"] for h in r["history"]] == [h["step"] for h in sync["history"]]
+        for a, b in zip(sync["history"], r["history"]):
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-3)
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+            assert b["eval_accuracy"] == pytest.approx(a["eval_accuracy"], abs=0.01)
+        m, s = r["metrics"], sync["metrics"]
+        assert m["updates_applied"] == s["updates_applied"] and m["samples"] == s["samples"]
+        assert m["updates_per_s"] == pytest.approx(m["updates_applied"] / m["wall_s"])
+        assert m["samples_per_s"] == pytest.approx(m["samples"] / m["wall_s"])
+        assert m["bytes_pushed"] == pytest.approx(s["bytes_pushed"], rel=0.01)
+        assert m["bytes_pulled"] == pytest.approx(s["bytes_pulled"], rel=0.01)
+    rpc = by_key["torch_rpc_ps/digits/-/-/w2/none/s0"]["metrics"]
+    assert 0 < rpc["worker_wait_share"] < 1 and 0 < rpc["server_busy_share"] <= 1.01
+
+
+@needs_torch
+@needs_mpiexec
+@pytest.mark.timeout(240)
+def test_torch_baselines_match_sync_in_float64(tmp_path):
+    # Exactness beyond the smoke grid's defaults: float64, Nesterov momentum, weight decay,
+    # 3 workers, a fixed step count and a straggler's sleep. psframe Sync, DDP and the RPC
+    # server must then agree to float64 rounding at every evaluation.
+    spec = tmp_path / "torch64.toml"
+    spec.write_text(
+        '[bench]\ntimeout_s = 90\n'
+        '[options]\nsteps = 6\neval_every = 3\nbatch_size = 32\noptimizer = "sgd"\n'
+        'lr = 0.1\nmomentum = 0.9\nnesterov = true\nweight_decay = 1e-4\n'
+        'dtype = "float64"\nlog_every = 0\n'
+        '[workloads.digits]\ndata = "digits"\nmodel = "mlp:64,16,10"\n'
+        '[grid]\nsystems = ["psframe", "torch_ddp", "torch_rpc_ps"]\npolicies = ["sync"]\n'
+        'workers = [3]\nstragglers = ["1:0.005"]\n')
+    path = str(tmp_path / "torch64.jsonl")
+    proc = psframe("bench", "--config", str(spec), "--out", path, timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    by_system = {r["config"]["system"]: r for r in runs(path)}
+    assert sorted(by_system) == ["psframe", "torch_ddp", "torch_rpc_ps"]
+    reference = by_system["psframe"]["history"]
+    assert [h["step"] for h in reference] == [3, 6]
+    for system in ("torch_ddp", "torch_rpc_ps"):
+        r = by_system[system]
+        assert r["status"] == "ok", r.get("note")
+        assert r["config"]["delay"] == {"1": 0.005}
+        assert r["stats"]["steps_per_worker"] == [6, 6, 6]
+        assert [h["step"] for h in r["history"]] == [3, 6]
+        for a, b in zip(reference, r["history"]):
+            for k in ("train_loss", "eval_loss", "eval_accuracy"):
+                assert b[k] == pytest.approx(a[k], rel=1e-9), (system, a["step"], k)
+
+
 # -- resume -------------------------------------------------------------------------------------
+@smoke_timeout
 def test_rerun_skips_every_recorded_cell(smoke):
     path = smoke[0]
     before = open(path).read()
@@ -128,6 +208,7 @@ def test_rerun_skips_every_recorded_cell(smoke):
     assert time.perf_counter() - t0 < 15  # no job started
 
 
+@smoke_timeout
 def test_interrupted_grid_runs_only_the_missing_cell(smoke, tmp_path):
     path = str(tmp_path / "partial.jsonl")
     kept = [line for line in open(smoke[0]) if '"key": "serial/' not in line]
@@ -192,6 +273,7 @@ def test_bad_spec_is_one_error_line_and_status_2(tmp_path):
 
 
 # -- report ---------------------------------------------------------------------------------------
+@smoke_timeout
 def test_report_of_the_smoke_grid(smoke, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"
@@ -199,6 +281,12 @@ def test_report_of_the_smoke_grid(smoke, tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (out / "report.md").read_text()
     assert "| sync |" in text and "| allreduce |" in text and "| serial |" in text
+    # The torch rows are in the table either way: measured with torch, "0/1" seeds without.
+    for name in ("torch_ddp", "torch_rpc_ps"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert ("| 1/1 |" if TORCH else "| 0/1 |") in row, row
+    if TORCH:
+        assert "Sync updates/s / torch_rpc_ps" in text and "Sync samples/s / torch_ddp" in text
     for name in ("accuracy_vs_time.png", "throughput_vs_workers.png", "staleness.png",
                  "bytes_per_sample.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
