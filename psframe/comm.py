@@ -1,5 +1,6 @@
 """Wire protocol: message tags, the fixed int64 header, buffer frames, and a wait that yields."""
 import enum
+import os
 import time
 
 import numpy as np
@@ -92,7 +93,17 @@ def transfer_idle_s(frame_bytes):
     return max(_MIN_IDLE_S, frame_bytes / _SLOW_COPY_BYTES_PER_S)
 
 
-def _backoff(done):
+def _backoff(done, yield_first=True):
+    # Oversubscribed: first hand the core to whichever rank is runnable (sched_yield), testing
+    # each time this rank runs again. That answers within a scheduler slice when a peer is
+    # computing, where a sleep costs its wake-up delay (about 100 us for a 20 us sleep here).
+    # Bounded, so an idle rank still ends up asleep.
+    if _yield_s and yield_first:
+        deadline = time.perf_counter() + _yield_s
+        while time.perf_counter() < deadline:
+            if done():
+                return
+            _sched_yield()
     pause = _MIN_SLEEP_S
     while not done():
         time.sleep(pause)
@@ -100,6 +111,11 @@ def _backoff(done):
 
 
 _idle_spin_s = 100e-6
+_yield_s = 0.0
+# How long recent waits took (moving average): a rank whose waits run long (an idle server
+# whose workers take 50 ms a step) skips the yielding, which would only burn its CPU share.
+_recent_wait_s = 0.0
+_sched_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def configure_waits(oversubscribed):
@@ -109,20 +125,24 @@ def configure_waits(oversubscribed):
     without a sleep's wake-up delay (an idle server still sleeps most of the time); with more
     ranks than cores, spin only 100 us, since every spin takes a core from another rank.
     """
-    global _idle_spin_s
+    global _idle_spin_s, _yield_s
     _idle_spin_s = 100e-6 if oversubscribed else 1e-3
+    _yield_s = float(os.environ.get("PSFRAME_YIELD_S", 2e-3)) if oversubscribed else 0.0
 
 
 def wait(request, spin_s=None):
     """Wait for one request without burning a core; returns its MPI.Status."""
+    global _recent_wait_s
     status = MPI.Status()
-    deadline = time.perf_counter() + (_idle_spin_s if spin_s is None else spin_s)
+    start = time.perf_counter()
+    deadline = start + (_idle_spin_s if spin_s is None else spin_s)
     tests = 0
     while tests < _SPIN_TESTS or time.perf_counter() < deadline:
         if request.Test(status):
             return status
         tests += 1
-    _backoff(lambda: request.Test(status))
+    _backoff(lambda: request.Test(status), yield_first=_recent_wait_s < 4 * _yield_s)
+    _recent_wait_s += 0.25 * (time.perf_counter() - start - _recent_wait_s)
     return status
 
 
@@ -146,9 +166,11 @@ def completed(requests, idle_s=TRANSFER_IDLE_S):
             pending -= len(done)
             last_progress, pause = now, _MIN_SLEEP_S
             yield from done
-        elif now - last_progress > idle_s:
+        elif now - last_progress > idle_s + _yield_s:
             time.sleep(pause)
             pause = min(pause * 2, _MAX_SLEEP_S)
+        elif now - last_progress > idle_s:
+            _sched_yield()  # oversubscribed: let the peer we wait on have the core first
 
 
 class Channel:

@@ -84,7 +84,11 @@ def main(argv):
             history.step(t + 1, (t + 1) * size * b, loss.item(), b)
         wall = time.perf_counter() - history.t0
         history.record(steps, steps * size * b)
+    # Leave together: a rank that tears gloo down while a peer still uses its connection (or
+    # the store rank 0 hosts) kills that peer with std::terminate at exit, after a good run.
+    dist.barrier()
     dist.destroy_process_group()
+    comm.Barrier()
     if rank:
         return
     samples = steps * size * b
