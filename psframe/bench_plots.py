@@ -31,8 +31,11 @@ class _Colors:
     """One colour per line label, the same in every plot of a report."""
 
     def __init__(self, labels, plt):
-        cmap = plt.get_cmap("tab10")
-        self.of = {name: cmap(i % 10) for i, name in enumerate(dict.fromkeys(labels))}
+        names = list(dict.fromkeys(labels))
+        # tab10 while it suffices; past 10 lines (8 policies + 4 peers) tab20, so no two
+        # lines of one plot share a colour.
+        cmap, n = (plt.get_cmap("tab10"), 10) if len(names) <= 10 else (plt.get_cmap("tab20"), 20)
+        self.of = {name: cmap(i % n) for i, name in enumerate(names)}
 
     def __call__(self, name):
         return self.of[name]
@@ -163,7 +166,8 @@ def throughput_vs_workers(plt, groups, colors, out):
         ax.set_ylim(bottom=0)
         ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # Outside the axes: throughput lines cross the whole panel, any corner hides one.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return [_save(plt, fig, out, "throughput_vs_workers.png",
                   "Throughput against workers (median over seeds; bars: lowest to highest seed)")]
 

@@ -48,7 +48,7 @@ OPTIONS = {
     "init": Option(str, None, "starting weights: a .npz file of name -> array"),
     "threads": Option(int, None, "BLAS threads per rank (default: cores shared among ranks)"),
     "backend": Option(str, "auto", "worker array backend: auto, numpy or cupy (env PSFRAME_BACKEND)"),
-    "shard_elems": Option(int, None, "elements per shard and per message frame (default 1048576)"),
+    "shard_elems": Option(int, None, "elements per shard and per message frame (default 262144)"),
     "stages": Option(int, None, "pipeline stages (mode hybrid: stages per pipeline)"),
     "micro_batches": Option(int, 1, "micro-batches per pipeline step (modes model, hybrid)"),
     "dispatch": Option(str, "static", "static blocks per worker, or dynamic batches on request",

@@ -3,11 +3,13 @@ import numpy as np
 
 __all__ = ["ParamLayout", "DEFAULT_SHARD_ELEMS"]
 
-# 1 Mi elements (4 MiB in float32), measured by benchmarks/transport.py on MPICH shared memory:
-# at 16 and 64 MB models, 1 Mi-element frames ran the round trip as fast as one frame per
-# tensor and 1.5x faster than 256 Ki, whose per-frame handshakes add up; the optimizer's
-# time did not depend on the shard size there.
-DEFAULT_SHARD_ELEMS = 1 << 20
+# 256 Ki elements (1 MiB in float32), measured by benchmarks/transport.py on MPICH shared
+# memory. Since the server updates frame by frame and sends each frame as soon as it is
+# updated, several frames let the copy of one overlap the update of the next: at 4 MB the
+# round trip with SGD ran at 0.62-0.74 of raw Send/Recv with 256 Ki frames, 0.46-0.61 with
+# one 1 Mi frame, and at 16 and 64 MB the two were even (0.54-0.60). Before that overlap,
+# 1 Mi had been the faster choice (fewer per-frame handshakes).
+DEFAULT_SHARD_ELEMS = 1 << 18
 
 SUPPORTED_DTYPES = ("float32", "float64")
 
