@@ -165,8 +165,11 @@ def _environment(records):
     loads = [r.get("load_before") for r in records if r.get("load_before") is not None]
     cores = min((r["env"]["cores"]["usable"] for r in records if r.get("env")), default=None)
     if loads:
-        busy = (f"; above {cores}, the node's cores, other work shared the machine and timings "
-                "are noisy") if cores and max(loads) > cores else ""
+        # The 1-minute average still counts the previous cell's ranks (psframe runs workers
+        # + 1), so a high figure alone does not prove that other work shared the machine.
+        busy = (f"; above {cores}, the node's cores: the grid's own ranks (the average still "
+                "counts the previous cell) or other work. If other work ran, timings are noisy"
+                ) if cores and max(loads) > cores else ""
         lines.append(f"- 1-minute load average before each run: median "
                      f"{statistics.median(loads):.2f}, max {max(loads):.2f}{busy}")
     return "\n".join(lines)
