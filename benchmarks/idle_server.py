@@ -8,6 +8,7 @@ from mpi4py import MPI
 
 import psframe as ps
 from psframe.comm import wait
+from psframe.runtime import _abort as abort_all_ranks
 
 
 class SleepyModel(ps.Model):
@@ -128,9 +129,5 @@ def main():
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except Exception:  # one failing rank must not leave the others spinning in MPI
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+    except Exception:  # one failing rank must not leave the others waiting in MPI
+        abort_all_ranks(MPI.COMM_WORLD)

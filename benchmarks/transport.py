@@ -14,6 +14,7 @@ from psframe.data import BatchStream
 from psframe.optim import SGD, Optimizer
 from psframe.params import DEFAULT_SHARD_ELEMS, ParamLayout
 from psframe.policies import Sync
+from psframe.runtime import _abort as abort_all_ranks
 from psframe.server import Group, ParameterServer
 from psframe.worker import Worker
 
@@ -309,9 +310,5 @@ def main():
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except Exception:  # one failing rank must not leave the other spinning in MPI
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+    except Exception:  # one failing rank must not leave the others waiting in MPI
+        abort_all_ranks(MPI.COMM_WORLD)

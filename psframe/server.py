@@ -76,6 +76,7 @@ class ParameterServer:
         self.acc = layout.empty()
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
         self._plans = {}  # shard range -> frame plan (see _frame_plan)
+        self._reply_header = new_header()
         self.held = {}  # worker index -> (lo, hi) of a pull the policy holds
         self.finished = set()
         self.worker_reports = {}
@@ -151,13 +152,18 @@ class ParameterServer:
     def _on_pull(self, w, header):
         group, local = self.group_of[w]
         lo, hi = self._shard_range(w, header, group)
+        pulls = self._register_pull(w, header, group, local, lo, hi, int(header[Field.CLOCK]))
+        self._update_and_send(group, None, pulls)
+
+    def _register_pull(self, w, header, group, local, lo, hi, clock):
+        """Hand worker w's pull for ``clock`` to the policy: [the pull] if it may be answered
+        now, else [] and the pull is held until a later decision releases it."""
         if header[Field.STATUS] == Status.INTERRUPT:  # a worker caught the signal
             self.stopping = True
-        clock = int(header[Field.CLOCK])
         if group.policy.pull(local, clock):
-            self._update_and_send(group, None, [(w, lo, hi, clock)])
-        else:
-            self.held[w] = (lo, hi, clock)
+            return [(w, lo, hi, clock)]
+        self.held[w] = (lo, hi, clock)
+        return []
 
     def _on_push_pull(self, w, header):
         """A push, then the pull of the worker's next step, in one request: the weights can
@@ -198,14 +204,8 @@ class ParameterServer:
             if self.batch_counts is not None:
                 self.batch_counts[int(header[Field.BATCH])] += 1
         decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
-        serve = []
-        if then_pull:
-            if header[Field.STATUS] == Status.INTERRUPT:  # a worker caught the signal
-                self.stopping = True
-            if group.policy.pull(local, clock + 1):
-                serve.append((w, lo, hi, clock + 1))
-            else:
-                self.held[w] = (lo, hi, clock + 1)
+        serve = (self._register_pull(w, header, group, local, lo, hi, clock + 1)
+                 if then_pull else [])
         self._carry_out(decision, group, w, serve)
 
     def _on_done(self, w, header):
@@ -319,32 +319,30 @@ class ParameterServer:
 
     def _reply(self, w, lo, hi, clock):
         """Answer worker w's pull with a header; True when weight frames are to follow."""
-        start, stop = self.layout.shard_range(lo, hi)
-        group, _ = self.group_of[w]
-        reply = new_header()
-        reply[Field.STATUS] = Status.OK
-        reply[Field.VERSION] = group.policy.version
-        rank = self.workers[w]
+        reply = self._reply_header  # send_header returns once MPI is done with it: reusable
+        reply[:] = 0
+        reply[Field.VERSION] = self.group_of[w][0].policy.version
+        status = Status.OK
         if self.stopping and self._stop_now(w, clock):
-            reply[Field.STATUS] = Status.INTERRUPT
-            self.channel.send_header(reply, rank, Tag.REPLY)
-            return False
-        if self.dispatcher is not None:
+            status = Status.INTERRUPT
+        elif self.dispatcher is not None:
             batch = self.dispatcher.next()
             if batch is None:  # every batch is handed out: this worker is done
-                reply[Field.STATUS] = Status.STOP
-                self.channel.send_header(reply, rank, Tag.REPLY)
-                return False
-            reply[Field.BATCH] = batch
-        reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
-        reply[Field.COUNT] = stop - start
-        self.answered_clock[w] = clock
-        self.channel.send_header(reply, rank, Tag.REPLY)
-        nbytes = (stop - start) * self.layout.dtype.itemsize
-        self.stats.pulls_answered += 1
-        self.stats.bytes_pulled += nbytes
-        self.bytes_pulled_by[w] += nbytes
-        return True
+                status = Status.STOP
+            else:
+                reply[Field.BATCH] = batch
+        reply[Field.STATUS] = status
+        if status == Status.OK:
+            start, stop = self.layout.shard_range(lo, hi)
+            reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
+            reply[Field.COUNT] = stop - start
+            self.answered_clock[w] = clock
+            nbytes = (stop - start) * self.layout.dtype.itemsize
+            self.stats.pulls_answered += 1
+            self.stats.bytes_pulled += nbytes
+            self.bytes_pulled_by[w] += nbytes
+        self.channel.send_header(reply, self.workers[w], Tag.REPLY)
+        return status == Status.OK
 
     @staticmethod
     def _frame_finite(grad):

@@ -181,12 +181,8 @@ class Worker:
         request; False when the server says the run is over for this worker."""
         hi = self.layout.n_shards if hi is None else hi
         reply, frames = self._post_pull(lo, hi)  # the compute is done: safe to post now
-        start, stop = self.layout.shard_range(lo, hi)
         with self.pushing:
-            self._send_header(Op.PUSH_PULL, clock, lo, hi, count=stop - start, loss=loss,
-                              samples=samples, status=self._pull_status())
-            self.channel.wait_frames(
-                self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
+            self._send_gradient(Op.PUSH_PULL, clock, loss, samples, lo, hi, self._pull_status())
         with self.waiting:
             return self._receive_weights(reply, frames, lo, hi)
 
@@ -228,8 +224,13 @@ class Worker:
         hi = self.layout.n_shards if hi is None else hi
         if self._device:
             self.backend.synchronize()  # the gradient's copies must be done before MPI reads
+        self._send_gradient(Op.PUSH, clock, loss, samples, lo, hi)
+
+    def _send_gradient(self, op, clock, loss, samples, lo, hi, status=Status.OK):
+        """The request header, then the gradient's frames; returns once MPI has them all."""
         start, stop = self.layout.shard_range(lo, hi)
-        self._send_header(Op.PUSH, clock, lo, hi, count=stop - start, loss=loss, samples=samples)
+        self._send_header(op, clock, lo, hi, count=stop - start, loss=loss, samples=samples,
+                          status=status)
         self.channel.wait_frames(self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
 
     def request_stop(self):
