@@ -286,7 +286,7 @@ def _train(job, rank):
         steps=o["steps"], shuffle=o["shuffle"], seed=o["seed"], dtype=o["dtype"],
         init=job["init"], eval_every=o["eval_every"], threads=o["threads"],
         backend=o["backend"], shard_elems=o["shard_elems"], dispatch=o["dispatch"],
-        delay=o["delay"], on_bad_gradient=o["on_bad_gradient"],
+        delay=o["delay"], on_bad_gradient=o["on_bad_gradient"], transport=o["transport"],
         checkpoint_dir=o["checkpoint_dir"], checkpoint_every=o["checkpoint_every"],
         checkpoint_keep=o["checkpoint_keep"], resume=o["resume"],
         callbacks=_callbacks(o, len(job["train"])) if rank == 0 else None, **pipeline,

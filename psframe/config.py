@@ -59,6 +59,8 @@ OPTIONS = {
     "checkpoint_keep": Option(int, 3, "how many of the newest checkpoints to keep"),
     "resume": Option(str, None, "continue from the newest checkpoint in DIR, or a ckpt-*.json"),
     "on_bad_gradient": Option(str, "raise", "what a non-finite gradient does", ("raise", "skip")),
+    "transport": Option(str, "auto", "auto: shared memory with workers on the server's node; "
+                        "mpi: every payload as a message", ("auto", "mpi")),
     "quiet": Option(bool, False, "print only the summary"),
     "progress": Option(str, "auto", "bar, lines, or auto: a bar on a terminal, else lines",
                        ("auto", "bar", "lines")),

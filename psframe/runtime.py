@@ -25,6 +25,9 @@ from .policies import Sync, policy_from_spec
 __all__ = ["train", "ConfigError"]
 
 MODES = ("data", "model", "hybrid")
+# "auto": workers on the server's node exchange gradients and weights through a shared-memory
+# window (psframe.shm), with only the int64 headers sent as messages; "mpi": all by message.
+TRANSPORTS = ("auto", "mpi")
 DISPATCH = ("static", "dynamic")
 BAD_GRADIENT_ACTIONS = ("raise", "skip")
 
@@ -34,7 +37,7 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
           init=None, eval_every=None, threads=None, backend="auto", shard_elems=None,
           dispatch="static", delay=None, micro_batches=1, stages=None,
           checkpoint_dir=None, checkpoint_every=None, checkpoint_keep=3, resume=None,
-          on_bad_gradient="raise", verbose=False, callbacks=None, comm=None):
+          on_bad_gradient="raise", transport="auto", verbose=False, callbacks=None, comm=None):
     """Train ``model`` on ``data`` with a parameter server; call it on every rank.
 
     Rank 0 of ``comm`` (default COMM_WORLD) serves the weights and returns a TrainResult;
@@ -68,7 +71,12 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
         else:
             role = _build_worker(comm, run)
         with threadpool_limits(limits=n_threads), _stop_on_signals(role.request_stop):
-            result = role.run()
+            try:
+                result = role.run()
+            except TrainingInterrupted:
+                role.release()  # a clean stop on every rank: free the window together
+                raise
+        role.release()
         if comm.Get_rank() == 0:
             role.callbacks.on_end(result)
             return result
@@ -118,7 +126,7 @@ def _check_int(name, value, minimum=1, allow_none=False):
 def _validate(world, model, data, *, eval_data, mode, policy, optimizer, batch_size, epochs,
               steps, shuffle, seed, dtype, init, eval_every, threads, backend, shard_elems,
               dispatch, delay, micro_batches, stages, checkpoint_dir, checkpoint_every,
-              checkpoint_keep, resume, on_bad_gradient):
+              checkpoint_keep, resume, on_bad_gradient, transport):
     """Everything that can be wrong with the call, checked identically on each rank."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -146,6 +154,8 @@ def _validate(world, model, data, *, eval_data, mode, policy, optimizer, batch_s
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     if on_bad_gradient not in BAD_GRADIENT_ACTIONS:
         raise ValueError(f"on_bad_gradient must be one of {BAD_GRADIENT_ACTIONS}, got {on_bad_gradient!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     backend = select_backend(backend)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a ps.Model (or ps.Sequential), got {type(model).__name__}")
@@ -218,6 +228,10 @@ def _validate(world, model, data, *, eval_data, mode, policy, optimizer, batch_s
         "dispatcher": dispatcher, "delay": delay,
         "expected_updates": None if per_round is None else int(round(rounds * per_round)),
         "threads": threads, "backend": backend, "on_bad_gradient": on_bad_gradient,
+        "transport": transport,
+        # Workers may read the server's weights in place only if no update can run while one
+        # computes: lockstep Sync, where every worker has pushed before the step is applied.
+        "read_master": type(policy) is Sync and not policy.backup,
         "n_workers": n_workers, "parallel": parallel, "resume": resumed,
         "checkpointer": None if checkpoint_dir is None else Checkpointer(
             checkpoint_dir, checkpoint_every, checkpoint_keep, meta),
@@ -394,6 +408,7 @@ def _build_server(comm, run, verbose, callbacks, n_threads):
         epoch_samples=run["epoch_samples"], dispatcher=run["dispatcher"],
         on_bad_gradient=run["on_bad_gradient"], callbacks=hooks,
         checkpointer=run["checkpointer"], resume=run["resume"], stop_units=stop_units,
+        transport=run["transport"],
         run_info={"config": dict(_describe(run), threads=n_threads)},
     )
     return server
@@ -445,14 +460,15 @@ def _build_worker(comm, run):
     X = np.ascontiguousarray(run["train"].X[rows], dtype=run["dtype"])
     y = np.ascontiguousarray(_labels(run["model"], run["train"].y[rows], run["dtype"]))
     common = (comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, steps)
-    delay = run["delay"].get(index, 0.0)
+    options = dict(delay=run["delay"].get(index, 0.0), start_step=start_step,
+                   transport=run["transport"], read_master=run["read_master"])
     if par["stage_layers"] is None:
-        return Worker(*common, delay=delay, start_step=start_step)
+        return Worker(*common, **options)
     rank = comm.Get_rank()
     return StageWorker(*common, layer_ids=par["stage_layers"][stage], stage=stage,
                        n_stages=par["n_stages"], prev_rank=rank - 1 if stage else None,
                        next_rank=rank + 1 if stage < par["n_stages"] - 1 else None,
-                       micro_batches=par["micro_batches"], delay=delay, start_step=start_step)
+                       micro_batches=par["micro_batches"], **options)
 
 
 def _labels(model, y, dtype):

@@ -11,6 +11,7 @@ from .callbacks import CallbackList
 from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header
 from .errors import GradientError, ProtocolError, TrainingInterrupted
 from .metrics import ServerStats, Stopwatch, TrainResult
+from .shm import SharedWindow, no_window
 
 __all__ = ["ParameterServer", "Group", "GradientError"]
 
@@ -40,16 +41,16 @@ class ParameterServer:
     def __init__(self, comm, layout, weights, *, model, optimizer, groups, worker_ranks,
                  eval_data=None, eval_every=None, total_steps=None, epoch_samples=1,
                  dispatcher=None, on_bad_gradient="raise", callbacks=None, run_info=None,
-                 checkpointer=None, resume=None, stop_units=None):
+                 checkpointer=None, resume=None, stop_units=None, transport="mpi"):
         self.comm = comm
         self.layout = layout
         self.channel = Channel(comm, layout)
-        self.w = weights
+        self.workers = list(worker_ranks)  # worker index i is rank self.workers[i]
+        self._open_window(weights, transport)
         self.model = model
         self.optimizer = optimizer
         self.opt_state = optimizer.init_state(layout.size, layout.dtype)
         self.groups = list(groups)
-        self.workers = list(worker_ranks)  # worker index i is rank self.workers[i]
         self.index_of = {rank: i for i, rank in enumerate(self.workers)}
         self.group_of = {}
         for g in self.groups:
@@ -71,12 +72,15 @@ class ParameterServer:
 
         n = len(self.workers)
         # One landing slot per worker: pushes never wait on each other's buffers, and a step's
-        # mean is summed in worker order, so Sync results are bitwise reproducible.
-        self.slots = np.empty((n, layout.size), dtype=layout.dtype)
+        # mean is summed in worker order, so Sync results are bitwise reproducible. A worker on
+        # this node pushes into its own shared segment instead, read where it lies.
+        self.slots = [None if self.shared_grad[w] is not None else layout.empty()
+                      for w in range(n)]
+        self.set_aside = [False] * n  # a shared gradient copied to its slot (see _reply)
         self.acc = layout.empty()
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
         self._plans = {}  # shard range -> frame plan (see _frame_plan)
-        self._reply_header = new_header()
+        self._reply_headers = [new_header() for _ in range(n)]
         self.held = {}  # worker index -> (lo, hi) of a pull the policy holds
         self.finished = set()
         self.worker_reports = {}
@@ -111,6 +115,37 @@ class ParameterServer:
     def version(self):
         """Updates every group has applied: the run's step count for history and eval."""
         return min(g.policy.version for g in self.groups)
+
+    def _open_window(self, weights, transport):
+        """The weights, and for each worker on this node its shared gradient (and weights).
+
+        A worker's segment says how it takes part (see Worker._open_window): ``size``
+        elements, its gradient only, and it reads the weights straight from the server's
+        segment (lockstep Sync: no update runs while any worker computes); ``2 * size``, its
+        gradient then its own copy of the weights, which the server writes frame by frame.
+        """
+        size = self.layout.size
+        shared = (SharedWindow(self.comm, self.comm.Get_rank(), size, self.layout.dtype)
+                  if transport != "mpi" else no_window())
+        self.window = shared
+        mine = shared.segment(self.comm.Get_rank())
+        if mine is not None:
+            mine[:] = weights  # the weights live in the window, where workers can read them
+            weights = mine
+        self.w = weights
+        self.shared_grad, self.shared_weights, self.reads_master = [], [], []
+        for rank in self.workers:
+            seg = shared.segment(rank)
+            if seg is not None and len(seg) not in (size, 2 * size):
+                raise ProtocolError(f"rank {rank} shares {len(seg)} elements; expected "
+                                    f"{size} or {2 * size}")
+            self.shared_grad.append(None if seg is None else seg[:size])
+            self.shared_weights.append(None if seg is None or len(seg) == size else seg[size:])
+            self.reads_master.append(seg is not None and len(seg) == size)
+
+    def release(self):
+        """Free the shared window (collective with the workers on this node)."""
+        self.window.close()
 
     # -- main loop --------------------------------------------------------------------------
     def run(self):
@@ -181,12 +216,19 @@ class ParameterServer:
                 f"worker {w} pushed {count} elements for step {clock}, but shards [{lo}, {hi}) "
                 f"hold {stop - start}; the model's gradients do not match its parameters"
             )
-        slot = self.slots[w]
-        requests = self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH)
-        # Check each frame as it lands, while the next ones are still arriving.
         finite = True
-        for a, b in self.channel.each_frame(requests, self.layout.frames(lo, hi)):
-            finite = self._frame_finite(slot[a:b]) and finite
+        if self.shared_grad[w] is not None:  # already in its segment: check it where it lies
+            self.window.fence()
+            self.set_aside[w] = False
+            slot = self.shared_grad[w]
+            for a, b in self.layout.frames(lo, hi):
+                finite = self._frame_finite(slot[a:b]) and finite
+        else:
+            slot = self.slots[w]
+            requests = self.channel.irecv_frames(slot, lo, hi, self.workers[w], Tag.PUSH)
+            # Check each frame as it lands, while the next ones are still arriving.
+            for a, b in self.channel.each_frame(requests, self.layout.frames(lo, hi)):
+                finite = self._frame_finite(slot[a:b]) and finite
         nbytes = count * self.layout.dtype.itemsize
         self.stats.pushes_received += 1
         self.stats.bytes_pushed += nbytes
@@ -230,22 +272,53 @@ class ParameterServer:
     def _update_and_send(self, group, update, pulls):
         """Run ``update`` over the group's shards frame by frame, sending each frame of new
         weights to every answered pull as soon as it is updated: the copy of one frame to the
-        workers overlaps the update of the next. Reply headers go first."""
-        pulls = [p for p in pulls if self._reply(*p)]
-        if update is None and not pulls:
-            return
+        workers overlaps the update of the next. Reply headers go first over messages; a
+        worker on this node gets its frames copied into its segment while they are still in
+        cache (or reads the server's own), and its header once they are all there."""
+        answered = [p for p in pulls if self._answer(*p)]
+        by_message = [self.workers[p[0]] for p in answered if self.shared_grad[p[0]] is None]
+        copies = [self.shared_weights[p[0]] for p in answered
+                  if self.shared_weights[p[0]] is not None]
+        for p in pulls:
+            if self.shared_grad[p[0]] is None:
+                self._send_reply(p[0])
         requests = []
-        for a, b, k_lo, k_hi in self._frame_plan(group):
+        plan = self._frame_plan(group) if update is not None or answered else ()
+        for a, b, k_lo, k_hi in plan:
             if update is not None:
                 # A group's shards always step together, so a frame's shards share one count:
                 # one optimizer call per frame, not one per (often tiny) shard.
                 self.shard_updates[k_lo:k_hi] += 1
                 update(int(self.shard_updates[k_lo]), a, b)
-            for p in pulls:
-                requests.append(self.channel.isend(self.w, a, b, self.workers[p[0]], Tag.WEIGHTS))
+            for dest in copies:
+                np.copyto(dest[a:b], self.w[a:b])
+            for rank in by_message:
+                requests.append(self.channel.isend(self.w, a, b, rank, Tag.WEIGHTS))
             if requests:
                 MPI.Request.Testall(requests)  # moves the frames already posted along
+        shared = [p for p in pulls if self.shared_grad[p[0]] is not None]
+        if shared:
+            self.window.fence()
+            for w, lo, hi, _ in shared:
+                self._keep_pending_gradient(w, lo, hi)
+                self._send_reply(w)
         self.channel.wait_frames(requests)
+
+    def _keep_pending_gradient(self, w, lo, hi):
+        """A worker answered while its group still holds its shared gradient for a later
+        update (no current policy does this) would overwrite it: copy it to a private slot."""
+        if w in self.group_of[w][0].pending and not self.set_aside[w]:
+            if self.slots[w] is None:
+                self.slots[w] = self.layout.empty()
+            start, stop = self.layout.shard_range(lo, hi)
+            self.slots[w][start:stop] = self.shared_grad[w][start:stop]
+            self.set_aside[w] = True
+
+    def _gradient(self, w):
+        """Where worker w's latest gradient is: its landing slot or its shared segment."""
+        if self.shared_grad[w] is None or self.set_aside[w]:
+            return self.slots[w]
+        return self.shared_grad[w]
 
     def _drop(self, decision, group, w):
         self.stats.updates_dropped += 1
@@ -271,7 +344,7 @@ class ParameterServer:
 
     def _apply_one(self, decision, group, w):
         """Apply one worker's gradient on arrival (Async, SSP), shard by shard."""
-        slot, lr_scale = self.slots[w], decision.lr_scale
+        slot, lr_scale = self._gradient(w), decision.lr_scale
 
         def update(step, a, b):
             self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b, step, lr_scale)
@@ -280,14 +353,15 @@ class ParameterServer:
     def _apply_mean(self, order, scale, step, a, b):
         """Elements [a, b): sum the pending slots in worker order, scale, step the optimizer."""
         acc = self.acc[a:b]
+        grads = [self._gradient(w) for w in order]
         if len(order) == 1 and scale == 1.0:
-            acc = self.slots[order[0], a:b]  # one gradient, unscaled: no copy needed
+            acc = grads[0][a:b]  # one gradient, unscaled: no copy needed
         elif len(order) == 1:
-            np.multiply(self.slots[order[0], a:b], scale, out=acc)
+            np.multiply(grads[0][a:b], scale, out=acc)
         else:
-            np.add(self.slots[order[0], a:b], self.slots[order[1], a:b], out=acc)
-            for w in order[2:]:
-                acc += self.slots[w, a:b]
+            np.add(grads[0][a:b], grads[1][a:b], out=acc)
+            for g in grads[2:]:
+                acc += g[a:b]
             acc *= scale
         self.optimizer.apply(self.opt_state, self.w, acc, a, b, step)
 
@@ -317,9 +391,9 @@ class ParameterServer:
             self.stop_at[unit] = max(self.answered_clock[v] for v in members) + 1
         return clock >= self.stop_at[unit]
 
-    def _reply(self, w, lo, hi, clock):
-        """Answer worker w's pull with a header; True when weight frames are to follow."""
-        reply = self._reply_header  # send_header returns once MPI is done with it: reusable
+    def _answer(self, w, lo, hi, clock):
+        """Fill worker w's reply header for its pull; True when weights are to follow."""
+        reply = self._reply_headers[w]  # sent before w can ask again: reusable
         reply[:] = 0
         reply[Field.VERSION] = self.group_of[w][0].policy.version
         status = Status.OK
@@ -341,8 +415,10 @@ class ParameterServer:
             self.stats.pulls_answered += 1
             self.stats.bytes_pulled += nbytes
             self.bytes_pulled_by[w] += nbytes
-        self.channel.send_header(reply, self.workers[w], Tag.REPLY)
         return status == Status.OK
+
+    def _send_reply(self, w):
+        self.channel.send_header(self._reply_headers[w], self.workers[w], Tag.REPLY)
 
     @staticmethod
     def _frame_finite(grad):
@@ -402,6 +478,11 @@ class ParameterServer:
         self._seen_version = self._last_logged = self.version
         self._last_epoch = int(self.stats.samples // self.epoch_samples)
 
+    def _transport_of(self, w):
+        if self.shared_grad[w] is None:
+            return "mpi"
+        return "shared-read" if self.reads_master[w] else "shared-copy"
+
     # -- history and result -----------------------------------------------------------------
     def _record(self):
         version = self.version
@@ -452,6 +533,7 @@ class ParameterServer:
             n_shards=self.layout.n_shards,
             n_params=self.layout.size,
             policy_switches=list(getattr(self.groups[0].policy, "switches", [])),
+            worker_transport=[self._transport_of(w) for w in range(len(self.workers))],
         )
         if self.batch_counts is not None:
             stats["batch_counts"] = self.batch_counts.tolist()

@@ -5,6 +5,7 @@ import numpy as np
 
 from .comm import Channel, Field, Op, Status, Tag, new_header, set_loss, wait
 from .metrics import Stopwatch
+from .shm import SharedWindow, no_window
 
 __all__ = ["Worker", "node_local_index"]
 
@@ -40,9 +41,14 @@ class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
     def __init__(self, comm, server_rank, index, layout, model, backend, X, y, stream, steps,
-                 delay=0.0, start_step=0):
+                 delay=0.0, start_step=0, transport="mpi", read_master=False):
         """``stream`` maps a step to rows (static data), or a BatchDispatcher maps the batch
-        each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None)."""
+        each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None).
+
+        ``transport="auto"``: on the server's node, gradients and weights go through a shared
+        window (psframe.shm), only headers as messages; ``read_master``: read the weights
+        straight from the server's segment, which is safe only when no update can run while
+        a worker computes (lockstep Sync)."""
         self.comm = comm
         self.server = server_rank
         self.index = index
@@ -59,12 +65,8 @@ class Worker:
         self.start_step = int(start_step)  # > 0 when resuming from a checkpoint
         self.interrupted = False
         self._stop_requested = False
-        # weights/grad are what MPI reads and writes; the model computes on _weights_dev. They
-        # are one array on NumPy (and on CUDA-aware MPI), pinned host + device otherwise.
-        self.weights, self._weights_dev = self.backend.buffers(layout.size, layout.dtype)
-        self._staged = self.weights is not self._weights_dev
+        self._open_window(transport, read_master)
         self.params = layout.views(self._weights_dev)
-        self.grad, _ = self.backend.buffers(layout.size, layout.dtype)
         self.grad_views = layout.views(self.grad)
         self._data = _NOT_YET  # (X, y) on the device once the first batch asks for them
         self.version = 0
@@ -73,6 +75,38 @@ class Worker:
         self._reply = new_header()
         self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
+
+    def _open_window(self, transport, read_master):
+        """The gradient and weight buffers: shared segments where the server can reach them,
+        else what MPI reads and writes. The model computes on _weights_dev: the same array on
+        NumPy (and on CUDA-aware MPI), a device copy of a pinned host buffer otherwise."""
+        size, dtype = self.layout.size, self.layout.dtype
+        wanted = 0
+        if transport != "mpi" and not self._device:
+            wanted = size if read_master else 2 * size
+        segment = None
+        if transport == "mpi":
+            self.window = no_window()
+        else:
+            self.window = SharedWindow(self.comm, self.server, wanted, dtype)
+            segment = self.window.segment(self.comm.Get_rank())
+        self.shared = segment is not None
+        if self.shared:
+            self.grad = segment[:size]
+            if read_master:
+                weights = self.window.segment(self.server).view()
+                weights.flags.writeable = False  # the server's weights: never the worker's to write
+            else:
+                weights = segment[size:]
+            self.weights = self._weights_dev = weights
+        else:
+            self.weights, self._weights_dev = self.backend.buffers(size, dtype)
+            self.grad, _ = self.backend.buffers(size, dtype)
+        self._staged = self.weights is not self._weights_dev
+
+    def release(self):
+        """Free the shared window (collective with the server and this node's workers)."""
+        self.window.close()
 
     def run(self):
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -195,10 +229,14 @@ class Worker:
         if self._device:
             self.backend.synchronize()  # no kernel may still read a buffer MPI will write
         reply = self.comm.Irecv(self._reply, source=self.server, tag=Tag.REPLY)
+        if self.shared:  # the server writes them in place, then answers
+            return reply, []
         return reply, self.channel.irecv_frames(self.weights, lo, hi, self.server, Tag.WEIGHTS)
 
     def _receive_weights(self, reply, frames, lo, hi):
         wait(reply)
+        if self.shared:
+            self.window.fence()  # the server's writes before the reply, seen before our reads
         if self._reply[Field.STATUS] != Status.OK:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
             for r in frames:
@@ -229,9 +267,13 @@ class Worker:
     def _send_gradient(self, op, clock, loss, samples, lo, hi, status=Status.OK):
         """The request header, then the gradient's frames; returns once MPI has them all."""
         start, stop = self.layout.shard_range(lo, hi)
+        if self.shared:  # the gradient is already in our segment: the header says so
+            self.window.fence()
         self._send_header(op, clock, lo, hi, count=stop - start, loss=loss, samples=samples,
                           status=status)
-        self.channel.wait_frames(self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
+        if not self.shared:
+            self.channel.wait_frames(
+                self.channel.isend_frames(self.grad, lo, hi, self.server, Tag.PUSH))
 
     def request_stop(self):
         """Ask the server to stop the run (signal-safe: the next pull carries the request)."""

@@ -106,7 +106,7 @@ TRAIN_KEYWORDS = {
     "stages": "stages", "micro_batches": "micro_batches",
     "checkpoint_dir": "checkpoint_dir", "checkpoint_every": "checkpoint_every",
     "checkpoint_keep": "checkpoint_keep", "resume": "resume",
-    "on_bad_gradient": "on_bad_gradient", "verbose": "quiet",
+    "on_bad_gradient": "on_bad_gradient", "transport": "transport", "verbose": "quiet",
 }
 NOT_CONFIGURABLE = {"callbacks", "comm"}  # Python objects, not settings
 
