@@ -15,6 +15,7 @@ from psframe.optim import SGD, Optimizer
 from psframe.params import DEFAULT_SHARD_ELEMS, ParamLayout
 from psframe.policies import Sync
 from psframe.runtime import _abort as abort_all_ranks
+from psframe.runtime import _node_share as node_share
 from psframe.server import Group, ParameterServer
 from psframe.worker import Worker
 
@@ -78,9 +79,16 @@ def raw_round_trips(comm, bufs, warmup, reps):
     return times
 
 
-def psframe_round_trips(comm, layout, optimizer, warmup, reps):
+# How the payload travels: messages (what workers on other nodes use), or the shared window
+# of workers on the server's node, reading the server's weights (plain Sync, ps.train's
+# choice) or getting a copy written by the server (every other policy).
+PATHS = {"messages": ("mpi", False), "shared": ("auto", True), "shared-copy": ("auto", False)}
+
+
+def psframe_round_trips(comm, layout, optimizer, warmup, reps, path="messages"):
     """Rank 0 runs a real ParameterServer (Sync, 1 worker); rank 1 times Worker.push_pull:
     a step's push and the next step's pull, as Worker.run does between two computes."""
+    transport, read_master = PATHS[path]
     timed = warmup + reps
     steps = timed + 1  # the last step's push is a push alone
     model = FlatModel(layout.size)
@@ -91,12 +99,17 @@ def psframe_round_trips(comm, layout, optimizer, warmup, reps):
         group = Group(Sync().state(1), [0], (0, layout.n_shards))
         server = ParameterServer(comm, layout, weights, model=model, optimizer=optimizer,
                                  groups=[group], worker_ranks=[1], total_steps=steps,
-                                 epoch_samples=1 << 62)  # no history row per step
+                                 epoch_samples=1 << 62,  # no history row per step
+                                 transport=transport)
         server.run()
+        server.release()
         return []
     X, y = np.zeros((2, 1), np.float32), np.zeros(2, np.int64)
     stream = BatchStream(np.arange(2), 1, False, 0, 0)
-    worker = Worker(comm, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps)
+    worker = Worker(comm, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps,
+                    transport=transport, read_master=read_master)
+    if worker.shared != (path != "messages"):
+        raise RuntimeError(f"path {path!r} asked for, but the worker's shared={worker.shared}")
     worker.grad[:] = 1e-3  # a finite gradient, or the server rejects the push
     times = []
     worker.pull(0)
@@ -107,6 +120,7 @@ def psframe_round_trips(comm, layout, optimizer, warmup, reps):
             times.append(time.perf_counter() - t)
     worker.push(timed, 0.0, 1)
     worker._finish(time.perf_counter(), time.process_time(), steps)  # DONE, as Worker.run ends
+    worker.release()
     return times
 
 
@@ -146,18 +160,23 @@ def server_compute_ms(layout, reps):
 
 
 def measure(comm, mb, shard_elems_list, args):
-    """Interleave raw and psframe runs over args.rounds rounds; median of pooled samples."""
+    """Interleave raw and psframe runs over args.rounds rounds; median of pooled samples.
+    Keys: "raw", (optimizer, shard_elems) over messages, and (path, shard_elems) with SGD
+    for the shared paths (default shard size only)."""
     layouts = {s: make_layout(mb, s) for s in shard_elems_list}
     bufs = [np.full(mb * MiB // 4, 0.5, np.float32) for _ in range(2)]
     samples = {}
     for _ in range(args.rounds):
         for s, layout in layouts.items():
-            for name, optimizer in (("sgd", SGD(lr=1e-6)), ("noapply", NoApply())):
+            variants = [("sgd", SGD(lr=1e-6), "messages"), ("noapply", NoApply(), "messages")]
+            if s == DEFAULT_SHARD_ELEMS:
+                variants += [(p, SGD(lr=1e-6), p) for p in ("shared", "shared-copy")]
+            for name, optimizer, path in variants:
                 # A raw run before every psframe run: the machine's load drifts over seconds.
                 samples.setdefault("raw", []).extend(
                     raw_round_trips(comm, bufs, args.warmup, args.reps))
                 samples.setdefault((name, s), []).extend(
-                    psframe_round_trips(comm, layout, optimizer, args.warmup, args.reps))
+                    psframe_round_trips(comm, layout, optimizer, args.warmup, args.reps, path))
     samples = comm.bcast(samples, root=1)  # rank 1 holds the timings; a small pickle
     return {k: float(np.median(v)) for k, v in samples.items()}
 
@@ -236,6 +255,8 @@ def main():
         if comm.Get_rank() == 0:
             print("run with: mpiexec -n 2 python benchmarks/transport.py", file=sys.stderr)
         return 2
+    local_ranks, cores = node_share(comm)
+    psframe.comm.configure_waits(oversubscribed=local_ranks > cores)  # as ps.train does
     if args.spin:
         psframe.comm._SPIN_TESTS = 1 << 62
     root = comm.Get_rank() == 0
@@ -277,9 +298,27 @@ def main():
             out(f"{mb:>4}MB | {raw * 1e3:7.2f} {gbps(mb, raw):6.2f} | {full * 1e3:10.2f} "
                 f"{gbps(mb, full):6.2f} {raw / full:6.2f} | {noapp * 1e3:11.2f} "
                 f"{gbps(mb, noapp):6.2f} {raw / noapp:6.2f} | {chk:8.2f} {mean:7.2f} {sgd:7.2f}")
-        out("ratio = psframe GB/s / raw GB/s (target >= 0.8 from 4 MB). no-apply: same server "
-            "loop with a stub optimizer. check/mean/SGD: rank 0's per-push compute, timed alone "
-            "(finite check g.g, 1/n mean copy, SGD apply).")
+        out("ratio = psframe GB/s / raw GB/s (target >= 0.8 from 4 MB). psframe: payload as "
+            "messages (workers on other nodes). no-apply: same, with a stub optimizer. "
+            "check/mean/SGD: rank 0's per-push compute, timed alone (finite check g.g, 1/n mean "
+            "copy, SGD apply).")
+
+        out("")
+        out("(d) workers on the server's node: payload through the shared window, only "
+            "headers as messages (with SGD)")
+        head = (f"{'size':>6} | {'raw ms':>7} | {'messages':>8} {'ratio':>6} | "
+                f"{'shared ms':>9} {'ratio':>6} | {'copy ms':>7} {'ratio':>6}")
+        out(head)
+        out("-" * len(head))
+        for mb in args.sizes:
+            r = results[mb]
+            raw, msg = r["raw"], r[("sgd", DEFAULT_SHARD_ELEMS)]
+            shared, copy = r[("shared", DEFAULT_SHARD_ELEMS)], r[("shared-copy", DEFAULT_SHARD_ELEMS)]
+            out(f"{mb:>4}MB | {raw * 1e3:7.2f} | {msg * 1e3:8.2f} {raw / msg:6.2f} | "
+                f"{shared * 1e3:9.2f} {raw / shared:6.2f} | {copy * 1e3:7.2f} {raw / copy:6.2f}")
+        out("shared: the worker reads the server's weights in place (plain Sync, what ps.train "
+            "does); copy: the server writes each frame into the worker's own segment (every "
+            "other policy). Both skip MPI's copies, so a ratio can pass 1.")
 
         # -- shard-size sweep ---------------------------------------------------------------
         if args.sweep_sizes:

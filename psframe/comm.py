@@ -7,7 +7,7 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["Tag", "Op", "Field", "Status", "HEADER_LEN", "Channel", "new_header", "wait",
-           "wait_all", "completed", "transfer_idle_s"]
+           "wait_for_work", "wait_all", "completed", "transfer_idle_s"]
 
 
 class Tag(enum.IntEnum):
@@ -112,6 +112,7 @@ def _backoff(done, yield_first=True):
 
 _idle_spin_s = 100e-6
 _yield_s = 0.0
+_oversubscribed = True  # until configure_waits says otherwise: never spin long by default
 # How long recent waits took (moving average): a rank whose waits run long (an idle server
 # whose workers take 50 ms a step) skips the yielding, which would only burn its CPU share.
 _recent_wait_s = 0.0
@@ -125,7 +126,8 @@ def configure_waits(oversubscribed):
     without a sleep's wake-up delay (an idle server still sleeps most of the time); with more
     ranks than cores, spin only 100 us, since every spin takes a core from another rank.
     """
-    global _idle_spin_s, _yield_s
+    global _idle_spin_s, _yield_s, _oversubscribed
+    _oversubscribed = bool(oversubscribed)
     _idle_spin_s = 100e-6 if oversubscribed else 1e-3
     _yield_s = float(os.environ.get("PSFRAME_YIELD_S", 2e-3)) if oversubscribed else 0.0
 
@@ -146,6 +148,14 @@ def wait(request, spin_s=None):
     # pull the average down and make an idle server yield, costing it its CPU share.
     _recent_wait_s += 0.25 * (time.perf_counter() - start - _recent_wait_s)
     return status
+
+
+def wait_for_work(request, expected_s):
+    """Wait for a reply that comes once a peer has done about ``expected_s`` of work (a
+    server's update, which a shared-memory pull waits on with no transfer in flight): with a
+    core per rank, test for that long, since a sleep's late wake-up would add to every step;
+    oversubscribed, wait as wait() does, leaving the core to the peer doing the work."""
+    return wait(request, spin_s=None if _oversubscribed else max(_idle_spin_s, expected_s))
 
 
 def wait_all(requests, idle_s=TRANSFER_IDLE_S):

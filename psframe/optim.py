@@ -8,6 +8,21 @@ from .backend import xp
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 
+# Scratch arrays hold one chunk, not the whole buffer: reused chunk after chunk they stay in
+# cache, so a step reads the gradient and weights and writes the weights, and the scratch
+# costs no memory traffic (64 MB of SGD went from 6.4 to 5.1 ms here).
+SCRATCH_ELEMS = 1 << 18
+
+
+def _chunks(lo, hi):
+    """[lo, hi) in pieces of at most SCRATCH_ELEMS: (start, stop) of each."""
+    for a in range(lo, hi, SCRATCH_ELEMS):
+        yield a, min(a + SCRATCH_ELEMS, hi)
+
+
+def _scratch(size, dtype):
+    return np.zeros(min(size, SCRATCH_ELEMS), dtype)
+
 
 def _finite_number(value, what):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -59,11 +74,11 @@ class Optimizer:
         return f"{type(self).__name__}(lr={self.lr!r})"
 
     @staticmethod
-    def _decayed_grad(state, wv, g, lo, hi, wd):
+    def _decayed_grad(state, wv, g, wd):
         """g + wd*w in the preallocated scratch, or g itself when there is no decay."""
         if not wd:
             return g
-        gp = state["_grad"][lo:hi]
+        gp = state["_grad"][: len(g)]
         xp(wv).multiply(wv, wd, out=gp)
         gp += g
         return gp
@@ -90,21 +105,25 @@ class SGD(Optimizer):
         return None
 
     def init_state(self, size, dtype):
-        state = {"_step": np.zeros(size, dtype)}
+        state = {"_step": _scratch(size, dtype)}
         if self.momentum:
             state["momentum"] = np.zeros(size, dtype)
         if self.weight_decay:
-            state["_grad"] = np.zeros(size, dtype)
+            state["_grad"] = _scratch(size, dtype)
         return state
 
     def apply(self, state, w, g, lo, hi, step, lr_scale=1.0):
         self._check_shard(w, g, lo, hi)
+        for a, b in _chunks(lo, hi):
+            self._apply_chunk(state, w, g[a - lo:b - lo], a, b, lr_scale)
+
+    def _apply_chunk(self, state, w, g, lo, hi, lr_scale):
         m = xp(w)
         # Python floats keep float32 arithmetic in float32 (NumPy's weak scalars).
         mu, wd = float(self.momentum), float(self.weight_decay)
         lr = float(self.lr) * float(lr_scale)
-        wv, d = w[lo:hi], state["_step"][lo:hi]
-        gp = self._decayed_grad(state, wv, g, lo, hi, wd)
+        wv, d = w[lo:hi], state["_step"][: hi - lo]
+        gp = self._decayed_grad(state, wv, g, wd)
         if mu:
             v = state["momentum"][lo:hi]
             v *= mu
@@ -155,23 +174,27 @@ class Adam(Optimizer):
         state = {
             "exp_avg": np.zeros(size, dtype),
             "exp_avg_sq": np.zeros(size, dtype),
-            "_tmp": np.zeros(size, dtype),
+            "_tmp": _scratch(size, dtype),
         }
         if self.weight_decay:
-            state["_grad"] = np.zeros(size, dtype)
+            state["_grad"] = _scratch(size, dtype)
         return state
 
     def apply(self, state, w, g, lo, hi, step, lr_scale=1.0):
         self._check_shard(w, g, lo, hi)
         if step < 1:
             raise ValueError(f"Adam step counts from 1, got {step}")
+        for a, b in _chunks(lo, hi):
+            self._apply_chunk(state, w, g[a - lo:b - lo], a, b, step, lr_scale)
+
+    def _apply_chunk(self, state, w, g, lo, hi, step, lr_scale):
         m = xp(w)
         b1, b2 = float(self.betas[0]), float(self.betas[1])
         wd, eps = float(self.weight_decay), float(self.eps)
         lr = float(self.lr) * float(lr_scale)
-        wv, t = w[lo:hi], state["_tmp"][lo:hi]
+        wv, t = w[lo:hi], state["_tmp"][: hi - lo]
         exp_avg, exp_avg_sq = state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi]
-        gp = self._decayed_grad(state, wv, g, lo, hi, wd)
+        gp = self._decayed_grad(state, wv, g, wd)
         exp_avg *= b1
         m.multiply(gp, 1.0 - b1, out=t)
         exp_avg += t

@@ -3,7 +3,8 @@ import time
 
 import numpy as np
 
-from .comm import Channel, Field, Op, Status, Tag, new_header, set_loss, wait
+from .comm import (Channel, Field, Op, Status, Tag, new_header, set_loss, transfer_idle_s,
+                   wait, wait_for_work)
 from .metrics import Stopwatch
 from .shm import SharedWindow, no_window
 
@@ -234,9 +235,12 @@ class Worker:
         return reply, self.channel.irecv_frames(self.weights, lo, hi, self.server, Tag.WEIGHTS)
 
     def _receive_weights(self, reply, frames, lo, hi):
-        wait(reply)
-        if self.shared:
+        if self.shared:  # no transfer to keep moving: the reply comes when the update is done
+            start, stop = self.layout.shard_range(lo, hi)
+            wait_for_work(reply, transfer_idle_s((stop - start) * self.layout.dtype.itemsize))
             self.window.fence()  # the server's writes before the reply, seen before our reads
+        else:
+            wait(reply)
         if self._reply[Field.STATUS] != Status.OK:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
             for r in frames:

@@ -39,10 +39,12 @@ def check_against_serial(mode, micro_batches, shuffle, n_pipelines, **kw):
     return result
 
 
+@pytest.mark.parametrize("transport", ["auto", "mpi"])
 @pytest.mark.parametrize("micro_batches", [1, 4])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_model_mode_equals_serial(micro_batches, shuffle):
-    result = check_against_serial("model", micro_batches, shuffle, n_pipelines=1)
+def test_model_mode_equals_serial(micro_batches, shuffle, transport):
+    result = check_against_serial("model", micro_batches, shuffle, n_pipelines=1,
+                                  transport=transport)
     if result is not None:
         assert result.stats["n_workers"] == N_WORKERS
         assert len(result.stats["stage_idle_share"]) == N_WORKERS

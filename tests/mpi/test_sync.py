@@ -56,28 +56,36 @@ def assert_params_close(result, expected, tol=1e-10):
         np.testing.assert_allclose(result.params[k], expected[k], rtol=tol, atol=tol, err_msg=k)
 
 
+# Both payload paths: shared memory (the default on one node) and messages (across nodes).
+TRANSPORTS = ["auto", "mpi"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_mlp_sync_equals_serial(opt_name, shuffle):
+def test_mlp_sync_equals_serial(opt_name, shuffle, transport):
     X, y = blobs()
     init = mlp_init(SIZES, np.random.default_rng(3))
     steps, batch = 11, 5
     make = {"sgd_momentum": (lambda: ps.SGD(lr=0.2, momentum=0.9), lambda: SerialSGD(0.2, 0.9)),
             "adam": (lambda: ps.Adam(lr=0.01), lambda: SerialAdam(0.01))}[opt_name]
     result = ps.train(ps.models.MLP(SIZES), (X, y), optimizer=make[0](), batch_size=batch,
-                      steps=steps, shuffle=shuffle, seed=4, dtype="float64", init=init)
+                      steps=steps, shuffle=shuffle, seed=4, dtype="float64", init=init,
+                      transport=transport)
     n_layers = len(SIZES) - 1
     expected = serial_sync(lambda p, Xb, yb: mlp_loss_and_grad(p, Xb, yb, n_layers), init, X, y,
                            N_WORKERS, batch, steps, make[1](), shuffle=shuffle, seed=4)
     assert_params_close(result, expected)
 
 
-def test_custom_model_sync_equals_serial():
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_custom_model_sync_equals_serial(transport):
     X, y = blobs(n_rows=57)
     model = LogisticModel(6, 3)
     init = model.init_params(np.random.default_rng(0))
     result = ps.train(model, ps.data.ArrayDataset(X, y), optimizer=ps.SGD(lr=0.5, momentum=0.5),
-                      batch_size=4, steps=9, shuffle=False, dtype="float64", init=init)
+                      batch_size=4, steps=9, shuffle=False, dtype="float64", init=init,
+                      transport=transport)
     expected = serial_sync(model.loss_and_grad, init, X, y, N_WORKERS, 4, 9, SerialSGD(0.5, 0.5))
     assert_params_close(result, expected)
 
@@ -142,12 +150,14 @@ class NaNOnce(LogisticModel):
         return loss, grads
 
 
-def test_skip_bad_gradient_leaves_weights_clean():
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_skip_bad_gradient_leaves_weights_clean(transport):
     X, y = blobs(n_rows=40)
     model = NaNOnce(6, 3)
     init = LogisticModel(6, 3).init_params(np.random.default_rng(0))
     result = ps.train(model, (X, y), optimizer=ps.SGD(lr=0.5), batch_size=4, steps=5,
-                      shuffle=False, dtype="float64", init=init, on_bad_gradient="skip")
+                      shuffle=False, dtype="float64", init=init, on_bad_gradient="skip",
+                      transport=transport)
     expected = serial_sync(LogisticModel(6, 3).loss_and_grad, init, X, y, N_WORKERS, 4, 5,
                            SerialSGD(0.5), skip={(0, 2)})
     assert_params_close(result, expected)

@@ -5,6 +5,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
+import psframe as ps
+import psframe.optim
 from psframe.optim import SGD, Adam
 
 W0 = [1.0, -2.0]
@@ -218,3 +220,27 @@ def test_adam_rejects_step_zero():
     state = opt.init_state(2, np.float64)
     with pytest.raises(ValueError, match="step"):
         opt.apply(state, np.zeros(2), np.zeros(2), 0, 2, 0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ps.SGD(lr=0.1),
+    lambda: ps.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+    lambda: ps.SGD(lr=0.1, momentum=0.9, nesterov=True),
+    lambda: ps.Adam(lr=0.01, weight_decay=0.01),
+])
+def test_chunked_scratch_gives_the_same_steps(monkeypatch, make):
+    # Scratch holds one chunk; a shard longer than a chunk (and not a multiple of it) must be
+    # stepped exactly as in one piece.
+    rng = np.random.default_rng(0)
+    n, lo, hi = 50, 3, 48
+    grads = [rng.normal(size=hi - lo) for _ in range(3)]
+    results = []
+    for chunk in (1 << 18, 7):
+        monkeypatch.setattr(psframe.optim, "SCRATCH_ELEMS", chunk)
+        opt = make()
+        state = opt.init_state(n, np.float64)
+        w = np.linspace(-1, 1, n)
+        for step, g in enumerate(grads, start=1):
+            opt.apply(state, w, g, lo, hi, step)
+        results.append(w)
+    np.testing.assert_array_equal(results[0], results[1])
