@@ -117,10 +117,13 @@ class Worker:
             if more:
                 with self.waiting:
                     more = self.pull(step)
+            ahead = None  # (step, rows, xb, yb) gathered while the server was updating
             while more:
                 with self.computing:
-                    rows = self.stream.rows(self.batch if self.steps is None else step)
-                    xb, yb = self._gather(rows)
+                    if ahead is not None and ahead[0] == step:
+                        _, rows, xb, yb = ahead
+                    else:
+                        rows, xb, yb = self._batch_rows(step)
                     loss, grads = self.model.loss_and_grad(self.params, xb, yb)
                     self._pack(grads, step)
                 if self.delay:
@@ -128,11 +131,24 @@ class Worker:
                 step += 1
                 more = self._has_step(step)
                 if more:  # push this step's gradient and pull the next step's weights at once
-                    more = self.push_pull(step - 1, float(loss), len(rows))
+                    meanwhile = None
+                    if self.steps is not None:
+                        # Static data: the next rows do not depend on the reply, so gather them
+                        # while the server updates (the model has finished with this batch's
+                        # buffers, which the gather reuses).
+                        def meanwhile(next_step=step):
+                            nonlocal ahead
+                            ahead = (next_step, *self._batch_rows(next_step))
+                    more = self.push_pull(step - 1, float(loss), len(rows), meanwhile=meanwhile)
                 else:
                     with self.pushing:
                         self.push(step - 1, float(loss), len(rows))
         self._finish(t0, cpu0, step)
+
+    def _batch_rows(self, step):
+        """(rows, X, y) of a step: the rows the stream (or the dispatched batch) gives."""
+        rows = self.stream.rows(self.batch if self.steps is None else step)
+        return (rows, *self._gather(rows))
 
     def _has_step(self, step):
         """Whether step ``step`` is this worker's to take (always, under dynamic dispatch)."""
@@ -211,13 +227,17 @@ class Worker:
         self._send_header(Op.PULL, clock, lo, hi, status=self._pull_status())
         return self._receive_weights(reply, frames, lo, hi)
 
-    def push_pull(self, clock, loss, samples, lo=0, hi=None):
+    def push_pull(self, clock, loss, samples, lo=0, hi=None, meanwhile=None):
         """Push step ``clock``'s gradient and pull the weights of step ``clock + 1`` in one
-        request; False when the server says the run is over for this worker."""
+        request; False when the server says the run is over for this worker. ``meanwhile``
+        runs after the push has left, while the server updates (the next batch's gather)."""
         hi = self.layout.n_shards if hi is None else hi
         reply, frames = self._post_pull(lo, hi)  # the compute is done: safe to post now
         with self.pushing:
             self._send_gradient(Op.PUSH_PULL, clock, loss, samples, lo, hi, self._pull_status())
+        if meanwhile is not None:
+            with self.computing:
+                meanwhile()
         with self.waiting:
             return self._receive_weights(reply, frames, lo, hi)
 
