@@ -99,7 +99,7 @@ def psframe_role(args):
     for batch in args.batches:
         result = ps.train(ps.models.MLP(list(SIZES)), (X, y), policy="sync",
                           optimizer=ps.SGD(lr=LR), batch_size=batch, steps=args.steps,
-                          threads=1, seed=0)
+                          threads=1, seed=0, transport=args.transport)
         if result is not None:
             s = result.stats
             out.append({"batch": batch, "samples_per_s": s["samples_per_s"],
@@ -116,7 +116,8 @@ def run_psframe(args):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     cmd = [mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "--role", "psframe",
            "--data", args.data, "--steps", str(args.steps),
-           "--batches", *map(str, args.batches)] + (["--spin"] if args.spin else [])
+           "--batches", *map(str, args.batches), "--transport", args.transport] \
+        + (["--spin"] if args.spin else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=600)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -133,6 +134,9 @@ def main():
     parser.add_argument("--steps", type=int, default=2000, help="SGD steps per run (both sides)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved runs of each side; the table shows medians")
+    parser.add_argument("--transport", choices=("auto", "mpi"), default="auto",
+                        help="ps.train's transport: auto (the worker shares the server's node, "
+                             "so shared memory) or mpi (every payload as a message)")
     parser.add_argument("--spin", action="store_true",
                         help="diagnostic: make psframe.comm.wait spin instead of sleeping")
     parser.add_argument("--role", choices=("main", "psframe"), default="main",
@@ -160,7 +164,8 @@ def main():
     med = lambda v: float(np.median(v))  # noqa: E731
     print(f"overhead: MLP {'-'.join(map(str, SIZES))} on {args.data} ({len(X)} rows), SGD lr={LR}, "
           f"{args.steps} steps, {args.repeats} interleaved repeats, medians; BLAS {blas}; "
-          f"psframe: mpiexec -n 2 (1 server + 1 worker), Sync, threads=1"
+          f"psframe: mpiexec -n 2 (1 server + 1 worker), Sync, threads=1, "
+          f"transport={args.transport}"
           + ("; comm.wait SPINS (diagnostic)" if args.spin else ""))
     head = (f"{'batch':>5} | {'plain samples/s':>15} | {'psframe samples/s':>17} | {'ratio':>5} | "
             f"{'worker wait':>11} | {'server CPU':>10} | {'ps.MLP grad only':>16} | "

@@ -93,6 +93,7 @@ class TrainResult:
             ("test accuracy", _num(last.get("eval_accuracy"))),
             ("wall time", f"{s['wall_s']:.2f} s"),
             ("samples/s", f"{s['samples_per_s']:,.0f}"),
+            ("payload path", _paths(s.get("worker_transport"))),
             ("bytes pulled", _fmt_bytes(s["bytes_pulled"])),
             ("bytes pushed", _fmt_bytes(s["bytes_pushed"])),
             ("worker wait share", f"{s.get('worker_wait_share', 0.0):.1%}"),
@@ -101,6 +102,14 @@ class TrainResult:
         width = max(len(k) for k, _ in rows)
         lines = ["psframe run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
         return "\n".join(lines)
+
+
+def _paths(per_worker):
+    """How the workers' payload travelled: "shared-read x3", "mpi x1, shared-copy x2"."""
+    if not per_worker:
+        return "n/a"
+    counts = Counter(per_worker)
+    return ", ".join(f"{path} x{n}" for path, n in sorted(counts.items()))
 
 
 def _num(x):
