@@ -70,13 +70,16 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
             role = _build_server(comm, run, verbose, callbacks, n_threads)
         else:
             role = _build_worker(comm, run)
+        # Every rank leaves together, inside the signal handlers' scope: a worker done early
+        # waits there for the server's last evaluation and checkpoint, so Ctrl-C then asks
+        # for a stop instead of killing a finished worker (and with it the job).
         with threadpool_limits(limits=n_threads), _stop_on_signals(role.request_stop):
             try:
                 result = role.run()
             except TrainingInterrupted:
-                role.release()  # a clean stop on every rank: free the window together
+                _end_together(comm, role)  # a clean stop reaches every rank
                 raise
-        role.release()
+            _end_together(comm, role)  # any other error aborts the job below instead
         if comm.Get_rank() == 0:
             role.callbacks.on_end(result)
             return result
@@ -89,6 +92,14 @@ def train(model, data, *, eval_data=None, mode="data", policy=None, optimizer=No
         _abort(world)
     finally:
         comm.Free()
+
+
+def _end_together(comm, role):
+    """Free the shared window, then wait for every rank, without spinning a core."""
+    from .comm import wait
+
+    role.release()
+    wait(comm.Ibarrier())
 
 
 @contextlib.contextmanager

@@ -76,7 +76,6 @@ class ParameterServer:
         # this node pushes into its own shared segment instead, read where it lies.
         self.slots = [None if self.shared_grad[w] is not None else layout.empty()
                       for w in range(n)]
-        self.set_aside = [False] * n  # a shared gradient copied to its slot (see _reply)
         self.acc = layout.empty()
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
         self._plans = {}  # shard range -> frame plan (see _frame_plan)
@@ -211,6 +210,12 @@ class ParameterServer:
         start, stop = self.layout.shard_range(lo, hi)
         count = int(header[Field.COUNT])
         clock = int(header[Field.CLOCK])
+        if w in group.pending:
+            # Its slot (or shared segment) still holds a gradient a later update will read.
+            # No shipped policy answers a pull before using the gradient it follows, so this
+            # is a policy bug; refusing it keeps the pending gradient from being overwritten.
+            raise ProtocolError(f"worker {w} pushed step {clock} before its previous gradient "
+                                "was applied or dropped")
         if count != stop - start:
             raise GradientError(
                 f"worker {w} pushed {count} elements for step {clock}, but shards [{lo}, {hi}) "
@@ -219,7 +224,6 @@ class ParameterServer:
         finite = True
         if self.shared_grad[w] is not None:  # already in its segment: check it where it lies
             self.window.fence()
-            self.set_aside[w] = False
             slot = self.shared_grad[w]
             for a, b in self.layout.frames(lo, hi):
                 finite = self._frame_finite(slot[a:b]) and finite
@@ -299,26 +303,16 @@ class ParameterServer:
         shared = [p for p in pulls if self.shared_grad[p[0]] is not None]
         if shared:
             self.window.fence()
-            for w, lo, hi, _ in shared:
-                self._keep_pending_gradient(w, lo, hi)
+            for w, *_ in shared:
+                if w in group.pending:  # its reply would let it overwrite that gradient
+                    raise ProtocolError(f"the policy answered worker {w}'s pull while its "
+                                        "shared gradient still waits for an update")
                 self._send_reply(w)
         self.channel.wait_frames(requests)
 
-    def _keep_pending_gradient(self, w, lo, hi):
-        """A worker answered while its group still holds its shared gradient for a later
-        update (no current policy does this) would overwrite it: copy it to a private slot."""
-        if w in self.group_of[w][0].pending and not self.set_aside[w]:
-            if self.slots[w] is None:
-                self.slots[w] = self.layout.empty()
-            start, stop = self.layout.shard_range(lo, hi)
-            self.slots[w][start:stop] = self.shared_grad[w][start:stop]
-            self.set_aside[w] = True
-
     def _gradient(self, w):
         """Where worker w's latest gradient is: its landing slot or its shared segment."""
-        if self.shared_grad[w] is None or self.set_aside[w]:
-            return self.slots[w]
-        return self.shared_grad[w]
+        return self.slots[w] if self.shared_grad[w] is None else self.shared_grad[w]
 
     def _drop(self, decision, group, w):
         self.stats.updates_dropped += 1

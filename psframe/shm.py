@@ -12,6 +12,11 @@ __all__ = ["SharedWindow", "no_window"]
 # full tmpfs means the message path, not a failed allocation on one rank and a hung collective.
 _SHM_SHARE = 0.5
 _SHM_DIR = "/dev/shm"
+# Every segment is asked for in whole pages. Open MPI rounds them up to pages itself and
+# reports the rounded size, MPICH the exact one; asking for whole pages everywhere means the
+# sizes a peer sees are never the sizes to trust, so the requested lengths travel separately
+# (an allgather) on every MPI, and that path is the one the tests run.
+_PAGE_BYTES = 4096
 
 
 def _shm_free_bytes():
@@ -47,12 +52,14 @@ class SharedWindow:
             self.node = None
             return
         self.node = node
-        nbytes = int(n_elems) * self.dtype.itemsize
+        lengths = node.allgather(int(n_elems))  # elements each node rank asked for
+        nbytes = -(-int(n_elems) * self.dtype.itemsize // _PAGE_BYTES) * _PAGE_BYTES
         total = node.allreduce(nbytes)
         free = _shm_free_bytes()
         fits = node.allreduce(int(free is None or total <= _SHM_SHARE * free), op=MPI.MIN)
         if not fits:
             nbytes = 0
+            lengths = [0] * len(lengths)
         info = MPI.Info.Create()
         info.Set("alloc_shared_noncontig", "true")  # page-aligned segments, each near its owner
         try:
@@ -63,12 +70,14 @@ class SharedWindow:
         for rank, node_rank in enumerate(as_node):
             if node_rank == MPI.UNDEFINED:
                 continue
-            buf, _ = self.win.Shared_query(node_rank)
-            if len(buf):
-                self._segments[rank] = np.frombuffer(buf, dtype=self.dtype)
+            n = lengths[node_rank]
+            if n:
+                buf, _ = self.win.Shared_query(node_rank)
+                self._segments[rank] = np.frombuffer(buf, dtype=self.dtype, count=n)
 
     def segment(self, rank):
-        """Rank ``rank``'s segment (a flat writable array), or None if it has none here."""
+        """Rank ``rank``'s segment (a flat writable array of exactly the elements it asked
+        for), or None if it has none here."""
         return self._segments.get(rank)
 
     def fence(self):

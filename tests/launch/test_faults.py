@@ -85,3 +85,26 @@ def test_signal_stops_cleanly_with_a_final_checkpoint(tmp_path, sig):
     # The final checkpoint is the stop point: every worker's clock equals the step count.
     assert manifest["groups"][0]["clocks"] == [manifest["version"]] * 2
     no_orphans(ckpt)
+
+
+# ids without "mpi": pytest-mpi takes a test whose keywords include "mpi" for one of its own
+@pytest.mark.parametrize("transport", ["auto", "mpi"], ids=["shared", "messages"])
+def test_signal_during_the_final_evaluation_stops_cleanly(tmp_path, transport):
+    # Workers that are done wait for the server (on the shared path, to free the window
+    # together); Ctrl-C then must stop the run, not abort it with a traceback.
+    marker = str(tmp_path / "in-final-eval")
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable,
+                             os.path.join(SCRIPTS, "sigint_in_final_eval.py"), marker, transport],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + BOUND_S
+    while not os.path.exists(marker):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server never reached its final evaluation: {proc.communicate()}")
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = finish(proc)
+    assert "aborting all ranks" not in err, err
+    assert "rank 0: interrupted: run interrupted at step 20" in out, (out, err)
+    assert proc.returncode == 3, (out, err)

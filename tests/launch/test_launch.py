@@ -55,6 +55,16 @@ class TestLaunch:
         assert proc.returncode != 0
         assert "non-finite gradient" in proc.stderr and "worker 0" in proc.stderr
 
+    @pytest.mark.parametrize("transport, message", [
+        ("auto", "answered worker 0's pull while its shared gradient still waits"),
+        ("mpi", "worker 0 pushed step 1 before its previous gradient was applied"),
+    ], ids=["shared", "messages"])  # no "mpi" in an id: pytest-mpi would claim the test
+    def test_policy_answering_before_applying_is_refused(self, transport, message):
+        proc, _ = mpirun(2, os.path.join(SCRIPTS, "policy_answers_early.py"), transport)
+        assert proc.returncode != 0
+        assert message in proc.stderr
+        assert "UNREACHABLE" not in proc.stdout
+
     def test_wrong_size_push_is_refused(self):
         proc, _ = mpirun(2, "-m", "mpi4py", os.path.join(SCRIPTS, "bad_push_size.py"))
         assert proc.returncode != 0
