@@ -99,7 +99,8 @@ def psframe_role(args):
     for batch in args.batches:
         result = ps.train(ps.models.MLP(list(SIZES)), (X, y), policy="sync",
                           optimizer=ps.SGD(lr=LR), batch_size=batch, steps=args.steps,
-                          threads=1, seed=0, transport=args.transport)
+                          threads=1, seed=0, transport=args.transport,
+                          backend="numpy")  # the plain loop is NumPy: never a GPU worker here
         if result is not None:
             s = result.stats
             out.append({"batch": batch, "samples_per_s": s["samples_per_s"],
