@@ -1,6 +1,5 @@
 """SIGINT while the server runs its final evaluation: every worker has sent DONE and waits to
 free the shared window. The signal must ask for a stop, never abort the job."""
-import os
 import sys
 import time
 
