@@ -8,7 +8,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .callbacks import CallbackList
-from .comm import Channel, Field, Op, Status, Tag, get_loss, new_header
+from .comm import Channel, Field, Op, Status, Tag, fill_header, loss_of, new_header
 from .errors import GradientError, ProtocolError, TrainingInterrupted
 from .metrics import ServerStats, Stopwatch, TrainResult
 from .shm import SharedWindow, no_window
@@ -162,11 +162,11 @@ class ParameterServer:
                 src = status.Get_source()
                 if src not in self.index_of:
                     raise ProtocolError(f"request from rank {src}, which is not a worker")
-                try:
-                    handler = self.handlers[Op(int(header[Field.OP]))]
-                except (ValueError, KeyError):
-                    raise ProtocolError(f"unknown op {int(header[Field.OP])} from rank {src}")
-                handler(self.index_of[src], header)
+                fields = header.tolist()  # plain ints: cheaper to read than the array
+                handler = self.handlers.get(fields[Field.OP])
+                if handler is None:
+                    raise ProtocolError(f"unknown op {fields[Field.OP]} from rank {src}")
+                handler(self.index_of[src], fields)
         wall = time.perf_counter() - self.t0
         cpu = time.process_time() - cpu0
         if self.version != self._last_logged:
@@ -243,7 +243,7 @@ class ParameterServer:
             samples = int(header[Field.SAMPLES])
             self.stats.samples += samples
             if samples:
-                loss = get_loss(header)
+                loss = loss_of(header[Field.LOSS])
                 self._loss_sum += loss * samples
                 self._loss_n += samples
                 self.stats.record_loss(loss)
@@ -387,28 +387,27 @@ class ParameterServer:
 
     def _answer(self, w, lo, hi, clock):
         """Fill worker w's reply header for its pull; True when weights are to follow."""
-        reply = self._reply_headers[w]  # sent before w can ask again: reusable
-        reply[:] = 0
-        reply[Field.VERSION] = self.group_of[w][0].policy.version
-        status = Status.OK
+        status, batch = Status.OK, 0
         if self.stopping and self._stop_now(w, clock):
             status = Status.INTERRUPT
         elif self.dispatcher is not None:
             batch = self.dispatcher.next()
             if batch is None:  # every batch is handed out: this worker is done
-                status = Status.STOP
-            else:
-                reply[Field.BATCH] = batch
-        reply[Field.STATUS] = status
+                status, batch = Status.STOP, 0
+        count = 0
         if status == Status.OK:
             start, stop = self.layout.shard_range(lo, hi)
-            reply[Field.SHARD_LO], reply[Field.SHARD_HI] = lo, hi
-            reply[Field.COUNT] = stop - start
+            count = stop - start
             self.answered_clock[w] = clock
-            nbytes = (stop - start) * self.layout.dtype.itemsize
+            nbytes = count * self.layout.dtype.itemsize
             self.stats.pulls_answered += 1
             self.stats.bytes_pulled += nbytes
             self.bytes_pulled_by[w] += nbytes
+        else:
+            lo = hi = 0
+        # The header is sent before w can ask again, so each worker's is reused.
+        fill_header(self._reply_headers[w], 0, 0, 0, lo, hi, count,
+                    self.group_of[w][0].policy.version, 0.0, 0, status, batch)
         return status == Status.OK
 
     def _send_reply(self, w):

@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from .comm import (Channel, Field, Op, Status, Tag, new_header, set_loss, transfer_idle_s,
+from .comm import (Channel, Field, Op, Status, Tag, fill_header, new_header, transfer_idle_s,
                    wait, wait_for_work)
 from .metrics import Stopwatch
 from .shm import SharedWindow, no_window
@@ -304,13 +304,9 @@ class Worker:
         self._stop_requested = True
 
     def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0, status=Status.OK):
-        h = self._request
-        h[Field.STATUS] = status
-        h[Field.OP], h[Field.WORKER], h[Field.CLOCK] = op, self.index, clock
-        h[Field.SHARD_LO], h[Field.SHARD_HI], h[Field.COUNT] = lo, hi, count
-        h[Field.VERSION], h[Field.SAMPLES], h[Field.BATCH] = self.version, samples, self.batch
-        set_loss(h, loss)
-        self.channel.send_header(h, self.server, Tag.REQUEST)
+        fill_header(self._request, op, self.index, clock, lo, hi, count, self.version, loss,
+                    samples, status, self.batch)
+        self.channel.send_header(self._request, self.server, Tag.REQUEST)
 
     def _pack(self, grads, step):
         """Copy the model's gradients into the flat push buffer, checking names and shapes."""
