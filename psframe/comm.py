@@ -71,14 +71,6 @@ def loss_of(bits):
     return struct.unpack("=d", struct.pack("=q", bits))[0]
 
 
-def set_loss(header, loss):
-    header[Field.LOSS] = loss_bits(loss)
-
-
-def get_loss(header):
-    return loss_of(int(header[Field.LOSS]))
-
-
 def fill_header(header, op, worker, clock, lo, hi, count, version, loss, samples, status,
                 batch):
     """Every field at once, in Field order: one write instead of eleven, on every step."""

@@ -11,7 +11,7 @@ from .callbacks import CallbackList
 from .comm import Channel, Field, Op, Status, Tag, fill_header, loss_of, new_header
 from .errors import GradientError, ProtocolError, TrainingInterrupted
 from .metrics import ServerStats, Stopwatch, TrainResult
-from .shm import SharedWindow, no_window
+from .shm import open_window
 
 __all__ = ["ParameterServer", "Group", "GradientError"]
 
@@ -124,15 +124,14 @@ class ParameterServer:
         gradient then its own copy of the weights, which the server writes frame by frame.
         """
         size = self.layout.size
-        shared = (SharedWindow(self.comm, self.comm.Get_rank(), size, self.layout.dtype)
-                  if transport != "mpi" else no_window())
-        self.window = shared
-        mine = shared.segment(self.comm.Get_rank())
+        shared = self.window = open_window(self.comm, self.comm.Get_rank(), size,
+                                           self.layout.dtype, transport)
+        mine = shared.mine
         if mine is not None:
             mine[:] = weights  # the weights live in the window, where workers can read them
             weights = mine
         self.w = weights
-        self.shared_grad, self.shared_weights, self.reads_master = [], [], []
+        self.shared_grad, self.shared_weights = [], []  # None: not on the shared path
         for rank in self.workers:
             seg = shared.segment(rank)
             if seg is not None and len(seg) not in (size, 2 * size):
@@ -140,7 +139,6 @@ class ParameterServer:
                                     f"{size} or {2 * size}")
             self.shared_grad.append(None if seg is None else seg[:size])
             self.shared_weights.append(None if seg is None or len(seg) == size else seg[size:])
-            self.reads_master.append(seg is not None and len(seg) == size)
 
     def release(self):
         """Free the shared window (collective with the workers on this node)."""
@@ -474,7 +472,7 @@ class ParameterServer:
     def _transport_of(self, w):
         if self.shared_grad[w] is None:
             return "mpi"
-        return "shared-read" if self.reads_master[w] else "shared-copy"
+        return "shared-copy" if self.shared_weights[w] is not None else "shared-read"
 
     # -- history and result -----------------------------------------------------------------
     def _record(self):

@@ -6,7 +6,7 @@ from mpi4py import MPI
 
 from .comm import wait
 
-__all__ = ["SharedWindow", "no_window"]
+__all__ = ["SharedWindow", "open_window"]
 
 # Use at most this share of the free space of /dev/shm, where MPICH maps shared windows, so a
 # full tmpfs means the message path, not a failed allocation on one rank and a hung collective.
@@ -39,8 +39,11 @@ class SharedWindow:
 
     def __init__(self, comm, server_rank, n_elems, dtype):
         self.dtype = np.dtype(dtype)
-        self.win = None
+        self.win = self.node = None
         self._segments = {}
+        self.mine = None  # the calling rank's own segment
+        if comm is None:  # the message path (transport="mpi"): no window, no segments
+            return
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         comm_group, node_group = comm.Get_group(), node.Get_group()
         ranks = list(range(comm.Get_size()))
@@ -49,7 +52,6 @@ class SharedWindow:
         node_group.Free()
         if as_node[server_rank] == MPI.UNDEFINED:  # the server is elsewhere: messages only
             node.Free()
-            self.node = None
             return
         self.node = node
         lengths = node.allgather(int(n_elems))  # elements each node rank asked for
@@ -74,6 +76,7 @@ class SharedWindow:
             if n:
                 buf, _ = self.win.Shared_query(node_rank)
                 self._segments[rank] = np.frombuffer(buf, dtype=self.dtype, count=n)
+        self.mine = self._segments.get(comm.Get_rank())
 
     def segment(self, rank):
         """Rank ``rank``'s segment (a flat writable array of exactly the elements it asked
@@ -90,6 +93,7 @@ class SharedWindow:
         if self.node is None:
             return
         self._segments.clear()
+        self.mine = None
         if self.win is not None:
             wait(self.node.Ibarrier())
             self.win.Unlock_all()
@@ -99,9 +103,7 @@ class SharedWindow:
         self.node = None
 
 
-def no_window():
-    """The message path: a stand-in with no segments, for runs with transport='mpi'."""
-    window = SharedWindow.__new__(SharedWindow)
-    window.win = window.node = None
-    window._segments = {}
-    return window
+def open_window(comm, server_rank, n_elems, dtype, transport):
+    """The run's SharedWindow: collective over ``comm`` unless ``transport="mpi"``, where no
+    rank builds one (every segment is then None and every payload a message)."""
+    return SharedWindow(None if transport == "mpi" else comm, server_rank, n_elems, dtype)

@@ -6,7 +6,7 @@ import numpy as np
 from .comm import (Channel, Field, Op, Status, Tag, fill_header, new_header, transfer_idle_s,
                    wait, wait_for_work)
 from .metrics import Stopwatch
-from .shm import SharedWindow, no_window
+from .shm import open_window
 
 __all__ = ["Worker", "node_local_index"]
 
@@ -82,15 +82,10 @@ class Worker:
         else what MPI reads and writes. The model computes on _weights_dev: the same array on
         NumPy (and on CUDA-aware MPI), a device copy of a pinned host buffer otherwise."""
         size, dtype = self.layout.size, self.layout.dtype
-        wanted = 0
-        if transport != "mpi" and not self._device:
-            wanted = size if read_master else 2 * size
-        segment = None
-        if transport == "mpi":
-            self.window = no_window()
-        else:
-            self.window = SharedWindow(self.comm, self.server, wanted, dtype)
-            segment = self.window.segment(self.comm.Get_rank())
+        # A GPU worker's buffers are pinned or device memory: it takes part with no segment.
+        wanted = 0 if self._device else size if read_master else 2 * size
+        self.window = open_window(self.comm, self.server, wanted, dtype, transport)
+        segment = self.window.mine
         self.shared = segment is not None
         if self.shared:
             self.grad = segment[:size]
@@ -117,13 +112,11 @@ class Worker:
             if more:
                 with self.waiting:
                     more = self.pull(step)
-            ahead = None  # (step, rows, xb, yb) gathered while the server was updating
+            ahead = None  # this step's (rows, xb, yb), gathered while the server was updating
             while more:
                 with self.computing:
-                    if ahead is not None and ahead[0] == step:
-                        _, rows, xb, yb = ahead
-                    else:
-                        rows, xb, yb = self._batch_rows(step)
+                    rows, xb, yb = ahead if ahead is not None else self._batch_rows(step)
+                    ahead = None
                     loss, grads = self.model.loss_and_grad(self.params, xb, yb)
                     self._pack(grads, step)
                 if self.delay:
@@ -138,7 +131,7 @@ class Worker:
                         # buffers, which the gather reuses).
                         def meanwhile(next_step=step):
                             nonlocal ahead
-                            ahead = (next_step, *self._batch_rows(next_step))
+                            ahead = self._batch_rows(next_step)
                     more = self.push_pull(step - 1, float(loss), len(rows), meanwhile=meanwhile)
                 else:
                     with self.pushing:
