@@ -6,7 +6,7 @@ from .errors import ConfigError, GradientError, TrainingInterrupted
 from .metrics import TrainResult
 from .models import Model, Sequential
 from .optim import SGD, Adam, Optimizer
-from .policies import SSP, Async, Mixed, Policy, Sync
+from .policies import SSP, Async, DelayCompensation, Mixed, Policy, Sync
 from .runtime import train
 
 __version__ = "0.1.0"
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "train", "TrainResult", "ConfigError", "GradientError", "TrainingInterrupted",
     "Model", "Sequential", "layers", "losses", "models", "data", "xp",
-    "Policy", "Sync", "Async", "SSP", "Mixed", "Optimizer", "SGD", "Adam", "Callback",
+    "Policy", "Sync", "Async", "SSP", "Mixed", "DelayCompensation", "Optimizer", "SGD", "Adam", "Callback",
 ]

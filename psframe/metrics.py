@@ -34,15 +34,17 @@ class ServerStats:
     bytes_pulled: int = 0
     bytes_pushed: int = 0
     samples: int = 0
+    weight_sum: float = 0.0  # the applied updates' weights (see Optimizer.apply)
     recent_loss: float = None  # moving average of the workers' reported batch losses
 
     def record_loss(self, loss):
         # A short moving average: one worker's batch loss is too noisy to show alone.
         self.recent_loss = loss if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * loss
 
-    def record_update(self, staleness):
+    def record_update(self, staleness, weight=1.0):
         self.updates_applied += 1
         self.staleness[int(staleness)] += 1
+        self.weight_sum += weight
 
     def as_dict(self):
         return {
@@ -56,6 +58,10 @@ class ServerStats:
             "bytes_pulled": self.bytes_pulled,
             "bytes_pushed": self.bytes_pushed,
             "samples": self.samples,
+            # Sync: about 1; Async or SSP under scale="auto": 1/N. Times updates_applied it is
+            # how many full optimizer steps the run took.
+            "mean_update_weight": (self.weight_sum / self.updates_applied
+                                   if self.updates_applied else 0.0),
         }
 
 
@@ -88,6 +94,7 @@ class TrainResult:
             ("steps per worker", s.get("steps_per_worker")),
             ("updates applied", s["updates_applied"]),
             ("max staleness", s["max_staleness"]),
+            ("update weighting", s.get("update_weighting") or "n/a"),
             ("train loss", _num(last.get("train_loss"))),
             ("test loss", _num(last.get("eval_loss"))),
             ("test accuracy", _num(last.get("eval_accuracy"))),

@@ -41,11 +41,23 @@ class Optimizer:
 
     ``init_state(size, dtype)`` returns flat arrays; keys starting with ``_``
     are scratch space (reused by every call, not worth checkpointing).
-    ``apply(state, w, g, lo, hi, step, lr_scale)`` updates ``w[lo:hi]`` in
+    ``apply(state, w, g, lo, hi, step, weight)`` updates ``w[lo:hi]`` in
     place from the shard's gradient ``g`` without allocating arrays.
+
+    ``weight`` says what share of one Sync step this update stands for: an asynchronous push
+    under N workers carries 1/N of a Sync step's samples. Each optimizer turns it into a step
+    size by its own batch-size scaling rule (``weight_rule``), and scales only this update's
+    own contribution, so state that outlives the call stays consistent when weights differ
+    from push to push. SGD adds weight * g to its momentum (the linear scaling rule, Goyal et
+    al. 2017; past updates keep their own weights). Adam feeds its moments the raw gradient,
+    counts the push as one step for bias correction, and takes a step of lr * sqrt(weight)
+    (the square-root rule for adaptive methods, Malladi et al. 2022: a push's gradient, from
+    1/N of the samples, is noisier, so its normalised step is already smaller). With weight
+    1 both are exactly PyTorch's update.
     """
 
     name = "optimizer"
+    weight_rule = "as its apply() decides"
 
     def __init__(self, lr):
         self.lr = lr
@@ -53,9 +65,9 @@ class Optimizer:
     def init_state(self, size, dtype):
         return {}
 
-    def apply(self, state, w, g, lo, hi, step, lr_scale=1.0):
+    def apply(self, state, w, g, lo, hi, step, weight=1.0):
         raise NotImplementedError(
-            f"{type(self).__name__} must implement apply(state, w, g, lo, hi, step, lr_scale)"
+            f"{type(self).__name__} must implement apply(state, w, g, lo, hi, step, weight)"
         )
 
     def validate(self):
@@ -74,13 +86,19 @@ class Optimizer:
         return f"{type(self).__name__}(lr={self.lr!r})"
 
     @staticmethod
-    def _decayed_grad(state, wv, g, wd):
-        """g + wd*w in the preallocated scratch, or g itself when there is no decay."""
-        if not wd:
+    def _decayed_grad(state, wv, g, wd, weight=1.0):
+        """weight * (g + wd*w) in the preallocated scratch, or g itself when wd is 0 and
+        weight 1 (the decay is part of the update, so it is weighted with it)."""
+        if not wd and weight == 1.0:
             return g
-        gp = state["_grad"][: len(g)]
-        xp(wv).multiply(wv, wd, out=gp)
-        gp += g
+        m, gp = xp(wv), state["_grad"][: len(g)]
+        if wd:
+            m.multiply(wv, wd, out=gp)
+            gp += g
+            if weight != 1.0:
+                gp *= weight
+        else:
+            m.multiply(g, weight, out=gp)
         return gp
 
 
@@ -88,6 +106,7 @@ class SGD(Optimizer):
     """SGD with optional (Nesterov) momentum and weight decay, as in PyTorch."""
 
     name = "sgd"
+    weight_rule = "lr x weight (linear scaling)"
 
     def __init__(self, lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(lr)
@@ -108,22 +127,21 @@ class SGD(Optimizer):
         state = {"_step": _scratch(size, dtype)}
         if self.momentum:
             state["momentum"] = np.zeros(size, dtype)
-        if self.weight_decay:
-            state["_grad"] = _scratch(size, dtype)
+        state["_grad"] = _scratch(size, dtype)  # weight * (g + decay), when either applies
         return state
 
-    def apply(self, state, w, g, lo, hi, step, lr_scale=1.0):
+    def apply(self, state, w, g, lo, hi, step, weight=1.0):
         self._check_shard(w, g, lo, hi)
         for a, b in _chunks(lo, hi):
-            self._apply_chunk(state, w, g[a - lo:b - lo], a, b, lr_scale)
+            self._apply_chunk(state, w, g[a - lo:b - lo], a, b, weight)
 
-    def _apply_chunk(self, state, w, g, lo, hi, lr_scale):
+    def _apply_chunk(self, state, w, g, lo, hi, weight):
         m = xp(w)
         # Python floats keep float32 arithmetic in float32 (NumPy's weak scalars).
         mu, wd = float(self.momentum), float(self.weight_decay)
-        lr = float(self.lr) * float(lr_scale)
+        lr, weight = float(self.lr), float(weight)
         wv, d = w[lo:hi], state["_step"][: hi - lo]
-        gp = self._decayed_grad(state, wv, g, wd)
+        gp = self._decayed_grad(state, wv, g, wd, weight)
         if mu:
             v = state["momentum"][lo:hi]
             v *= mu
@@ -151,6 +169,7 @@ class Adam(Optimizer):
     """Adam with bias correction and L2 weight decay, as in PyTorch's Adam."""
 
     name = "adam"
+    weight_rule = "lr x sqrt(weight) (square-root scaling)"
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(lr)
@@ -180,18 +199,20 @@ class Adam(Optimizer):
             state["_grad"] = _scratch(size, dtype)
         return state
 
-    def apply(self, state, w, g, lo, hi, step, lr_scale=1.0):
+    def apply(self, state, w, g, lo, hi, step, weight=1.0):
         self._check_shard(w, g, lo, hi)
         if step < 1:
             raise ValueError(f"Adam step counts from 1, got {step}")
         for a, b in _chunks(lo, hi):
-            self._apply_chunk(state, w, g[a - lo:b - lo], a, b, step, lr_scale)
+            self._apply_chunk(state, w, g[a - lo:b - lo], a, b, step, weight)
 
-    def _apply_chunk(self, state, w, g, lo, hi, step, lr_scale):
+    def _apply_chunk(self, state, w, g, lo, hi, step, weight):
         m = xp(w)
         b1, b2 = float(self.betas[0]), float(self.betas[1])
         wd, eps = float(self.weight_decay), float(self.eps)
-        lr = float(self.lr) * float(lr_scale)
+        # The moments take the raw gradient; the weight scales only the step, by the square
+        # root (Adam divides out any scale of g, so weighting g would change nothing).
+        lr = float(self.lr) * (math.sqrt(weight) if weight != 1.0 else 1.0)
         wv, t = w[lo:hi], state["_tmp"][: hi - lo]
         exp_avg, exp_avg_sq = state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi]
         gp = self._decayed_grad(state, wv, g, wd)

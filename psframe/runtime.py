@@ -420,6 +420,9 @@ def _build_server(comm, run, verbose, callbacks, n_threads):
         on_bad_gradient=run["on_bad_gradient"], callbacks=hooks,
         checkpointer=run["checkpointer"], resume=run["resume"], stop_units=stop_units,
         transport=run["transport"],
+        weighting=(f"{run['policy'].describe(par['replicas'])}; "
+                   f"{run['optimizer'].name} steps by {run['optimizer'].weight_rule}"),
+        keep_sent_weights=run["policy"].keeps_sent_weights(),
         run_info={"config": dict(_describe(run), threads=n_threads)},
     )
     return server

@@ -11,6 +11,7 @@ from .callbacks import CallbackList
 from .comm import Channel, Field, Op, Status, Tag, fill_header, loss_of, new_header
 from .errors import GradientError, ProtocolError, TrainingInterrupted
 from .metrics import ServerStats, Stopwatch, TrainResult
+from .policies import delay_compensate
 from .shm import open_window
 
 __all__ = ["ParameterServer", "Group", "GradientError"]
@@ -41,7 +42,8 @@ class ParameterServer:
     def __init__(self, comm, layout, weights, *, model, optimizer, groups, worker_ranks,
                  eval_data=None, eval_every=None, total_steps=None, epoch_samples=1,
                  dispatcher=None, on_bad_gradient="raise", callbacks=None, run_info=None,
-                 checkpointer=None, resume=None, stop_units=None, transport="mpi"):
+                 checkpointer=None, resume=None, stop_units=None, transport="mpi",
+                 weighting=None, keep_sent_weights=False):
         self.comm = comm
         self.layout = layout
         self.channel = Channel(comm, layout)
@@ -77,6 +79,15 @@ class ParameterServer:
         self.slots = [None if self.shared_grad[w] is not None else layout.empty()
                       for w in range(n)]
         self.acc = layout.empty()
+        # Delay compensation needs the weights each worker computed on: the server keeps a
+        # copy of what it last sent each one (model-sized, per worker; see DelayCompensation).
+        self.sent = [layout.empty() for _ in range(n)] if keep_sent_weights else None
+        self.mean_square = layout.empty() if keep_sent_weights else None  # adaptive DC's MS
+        if keep_sent_weights:
+            self.mean_square[:] = 0
+            widest = max(b - a for a, b in layout.frames(0, layout.n_shards))
+            self._dc_scratch = np.empty(widest, layout.dtype)
+        self.weighting = weighting  # how the policy weights updates, in words, for stats
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
         self._plans = {}  # shard range -> frame plan (see _frame_plan)
         self._reply_headers = [new_header() for _ in range(n)]
@@ -269,7 +280,7 @@ class ParameterServer:
                  for local in decision.release]
         self._update_and_send(group, update, pulls + list(serve))
         if update is not None:
-            self._updated(decision.staleness)
+            self._updated(decision.staleness, decision.weight)
 
     def _update_and_send(self, group, update, pulls):
         """Run ``update`` over the group's shards frame by frame, sending each frame of new
@@ -281,6 +292,8 @@ class ParameterServer:
         by_message = [self.workers[p[0]] for p in answered if self.shared_grad[p[0]] is None]
         copies = [self.shared_weights[p[0]] for p in answered
                   if self.shared_weights[p[0]] is not None]
+        if self.sent is not None:  # after the frame's update: what the worker will compute on
+            copies += [self.sent[p[0]] for p in answered]
         for p in pulls:
             if self.shared_grad[p[0]] is None:
                 self._send_reply(p[0])
@@ -332,17 +345,26 @@ class ParameterServer:
         group.pending = []
         if not order:  # a step whose every gradient was rejected changes nothing
             return None
-        return lambda step, a, b: self._apply_mean(order, decision.scale, step, a, b)
+        return lambda step, a, b: self._apply_mean(order, decision.scale, decision.weight,
+                                                   step, a, b)
 
     def _apply_one(self, decision, group, w):
-        """Apply one worker's gradient on arrival (Async, SSP), shard by shard."""
-        slot, lr_scale = self._gradient(w), decision.lr_scale
+        """Apply one worker's gradient on arrival (Async, SSP), frame by frame."""
+        slot, weight, comp = self._gradient(w), decision.weight, decision.compensation
 
         def update(step, a, b):
-            self.optimizer.apply(self.opt_state, self.w, slot[a:b], a, b, step, lr_scale)
+            g = slot[a:b] if comp is None else self._compensated(slot[a:b], w, comp, a, b)
+            self.optimizer.apply(self.opt_state, self.w, g, a, b, step, weight)
         return update
 
-    def _apply_mean(self, order, scale, step, a, b):
+    def _compensated(self, g, w, comp, a, b):
+        """Worker w's gradient for elements [a, b), corrected for the weights it computed on,
+        in the step scratch (free here: on-arrival updates never gather a mean)."""
+        return delay_compensate(g, self.w[a:b], self.sent[w][a:b], comp, out=self.acc[a:b],
+                                mean_square=self.mean_square[a:b],
+                                scratch=self._dc_scratch[: b - a])
+
+    def _apply_mean(self, order, scale, weight, step, a, b):
         """Elements [a, b): sum the pending slots in worker order, scale, step the optimizer."""
         acc = self.acc[a:b]
         grads = [self._gradient(w) for w in order]
@@ -355,10 +377,10 @@ class ParameterServer:
             for g in grads[2:]:
                 acc += g[a:b]
             acc *= scale
-        self.optimizer.apply(self.opt_state, self.w, acc, a, b, step)
+        self.optimizer.apply(self.opt_state, self.w, acc, a, b, step, weight)
 
-    def _updated(self, staleness):
-        self.stats.record_update(staleness)
+    def _updated(self, staleness, weight=1.0):
+        self.stats.record_update(staleness, weight)
         version = self.version
         if version == self._seen_version:
             return  # a pipeline stage moved, but not every stage has finished the step yet
@@ -525,6 +547,7 @@ class ParameterServer:
             n_params=self.layout.size,
             policy_switches=list(getattr(self.groups[0].policy, "switches", [])),
             worker_transport=[self._transport_of(w) for w in range(len(self.workers))],
+            update_weighting=self.weighting,
         )
         if self.batch_counts is not None:
             stats["batch_counts"] = self.batch_counts.tolist()

@@ -13,12 +13,14 @@ W0 = [1.0, -2.0]
 GRADS = [[0.5, 1.0], [0.25, -1.0], [1.0, 0.0]]
 
 
-def run(opt, w0, grads, lr_scale=1.0, dtype=np.float64):
+def run(opt, w0, grads, weight=1.0, dtype=np.float64):
+    """Apply ``grads`` in turn; ``weight`` is one weight for all, or one per gradient."""
     w = np.array(w0, dtype=dtype)
     state = opt.init_state(w.size, dtype)
+    weights = np.broadcast_to(weight, len(grads))
     history = []
-    for step, g in enumerate(grads, start=1):
-        opt.apply(state, w, np.array(g, dtype=dtype), 0, w.size, step, lr_scale)
+    for step, (g, wt) in enumerate(zip(grads, weights), start=1):
+        opt.apply(state, w, np.array(g, dtype=dtype), 0, w.size, step, float(wt))
         history.append(w.copy())
     return history
 
@@ -73,11 +75,13 @@ def test_sgd_momentum_with_weight_decay_matches_formula(nesterov):
 
 
 def adam_reference(w, grads, lr, b1, b2, eps, wd, lr_scale=1.0):
-    """PyTorch Adam, written out from its documented update rule."""
+    """PyTorch Adam, written out from its documented update rule; ``lr_scale`` multiplies
+    the step size, one factor for all steps or one per step."""
     w = np.array(w, dtype=np.float64)
     m = np.zeros_like(w)
     v = np.zeros_like(w)
-    for t, g in enumerate(grads, start=1):
+    scales = np.broadcast_to(lr_scale, len(grads))
+    for t, (g, lr_scale) in enumerate(zip(grads, scales), start=1):
         g = np.asarray(g) + wd * w
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
@@ -104,14 +108,57 @@ def test_adam_first_step_moves_by_lr_times_sign():
     np.testing.assert_allclose(hist[0], [0.99, 1.01, 1.0], rtol=1e-7)
 
 
-def test_lr_scale_scales_the_step():
+def test_a_constant_weight_follows_each_optimizers_scaling_rule():
     rng = np.random.default_rng(2)
     w0 = rng.normal(size=5)
     grads = rng.normal(size=(3, 5))
-    half = run(SGD(lr=0.1, momentum=0.9), w0, grads, lr_scale=0.5)[-1]
+    # SGD, linear rule: weight 0.5 throughout is SGD at half the learning rate.
+    half = run(SGD(lr=0.1, momentum=0.9), w0, grads, weight=0.5)[-1]
     np.testing.assert_allclose(half, run(SGD(lr=0.05, momentum=0.9), w0, grads)[-1], rtol=1e-12)
-    got = run(Adam(lr=0.01), w0, grads, lr_scale=0.25)[-1]
-    ref = adam_reference(w0, grads, 0.01, 0.9, 0.999, 1e-8, 0.0, lr_scale=0.25)
+    # Adam, square-root rule: weight 0.25 is a step of lr * 0.5, moments of the raw gradient.
+    got = run(Adam(lr=0.01), w0, grads, weight=0.25)[-1]
+    ref = adam_reference(w0, grads, 0.01, 0.9, 0.999, 1e-8, 0.0, lr_scale=0.5)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def weighted_sgd_reference(w, grads, weights, lr, mu, wd=0.0, nesterov=False):
+    """PyTorch's SGD with each update's own contribution weighted: v = mu v + s (g + wd w)."""
+    w, v = np.array(w, dtype=np.float64), 0.0
+    for g, s in zip(grads, weights):
+        gp = s * (np.asarray(g) + wd * w)
+        v = mu * v + gp
+        w = w - lr * (gp + mu * v if nesterov else v)
+    return w
+
+
+@pytest.mark.parametrize("nesterov, wd", [(False, 0.0), (False, 0.01), (True, 0.0), (True, 0.01)])
+def test_varying_weights_scale_only_their_own_contribution_to_momentum(nesterov, wd):
+    # Pushes of different weights (staleness_lr, a Mixed switch, a short last Sync step) must
+    # leave the momentum buffer holding each gradient at the weight it was applied with.
+    rng = np.random.default_rng(7)
+    w0 = rng.normal(size=6)
+    grads = rng.normal(size=(5, 6))
+    weights = [1.0, 0.25, 0.5, 1 / 3, 1.0]
+    opt = SGD(lr=0.1, momentum=0.9, weight_decay=wd, nesterov=nesterov)
+    got = run(opt, w0, grads, weight=weights)[-1]
+    np.testing.assert_allclose(got, weighted_sgd_reference(w0, grads, weights, 0.1, 0.9, wd, nesterov),
+                               rtol=1e-12)
+    # Scaling the step instead (lr * s * v) would give something else: the test can tell.
+    wrong = w0.copy()
+    v = np.zeros(6)
+    for g, s in zip(grads, weights):
+        v = 0.9 * v + g + wd * wrong
+        wrong = wrong - 0.1 * s * ((g + wd * wrong) + 0.9 * v if nesterov else v)
+    assert not np.allclose(got, wrong, rtol=1e-6)
+
+
+def test_varying_weights_in_adam_feed_raw_moments_and_count_every_step():
+    rng = np.random.default_rng(8)
+    w0 = rng.normal(size=6)
+    grads = rng.normal(size=(5, 6))
+    weights = np.array([1.0, 0.25, 0.5, 1 / 3, 1.0])
+    got = run(Adam(lr=0.01, weight_decay=0.01), w0, grads, weight=weights)[-1]
+    ref = adam_reference(w0, grads, 0.01, 0.9, 0.999, 1e-8, 0.01, lr_scale=np.sqrt(weights))
     np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
@@ -168,10 +215,10 @@ def test_float32_is_preserved(opt):
     state = opt.init_state(6, np.float32)
     assert all(a.dtype == np.float32 and a.shape == (6,) for a in state.values())
     for step, g in enumerate(grads, start=1):
-        opt.apply(state, w, g.astype(np.float32), 0, 6, step, lr_scale=np.float64(0.5))
+        opt.apply(state, w, g.astype(np.float32), 0, 6, step, weight=np.float64(0.5))
     assert w.dtype == np.float32
     assert all(a.dtype == np.float32 for a in state.values())
-    ref = run(opt, w0, grads, lr_scale=0.5)[-1]
+    ref = run(opt, w0, grads, weight=0.5)[-1]
     np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6)
 
 

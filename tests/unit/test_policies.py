@@ -1,10 +1,12 @@
 """Policy state machines driven without MPI through thousands of random interleavings."""
 import random
 
+import numpy as np
 import pytest
 
 from psframe.errors import ProtocolError
-from psframe.policies import SSP, Async, Mixed, Sync, policy_from_spec
+from psframe.policies import (SSP, Async, DelayCompensation, Mixed, Sync, delay_compensate,
+                              policy_from_spec)
 
 
 class Simulation:
@@ -111,7 +113,8 @@ def test_async_gap_is_unbounded_and_staleness_is_measured():
         sim = Simulation(Async(), 4, steps=8, seed=seed, slow=0).run()
         for e in sim.updates():
             assert e["decision"].staleness == e["version_before"] - e["pulled"]
-            assert e["decision"].lr_scale == 1.0
+            assert e["decision"].weight == pytest.approx(1 / 4)  # scale="auto": 1/N
+            assert e["decision"].compensation is None
         gaps = max(gaps, max(sim.gaps))
         stalest = max(stalest, max(e["decision"].staleness for e in sim.updates()))
     assert gaps > 3 and stalest > 3
@@ -122,7 +125,55 @@ def test_staleness_lr_scales_each_update():
         sim = Simulation(Async(staleness_lr=True), 3, steps=6, seed=seed, slow=1).run()
         for e in sim.updates():
             tau = e["version_before"] - e["pulled"]
-            assert e["decision"].lr_scale == pytest.approx(1.0 / max(1, tau))
+            assert e["decision"].weight == pytest.approx(1.0 / max(1, tau))
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 16])
+@pytest.mark.parametrize("make", [Async, lambda **kw: SSP(1, **kw)])
+def test_on_arrival_weights_follow_the_scale_option(make, n):
+    def weights(**kw):
+        sim = Simulation(make(**kw), n, steps=5, seed=n, slow=0).run()
+        return [(e["decision"].weight, e["decision"].staleness) for e in sim.updates()]
+    assert {w for w, _ in weights()} == {1 / n}  # a round of N moves as far as one Sync step
+    assert {w for w, _ in weights(scale="none")} == {1.0}  # the raw behaviour, by name
+    assert {w for w, _ in weights(scale=0.3)} == {0.3}
+    for w, tau in weights(scale="staleness"):
+        assert w == pytest.approx(1 / max(1, tau))
+    assert make(staleness_lr=True) == make(scale="staleness")
+
+
+def test_delay_compensation_rides_only_on_stale_updates():
+    dc = DelayCompensation(lam=1.0)
+    seen = set()
+    for seed in range(100):
+        sim = Simulation(Async(compensation=dc), 3, steps=6, seed=seed, slow=0).run()
+        for e in sim.updates():
+            stale = e["decision"].staleness > 0
+            assert (e["decision"].compensation is dc) == stale
+            seen.add(stale)
+    assert seen == {True, False}
+
+
+def test_backup_tail_steps_are_weighted_by_gradients_over_quorum():
+    n, backup = 4, 1
+    tails = 0
+    for seed in range(300):
+        for scale in ("auto", "none"):
+            sim = Simulation(Sync(backup=backup, scale=scale), n, steps=6, seed=seed,
+                             slow=seed % n).run()
+            for e in sim.updates():
+                size = len(e["group"])
+                want = size / (n - backup) if scale == "auto" else 1.0
+                assert e["decision"].weight == pytest.approx(want)
+                assert e["decision"].scale == pytest.approx(1 / size)
+                tails += size < n - backup
+    assert tails > 50  # short tail steps did happen
+
+
+def test_plain_sync_steps_keep_weight_one():
+    for seed in range(200):
+        sim = Simulation(Sync(), 3, steps=4, seed=seed).run()
+        assert {e["decision"].weight for e in sim.updates()} == {1.0}
 
 
 @pytest.mark.parametrize("then", [Async(), SSP(1)])
@@ -217,6 +268,61 @@ def test_policy_specs():
             policy_from_spec(bad)
     with pytest.raises(ValueError):
         policy_from_spec(3)
+
+
+def test_policy_spec_modifiers():
+    assert policy_from_spec("async+raw") == Async(scale="none")
+    assert policy_from_spec("sync+raw") == Sync(scale="none")
+    assert policy_from_spec("backup:2+raw") == Sync(backup=2, scale="none")
+    assert policy_from_spec("ssp:2+scale=0.5") == SSP(2, scale=0.5)
+    assert policy_from_spec("async+scale=staleness") == Async(staleness_lr=True)
+    assert policy_from_spec("async+dc") == Async(compensation=DelayCompensation())
+    assert policy_from_spec("ssp:1+dc=0.5") == SSP(1, compensation=DelayCompensation(0.5))
+    assert policy_from_spec("async+dc-c") == Async(
+        compensation=DelayCompensation(0.04, adaptive=False))
+    mixed = policy_from_spec("mixed:50:ssp:2+dc")
+    assert mixed.phases[1][1] == SSP(2, compensation=DelayCompensation())
+    assert policy_from_spec("mixed:50+raw").phases[1][1] == Async(scale="none")
+    assert repr(Async(scale="none")) == "Async(scale='none')"
+    assert repr(Async()) == "Async()" and repr(SSP(2)) == "SSP(staleness=2)"
+    for bad, message in (("async:x", "lr"), ("async+foo", "unknown modifier"),
+                         ("sync+dc", "no stale gradients"), ("ssp:2+scale=-1", "positive"),
+                         ("async:lr+raw", "cannot be combined"), ("async+dc=0", "positive"),
+                         ("async+scale=", "unknown modifier")):
+        with pytest.raises(ValueError, match=message):
+            policy_from_spec(bad)
+
+
+def test_scale_and_compensation_are_checked():
+    for bad in (0, -1, float("nan"), "fast", True):
+        with pytest.raises(ValueError, match="scale"):
+            Async(scale=bad)
+    with pytest.raises(ValueError, match="scale"):
+        Sync(scale="staleness")
+    with pytest.raises(ValueError, match="compensation"):
+        SSP(2, compensation="magic")
+    with pytest.raises(ValueError, match="decay"):
+        DelayCompensation(decay=1.0)
+
+
+def test_delay_compensate_matches_the_formula():
+    rng = np.random.default_rng(0)
+    g, w_now, w_stale = rng.normal(size=(3, 7))
+    out = np.empty(7)
+    constant = DelayCompensation(0.3, adaptive=False)
+    delay_compensate(g, w_now, w_stale, constant, out)
+    np.testing.assert_allclose(out, g + 0.3 * g * g * (w_now - w_stale), rtol=1e-14)
+    # Adaptive (DC-ASGD-a): MS is updated with g first, then lam / sqrt(MS) is used.
+    adaptive = DelayCompensation(2.0, decay=0.9)
+    ms = rng.uniform(0.1, 1.0, size=7)
+    ms_want = 0.9 * ms + 0.1 * g * g
+    delay_compensate(g, w_now, w_stale, adaptive, out, mean_square=ms, scratch=np.empty(7))
+    np.testing.assert_allclose(ms, ms_want, rtol=1e-14)
+    np.testing.assert_allclose(out, g + 2.0 / np.sqrt(ms_want) * g * g * (w_now - w_stale),
+                               rtol=1e-10)  # up to the 1e-12 floor under sqrt(MS)
+    # Fresh weights (w_now == w_stale): the gradient is returned unchanged.
+    delay_compensate(g, w_now, w_now, adaptive, out, mean_square=ms, scratch=np.empty(7))
+    np.testing.assert_array_equal(out, g)
 
 
 def test_policy_validation():
