@@ -41,6 +41,7 @@ def test_policies_match_sync_at_syncs_hyperparameters(n_workers):
         for policy in ("async", "ssp2", "mixed", "backup1"):
             got = acc[f"{opt}/{policy}"]
             assert sync - TOLERANCE <= got <= sync + AHEAD, (n_workers, opt, policy, got, sync)
-    if n_workers >= 4:
+    if n_workers == 8:
         # The same run unweighted diverges (chance is 0.10): the default is what fixes it.
+        # (At 4 workers the raw run fails most times but once recovered to 0.89 by epoch 25.)
         assert acc["sgd/async-raw"] < acc["sgd/sync"] - 0.2, acc
