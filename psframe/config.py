@@ -30,7 +30,8 @@ OPTIONS = {
     "eval": Option(bool, True, "evaluate on the dataset's test split"),
     "mode": Option(str, "data", "data, model (a pipeline of stages) or hybrid"),
     "policy": Option(str, "sync", "sync, sync:K (K backup workers), async, async:lr, ssp:S, "
-                                  "mixed:STEPS[:THEN]"),
+                                  "mixed:STEPS[:THEN]; modifiers +raw (unweighted pushes), "
+                                  "+scale=X, +dc[=LAMBDA] (delay compensation)"),
     "optimizer": Option(str, "sgd", "sgd or adam", ("sgd", "adam")),
     "lr": Option(float, None, "learning rate (default: sgd 0.1, adam 0.001)"),
     "momentum": Option(float, 0.0, "SGD momentum"),

@@ -108,7 +108,8 @@ class DelayCompensation:
 
     Server cost: one model-sized copy of the weights last sent to each worker (N copies),
     plus MS when adaptive; in time, a copy per answered pull and about seven passes over
-    each stale gradient. A gradient of staleness 0 is not touched.
+    each pushed gradient. A gradient of staleness 0 comes out unchanged (its correction is
+    exactly 0), but still enters MS.
     """
 
     name = "dc"
@@ -486,10 +487,10 @@ class ApplyOnArrival(PolicyState):
             raise ProtocolError(f"worker {worker} pushed from version {pulled_version}, "
                                 f"ahead of the server's {self.version}")
         self.version += 1
-        # Compensation has nothing to correct on fresh weights (w_now == w_stale).
+        # Every push goes through the compensation, fresh ones too: their correction is
+        # exactly 0 (w_now == w_stale), but adaptive DC's mean square follows every gradient.
         return PushDecision(apply=True, weight=push_weight(self.scale, self.n_workers, staleness),
-                            compensation=self.compensation if staleness else None,
-                            staleness=staleness,
+                            compensation=self.compensation, staleness=staleness,
                             release=self.releasable())
 
 

@@ -2,7 +2,8 @@
 
 Run under mpiexec; rank 0 prints one line, ``GRID {json}``: the mean final test accuracy over
 the seeds of each (optimizer, policy), plus one raw (unweighted) Async run to show the default
-is what makes the difference.
+is what makes the difference. Arguments: EPOCHS SEEDS [dc], where ``dc`` adds the
+delay-compensated rows (docs/policies.md measures them; the test leaves them out).
 """
 import json
 import statistics
@@ -14,6 +15,7 @@ import psframe as ps
 
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 25
 SEEDS = range(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+WITH_DC = len(sys.argv) > 3 and sys.argv[3] == "dc"
 
 POLICIES = {
     "sync": ps.Sync,
@@ -22,6 +24,9 @@ POLICIES = {
     "mixed": lambda: ps.Mixed(sync_steps=20, then=ps.Async()),
     "backup1": lambda: ps.Sync(backup=1),
 }
+if WITH_DC:
+    POLICIES["async+dc"] = lambda: ps.Async(compensation="dc")
+    POLICIES["ssp2+dc"] = lambda: ps.SSP(2, compensation="dc")
 OPTIMIZERS = {  # PyTorch's usual settings, which is what a user tunes Sync with
     "sgd": lambda: ps.SGD(lr=0.1, momentum=0.9),
     "adam": lambda: ps.Adam(lr=0.003),
