@@ -13,11 +13,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[mpich,data,test,bench]"
+	$(PY) -m pip install --quiet -e ".[mpich,data,test,bench,torch]"
 	touch $(STAMP)
 
-# Optional: torch for the bench's PyTorch baselines (torch_ddp, torch_rpc_ps). The extra pins
-# torch==2.13.0, a CPU build; `make test` never needs it.
+# torch for ps.TorchModel and the bench's PyTorch baselines. The extra pins torch==2.13.0, a
+# CPU build; `make install` (and so `make test`) installs it too, so the tests against torch
+# run everywhere instead of skipping. For users psframe stays usable without it.
 install-torch: install
 	$(PY) -m pip install --quiet -e ".[torch]"
 

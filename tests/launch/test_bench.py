@@ -304,9 +304,9 @@ def test_shipped_configs_expand():
         assert seeds == sorted(seeds, key=spec["bench"]["seeds"].index)  # seeds outermost
         sizes[name] = cells
     policies = sizes["policies"]
-    # 2 workloads x 3 seeds x 2 stragglers: 8 policies, allreduce and 2 torch peers; serial
-    # once per workload and seed (no straggler).
-    assert len(policies) == 2 * 3 * (2 * (8 + 3) + 1)
+    # 2 workloads x 3 seeds x 2 stragglers: 11 policies (3 of them delay-compensated or raw),
+    # allreduce and 2 torch peers; serial once per workload and seed (no straggler).
+    assert len(policies) == 2 * 3 * (2 * (11 + 3) + 1)
     slow = [c for c in policies if c.straggler.label == "0:3x"]
     assert slow and all(c.straggler.needs_calibration for c in slow)
     assert {c.target for c in policies if c.workload == "mnist"} == {0.90}
