@@ -327,6 +327,8 @@ class Sync(Policy):
         quorum = n_workers - self.backup
         text = f"mean of each step's first {quorum} gradients" if self.backup else (
             "mean of each step's gradients")
+        if not self.backup:  # every step is whole under static dispatch: nothing to say
+            return text if self.scale == "auto" else text + " (raw)"
         if self.scale == "auto":
             return text + f"; a step short of {quorum} at the end weighted by gradients/{quorum}"
         return text + "; short steps in full (raw)"
