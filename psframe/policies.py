@@ -196,7 +196,7 @@ class Policy:
 
     def describe(self, n_workers):
         """How each applied update is weighted and compensated, in words."""
-        return "mean of each step's gradients"
+        return "weights as the policy's decisions set them"
 
     def __repr__(self):
         return f"{type(self).__name__}()"
