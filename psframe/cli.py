@@ -9,13 +9,56 @@ import sys
 from . import bench, callbacks, config, launch, progress, report
 from .errors import TrainingInterrupted
 
-__all__ = ["main", "build_parser", "resolve", "parse_model", "parse_data"]
+__all__ = ["main", "build_parser", "resolve", "parse_model", "parse_data", "load_model_file",
+           "save_weights"]
+
+
+def is_model_file(spec):
+    """``FILE.py:FUNC`` (or a bare ``FILE.py``, refused later with a hint)."""
+    return spec.endswith(".py") or spec.rpartition(":")[0].endswith(".py")
+
+
+def load_model_file(spec):
+    """``FILE.py:FUNC``: import FILE from its path (not by module name) and return FUNC()."""
+    import importlib.util
+
+    from .models import Model
+
+    path, _, func = spec.rpartition(":")
+    if not path.endswith(".py") or not func:
+        raise ValueError(f"--model {spec}: name the function that builds the model, "
+                         f"e.g. {spec.rstrip(':')}:build")
+    if not os.path.isfile(path):
+        raise ValueError(f"model file {path} does not exist")
+    name = "psframe_user_model_" + os.path.splitext(os.path.basename(path))[0]
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+    sys.modules[name] = module  # what dataclasses and pickle in the user's file look up
+    # SystemExit too: a user's file that calls exit() must not end one rank alone.
+    try:
+        module.__spec__.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:  # noqa: B902 - any failure of the user's code
+        raise ValueError(
+            f"model file {path} failed to import: {type(exc).__name__}: {exc}") from None
+    build = getattr(module, func, None)
+    if not callable(build):
+        raise ValueError(f"model file {path} has no function {func!r}")
+    try:
+        model = build()
+    except (Exception, SystemExit) as exc:  # noqa: B902
+        raise ValueError(f"{path}:{func}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, Model):
+        raise ValueError(f"{path}:{func}() must return a ps.Model, ps.Sequential or "
+                         f"ps.TorchModel, got {type(model).__name__}")
+    return model
 
 
 def parse_model(spec, n_features=None, n_classes=None):
-    """``mlp:784,128,10``, ``softmax`` or ``softmax:64,10``, ``linear`` or ``linear:13``."""
+    """``mlp:784,128,10``, ``softmax`` or ``softmax:64,10``, ``linear`` or ``linear:13``,
+    ``cnn`` or ``cnn:16,32``."""
     from . import models
 
+    if is_model_file(spec):  # a user's file first, then the built-in specs
+        return load_model_file(spec)
     name, _, args = spec.partition(":")
     sizes = [int(s) for s in args.split(",") if s.strip()] if args else []
     if name == "mlp":
@@ -27,11 +70,15 @@ def parse_model(spec, n_features=None, n_classes=None):
         return models.SoftmaxRegression(n_in, n_out)
     if name == "linear":
         return models.LinearRegression(sizes[0] if sizes else n_features)
-    raise ValueError(f"unknown model {spec!r}; use mlp:SIZES, softmax[:IN,CLASSES] or linear[:IN]")
+    if name == "cnn":  # cnn, or cnn:C1,C2,... convolution channels; MNIST's shape
+        return models.CNN(channels=sizes) if sizes else models.CNN()
+    raise ValueError(f"unknown model {spec!r}; use mlp:SIZES, softmax[:IN,CLASSES], linear[:IN] "
+                     "or cnn[:CHANNELS]")
 
 
 def parse_data(spec, seed=0):
-    """``digits``, ``mnist`` or ``synthetic[:rows,features,classes]``; returns (train, test)."""
+    """``digits``, ``mnist``, ``synthetic[:rows,features,classes]`` or a file (see
+    ps.data.from_file); returns (train, test), test None for a file with no test split."""
     from . import data
 
     name, _, args = spec.partition(":")
@@ -43,9 +90,60 @@ def parse_data(spec, seed=0):
         dims = [int(s) for s in args.split(",")] if args else []
         keys = ("n_rows", "n_features", "n_classes")
         return data.synthetic(seed=seed, **dict(zip(keys, dims)))
+    if _looks_like_file(spec):
+        return data.from_file(spec)
     raise ValueError(
-        f"unknown dataset {spec!r}; use digits, mnist or synthetic[:rows,features,classes]"
+        f"unknown dataset {spec!r}; use digits, mnist, synthetic[:rows,features,classes], "
+        "a .npz or .csv file, or a directory of X.npy and y.npy"
     )
+
+
+def _looks_like_file(spec):
+    return (os.path.exists(spec) or os.sep in spec
+            or os.path.splitext(spec)[1].lower() in (".npz", ".csv", ".npy"))
+
+
+def parse_eval_data(path):
+    """The eval set of ``--eval-data``: the file's test split if it has one, else its X, y."""
+    from . import data
+
+    train, test = data.from_file(path)
+    return train if test is None else test
+
+
+def save_weights(path, params):
+    """Write name -> array as an .npz (loadable with --init), atomically: temp file, rename."""
+    import zipfile
+
+    import numpy as np
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        # The layout np.savez writes, done by hand: np.savez(f, **params) would take a
+        # parameter named "file" or "allow_pickle" for its own argument.
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in params.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _check_save(path):
+    """--save fails before training, not after it."""
+    if os.path.isdir(path):
+        raise ValueError(f"--save {path} is a directory; give a file, e.g. {path}/weights.npz")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--save {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--save {path}: directory {parent} is not writable")
 
 
 def _numbers(text):
@@ -210,6 +308,8 @@ def _run(args):
         result = _train(job, rank)
     if result is not None:
         print(result.summary(), flush=True)
+        if o["save"]:
+            print(f"weights saved to {save_weights(o['save'], result.params)}", flush=True)
     return 0
 
 
@@ -251,8 +351,14 @@ def _prepare(o, nprocs, rank):
         os.makedirs(o["log_dir"], exist_ok=True)
         if rank == 0:
             config.save(o, o["log_dir"])
+    if o["save"] and rank == 0:  # only rank 0 writes it
+        _check_save(o["save"])
     train_set, test_set = parse_data(o["data"], seed=o["seed"])
-    n_classes = int(train_set.y.max()) + 1 if train_set.y.dtype.kind in "iu" else None
+    if o["eval_data"]:
+        test_set = parse_eval_data(o["eval_data"])
+    # A model file needs no class count: skip reading every label (a memmap's, too).
+    n_classes = (int(train_set.y.max()) + 1 if train_set.y.dtype.kind in "iu"
+                 and not is_model_file(o["model"]) else None)
     return {
         "options": o, "train": train_set, "test": test_set if o["eval"] else None,
         "model": parse_model(o["model"], train_set.n_features, n_classes),

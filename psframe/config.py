@@ -25,9 +25,14 @@ class Option:
 # Every option of ps.train that a file or a flag can express (callbacks and comm are code,
 # not configuration), plus how the CLI builds the model, data and optimizer and where it logs.
 OPTIONS = {
-    "model": Option(str, "mlp:784,128,10", "mlp:784,128,10 | softmax[:IN,CLASSES] | linear[:IN]"),
-    "data": Option(str, "mnist", "digits | mnist | synthetic[:rows,features,classes]"),
-    "eval": Option(bool, True, "evaluate on the dataset's test split"),
+    "model": Option(str, "mlp:784,128,10", "mlp:784,128,10 | softmax[:IN,CLASSES] | linear[:IN] "
+                                           "| FILE.py:FUNC (FUNC() returns a ps.Model)"),
+    "data": Option(str, "mnist", "digits | mnist | synthetic[:rows,features,classes] | FILE.npz "
+                                 "(X, y, optional X_test, y_test) | FILE.csv (label column) | "
+                                 "DIR of X.npy, y.npy (memory-mapped)"),
+    "eval_data": Option(str, None, "evaluate on this file (same formats as data; its X_test, "
+                                   "y_test if it has them, else X, y)"),
+    "eval": Option(bool, True, "evaluate on the dataset's test split (or eval_data)"),
     "mode": Option(str, "data", "data, model (a pipeline of stages) or hybrid"),
     "policy": Option(str, "sync", "sync, sync:K (K backup workers), async, async:lr, ssp:S, "
                                   "mixed:STEPS[:THEN]; modifiers +raw (unweighted pushes), "
@@ -47,6 +52,8 @@ OPTIONS = {
     "dtype": Option(str, "float32", "weights' type end to end", ("float32", "float64")),
     "shuffle": Option(bool, True, "shuffle each worker's block every epoch"),
     "init": Option(str, None, "starting weights: a .npz file of name -> array"),
+    "save": Option(str, None, "write the final weights to this .npz (name -> array; loads "
+                              "with init)"),
     "threads": Option(int, None, "BLAS threads per rank (default: cores shared among ranks)"),
     "backend": Option(str, "auto", "worker array backend: auto, numpy or cupy (env PSFRAME_BACKEND)"),
     "shard_elems": Option(int, None, "elements per shard and per message frame (default 262144)"),

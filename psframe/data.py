@@ -1,14 +1,23 @@
-"""Datasets (digits, MNIST subset, synthetic), validation, and each worker's batch stream."""
+"""Datasets (digits, MNIST subset, synthetic, user files), validation, each worker's batches."""
+import csv
 import math
 import os
+import warnings
 
 import numpy as np
 
-__all__ = ["ArrayDataset", "digits", "mnist", "synthetic", "worker_block", "BatchStream"]
+__all__ = ["ArrayDataset", "NpyDataset", "from_file", "digits", "mnist", "synthetic",
+           "worker_block", "block_range", "BatchStream"]
+
+# Validation reads a memory-mapped dataset this many bytes at a time, so checking it never
+# holds more than this (plus its own temporaries) in memory.
+CHUNK_BYTES = 64 << 20
 
 
 class ArrayDataset:
     """Features ``X`` (n_rows, n_features) and targets ``y`` (n_rows,) or (n_rows, k)."""
+
+    lazy = False  # the rows are in memory (NpyDataset: on disk, read when indexed)
 
     def __init__(self, X, y):
         X = np.asarray(X)
@@ -37,11 +46,200 @@ class ArrayDataset:
             if a.dtype.kind not in "biuf":
                 raise ValueError(f"{what} {name} must be numeric, got dtype {a.dtype}")
 
+    @property
+    def chunk_rows(self):
+        return len(self)  # in memory already: one pass, one message
+
+    def check(self, model, what="data", rows=None):
+        """check_finite and ``model.validate_data`` on rows [lo, hi) (default: all), at most
+        ``chunk_rows`` rows at a time; an error found in a chunk names its rows."""
+        lo, hi = (0, len(self)) if rows is None else rows
+        step = max(1, self.chunk_rows)
+        for start in range(lo, hi, step):
+            stop = min(hi, start + step)
+            whole = (start, stop) == (0, len(self))
+            part = self if whole else ArrayDataset(self.X[start:stop], self.y[start:stop])
+            try:
+                part.check_finite(what)
+                model.validate_data(part.X, part.y)
+            except ValueError as exc:
+                if whole:
+                    raise
+                raise ValueError(f"{exc} (in rows {start}..{stop - 1})") from None
+
     def subset(self, rows):
         return ArrayDataset(self.X[rows], self.y[rows])
 
     def __repr__(self):
         return f"ArrayDataset({len(self)} rows, {self.n_features} features)"
+
+
+class NpyDataset(ArrayDataset):
+    """``X.npy`` and ``y.npy`` in a directory, memory-mapped: rows are read from disk only
+    when indexed, so a worker reads just its block and validation reads in bounded chunks.
+
+    ``x`` and ``y`` name other files of the directory (``NpyDataset(d, "X_test", "y_test")``).
+    Write files larger than memory with ``numpy.lib.format.open_memmap``.
+    """
+
+    lazy = True
+
+    def __init__(self, path, x="X", y="y"):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise ValueError(f"NpyDataset needs a directory holding {x}.npy and {y}.npy; "
+                             f"{self.path} is not one")
+        X, Y = (_open_npy(os.path.join(self.path, f"{name}.npy")) for name in (x, y))
+        try:
+            super().__init__(X, Y)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: {exc}") from None
+        for name, a in ((x, X), (y, Y)):
+            if a.dtype.kind not in "biuf":
+                raise ValueError(f"{self.path}: {name}.npy must be numeric, got dtype {a.dtype}")
+        self.X, self.y = X, Y  # the memmaps themselves (asarray dropped the subclass)
+        self.names = (x, y)
+
+    @property
+    def chunk_rows(self):
+        row_bytes = max(1, self.X.itemsize * self.n_features)
+        return max(1, CHUNK_BYTES // row_bytes)
+
+    def __repr__(self):
+        return f"NpyDataset({self.path!r}, {len(self)} rows, {self.n_features} features)"
+
+
+_NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+
+
+def _magic(path, n):
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _open_npy(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path} does not exist")
+    if _magic(path, len(_NPY_MAGIC)) != _NPY_MAGIC:
+        raise ValueError(f"{path} is not a .npy file (write it with numpy.save)")
+    try:
+        # allow_pickle=False: reading data must never run code from the file.
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot memory-map {path}: {exc}") from None
+
+
+def from_file(path):
+    """(train, test) from a user's file; test is None when the file holds no test split.
+
+    - ``.npz``: arrays ``X`` and ``y``, optionally ``X_test`` and ``y_test``; loaded whole.
+    - ``.csv``: numbers, an optional header; ``y`` is the column headed ``label``, else the
+      last one (whole numbers become int64 class labels); loaded whole.
+    - a directory: ``X.npy`` and ``y.npy`` (optionally ``X_test.npy``, ``y_test.npy``) as
+      memory-mapped NpyDatasets, read only where indexed.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        has_test = [os.path.exists(os.path.join(path, f"{n}.npy")) for n in ("X_test", "y_test")]
+        if any(has_test) and not all(has_test):
+            raise ValueError(f"{path} has one of X_test.npy and y_test.npy; give both or neither")
+        return NpyDataset(path), NpyDataset(path, "X_test", "y_test") if all(has_test) else None
+    if not os.path.exists(path):
+        raise ValueError(f"data file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        return _load_npz(path)
+    if ext == ".csv":
+        return _load_csv(path), None
+    if ext == ".npy":
+        raise ValueError(f"data file {path}: give the directory holding X.npy and y.npy")
+    raise ValueError(f"data file {path}: use a .npz, a .csv, or a directory of X.npy and y.npy")
+
+
+def _numeric_pair(path, X, y, names=("X", "y")):
+    for name, a in zip(names, (X, y)):
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: {name} must be numeric, got dtype {a.dtype}")
+    try:
+        return ArrayDataset(X, y)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {names[0]}/{names[1]}: {exc}") from None
+
+
+def _load_npz(path):
+    if _magic(path, len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+        raise ValueError(f"{path} is not an .npz file (write it with numpy.savez)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("X", "y") if k not in f.files]
+            if missing:
+                held = ", ".join(f.files) or "no arrays"
+                raise ValueError(f"{path} has no {' or '.join(missing)} (it holds {held}); "
+                                 "an .npz data file needs X and y, optionally X_test and y_test")
+            test_keys = [k for k in ("X_test", "y_test") if k in f.files]
+            if len(test_keys) == 1:
+                raise ValueError(f"{path} has {test_keys[0]} alone; give X_test and y_test both")
+            arrays = {k: f[k] for k in ("X", "y", *test_keys)}
+    except ValueError as exc:  # zip corruption, pickled (object) arrays, our own
+        raise ValueError(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    train = _numeric_pair(path, arrays["X"], arrays["y"])
+    if not test_keys:
+        return train, None
+    return train, _numeric_pair(path, arrays["X_test"], arrays["y_test"], ("X_test", "y_test"))
+
+
+def _load_csv(path):
+    with open(path, newline="") as f:
+        first = next(csv.reader(f), None)
+    if not first:
+        raise ValueError(f"{path} is empty")
+    header = not all(_is_number(cell) for cell in first)
+    names = [cell.strip().lower() for cell in first]
+    if len(first) < 2:
+        raise ValueError(f"{path} needs at least 2 columns (features, then a label)")
+    label = names.index("label") if header and "label" in names else len(first) - 1
+    try:
+        with warnings.catch_warnings():  # no data rows: said below as an error, not a warning
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2,
+                               dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{path} is not a numeric CSV: {_bad_cell(path, header)}") from None
+    if table.shape[0] == 0:
+        raise ValueError(f"{path} has no data rows")
+    y = table[:, label]
+    X = np.delete(table, label, axis=1)
+    if np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)  # whole numbers: class labels
+    return _numeric_pair(path, X, y)
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _bad_cell(path, header):
+    """Where numpy's parse failed, found again slowly (only on the error path)."""
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        width = None
+        for line, cells in enumerate(rows, start=1):
+            if header and line == 1:
+                width = len(cells)
+                continue
+            width = len(cells) if width is None else width
+            if len(cells) != width:
+                return f"line {line} has {len(cells)} columns, expected {width}"
+            for col, cell in enumerate(cells, start=1):
+                if not _is_number(cell):
+                    return f"line {line}, column {col} is {cell!r}"
+    return "numpy could not parse it"
 
 
 def _split(X, y, test_fraction, seed):
@@ -105,9 +303,17 @@ def synthetic(n_rows=10000, n_features=32, n_classes=4, noise=0.5, seed=0, test_
     return _split(X, y.astype(np.int64), test_fraction, seed)
 
 
+def block_range(n_rows, n_workers, worker):
+    """(lo, hi): ``worker``'s block is rows lo..hi-1, as numpy.array_split cuts them, computed
+    without an index array of every row."""
+    size, extra = divmod(n_rows, n_workers)
+    lo = worker * size + min(worker, extra)
+    return lo, lo + size + (worker < extra)
+
+
 def worker_block(n_rows, n_workers, worker):
     """Rows owned by ``worker``: block w of numpy.array_split(arange(n_rows), n_workers)."""
-    return np.array_split(np.arange(n_rows), n_workers)[worker]
+    return np.arange(*block_range(n_rows, n_workers, worker))
 
 
 class BatchStream:

@@ -1,13 +1,13 @@
-"""Models: the custom-model base class, Sequential, and ready-made MLP and linear models."""
+"""Models: the custom-model base class, Sequential, and ready-made MLP, CNN and linear models."""
 import numbers
 
 import numpy as np
 
 from .backend import xp
-from .layers import Dense, Layer, ReLU, Tanh
+from .layers import Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Reshape, Tanh
 from .losses import MSE, Loss, SoftmaxCrossEntropy
 
-__all__ = ["Model", "Sequential", "MLP", "SoftmaxRegression", "LinearRegression"]
+__all__ = ["Model", "Sequential", "MLP", "CNN", "SoftmaxRegression", "LinearRegression"]
 
 
 def _check_chunk(chunk):
@@ -96,27 +96,41 @@ class Sequential(Model):
                 )
         if not isinstance(loss, Loss):
             raise TypeError(f"loss must be a psframe.losses.Loss, got {type(loss).__name__}")
-        width = None
-        for i, layer in enumerate(layers):
-            try:
-                width = layer.out_features(width)
-            except ValueError as exc:
-                raise ValueError(f"layer {i}: {exc}") from None
         self.layers = layers
         self.loss = loss
-        self._n_outputs = width
+        out = self.out_features(None)
+        self._n_outputs = out[0] if isinstance(out, tuple) and len(out) == 1 else out
+        # Below the first parameterised layer no gradient is needed: backward stops there
+        # (len(layers) when no layer has parameters).
+        self.first_trained = next((i for i, layer in enumerate(layers) if layer.param_shapes()),
+                                   len(layers))
         # (local, global) parameter names per layer, fixed once here.
         self._names = [
             [(name, f"{i}.{name}") for name in layer.param_shapes()]
             for i, layer in enumerate(layers)
         ]
 
+    def out_features(self, in_features, stop=None):
+        """Shape of a sample after layers [0, stop): an int (flat), a tuple, or None."""
+        shape = in_features
+        for i, layer in enumerate(self.layers[:stop]):
+            try:
+                shape = layer.out_features(shape)
+            except ValueError as exc:
+                raise ValueError(f"layer {i}: {exc}") from None
+        return shape
+
     @property
     def n_features(self):
-        """Input width: the first Dense layer's n_in (None without one)."""
+        """Input width of flat rows: the first Dense layer's n_in, or a leading Reshape's
+        size (None without one, or when a layer before it changes the shape)."""
         for layer in self.layers:
             if isinstance(layer, Dense):
                 return layer.n_in
+            if isinstance(layer, Reshape):
+                return layer.size
+            if not layer.keeps_width:
+                return None
         return None
 
     @property
@@ -155,24 +169,31 @@ class Sequential(Model):
     def _layer_params(self, params, i):
         return {local: params[full] for local, full in self._names[i]}
 
-    def _forward(self, params, X, keep_caches):
+    def _forward(self, params, X):
+        """The training forward: outputs and every layer's cache."""
         caches = []
         h = X
         for i, layer in enumerate(self.layers):
             h, cache = layer.forward(self._layer_params(params, i), h)
-            if keep_caches:
-                caches.append(cache)
+            caches.append(cache)
         return h, caches
 
+    def _infer(self, params, X):
+        """The evaluation forward (evaluate, predict): no caches, no dropout."""
+        h = X
+        for i, layer in enumerate(self.layers):
+            h = layer.infer(self._layer_params(params, i), h)
+        return h
+
     def loss_and_grad(self, params, X, y):
-        out, caches = self._forward(params, X, keep_caches=True)
+        out, caches = self._forward(params, X)
         loss, loss_cache = self.loss.forward(out, y)
         d = self.loss.backward(loss_cache)
         grads = {}
-        for i in range(len(self.layers) - 1, -1, -1):
+        for i in range(len(self.layers) - 1, self.first_trained - 1, -1):
             layer = self.layers[i]
             lp = self._layer_params(params, i)
-            if i == 0 and isinstance(layer, Dense):
+            if i == self.first_trained and layer.can_skip_dx:
                 g, d = layer.backward(lp, caches[i], d, need_dx=False)
             else:
                 g, d = layer.backward(lp, caches[i], d)
@@ -181,8 +202,7 @@ class Sequential(Model):
         return float(loss), grads
 
     def predict(self, params, X):
-        out, _ = self._forward(params, X, keep_caches=False)
-        return self.loss.predict(out)
+        return self.loss.predict(self._infer(params, X))
 
     def evaluate(self, params, X, y, chunk=4096):
         chunk = _check_chunk(chunk)
@@ -193,7 +213,7 @@ class Sequential(Model):
         total, correct = 0.0, 0
         for lo in range(0, n, chunk):
             Xc, yc = X[lo:lo + chunk], y[lo:lo + chunk]
-            out, _ = self._forward(params, Xc, keep_caches=False)
+            out = self._infer(params, Xc)
             loss, _ = self.loss.forward(out, yc)
             total += float(loss) * Xc.shape[0]
             if scored:
@@ -202,15 +222,24 @@ class Sequential(Model):
 
     def validate_data(self, X, y):
         X = np.asarray(X) if xp(X) is np else X
-        if X.ndim != 2:
-            raise ValueError(f"data must be a 2-D array (rows x features); got shape {X.shape}")
+        if X.ndim < 2:
+            raise ValueError(
+                f"data must be a 2-D array (rows x features), or (rows, *sample shape) for a "
+                f"model that takes images; got shape {X.shape}"
+            )
         if X.shape[0] == 0:
             raise ValueError("data has no rows")
         n_features = self.n_features
-        if n_features is not None and X.shape[1] != n_features:
+        if X.ndim == 2 and n_features is not None and X.shape[1] != n_features:
             raise ValueError(
                 f"data has {X.shape[1]} features but the model's first layer expects {n_features}"
             )
+        sample = X.shape[1] if X.ndim == 2 else tuple(X.shape[1:])
+        try:
+            self.out_features(sample)
+        except ValueError as exc:
+            raise ValueError(f"data with samples of shape {sample} does not fit the model: "
+                             f"{exc}") from None
         if X.dtype.kind not in "iuf":
             raise ValueError(f"data must be numeric; got dtype {X.dtype}")
         if not bool(xp(X).isfinite(X).all()):
@@ -253,6 +282,50 @@ class MLP(Sequential):
     def __repr__(self):
         extra = "" if self.activation == "relu" else f", activation={self.activation!r}"
         return f"MLP({self.sizes}{extra})"
+
+
+class CNN(Sequential):
+    """Convolutions, ReLU and 2x2 max pooling per entry of ``channels``, then Dense layers of
+    ``hidden`` widths (ReLU, and Dropout(dropout) where dropout > 0) and softmax cross-entropy.
+
+    A Reshape(input_shape) comes first, so flat rows (such as ps.data.mnist's 784 pixels)
+    and images (N, C, H, W) both fit. Convolutions keep the size ("same" padding, odd
+    kernel). The defaults fit MNIST.
+    """
+
+    def __init__(self, input_shape=(1, 28, 28), n_classes=10, channels=(16, 32),
+                 kernel_size=5, hidden=(128,), dropout=0.5):
+        input_shape = tuple(int(d) for d in input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(f"CNN input_shape is (channels, height, width), got {input_shape}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"CNN kernel_size must be odd (same padding), got {kernel_size}")
+        layers = [Reshape(input_shape)]
+        c, h, w = input_shape
+        for out_c in channels:
+            layers += [Conv2D(c, out_c, kernel_size, padding=kernel_size // 2), ReLU(),
+                       MaxPool2D(2)]
+            c, h, w = out_c, h // 2, w // 2
+        layers.append(Flatten())
+        width = c * h * w
+        for n in hidden:
+            layers += [Dense(width, n), ReLU()]
+            width = n
+        if dropout:
+            layers.append(Dropout(dropout))
+        layers.append(Dense(width, n_classes))
+        super().__init__(layers, SoftmaxCrossEntropy())
+        self.config = dict(input_shape=input_shape, n_classes=int(n_classes),
+                           channels=tuple(int(k) for k in channels),
+                           kernel_size=int(kernel_size), hidden=tuple(int(n) for n in hidden),
+                           dropout=float(dropout))
+
+    def __repr__(self):
+        defaults = CNN.__init__.__defaults__
+        names = ("input_shape", "n_classes", "channels", "kernel_size", "hidden", "dropout")
+        extra = [f"{k}={v!r}" for k, v, d in zip(names, self.config.values(), defaults)
+                 if v != (tuple(d) if isinstance(d, tuple) else d)]
+        return f"CNN({', '.join(extra)})"
 
 
 class SoftmaxRegression(Sequential):

@@ -4,7 +4,6 @@ import time
 import numpy as np
 
 from .comm import Tag, wait
-from .layers import Dense
 from .metrics import Stopwatch
 from .models import Sequential
 from .worker import Worker
@@ -132,30 +131,29 @@ class StageWorker(Worker):
         # (local name, global name) per layer, so layers see their own parameter names.
         self.names = {i: list(zip(model.layers[i].param_shapes(), model.layer_param_names(i)))
                       for i in self.layer_ids}
-        self._in_width = self._width_before(self.layer_ids[0], X.shape[1])
-        self._out_width = self._width_before(self.layer_ids[-1] + 1, X.shape[1])
+        # Per-sample shapes of what comes in and goes out: (width,) or e.g. (C, H, W).
+        self._in_shape = self._shape_before(self.layer_ids[0], X.shape[1])
+        self._out_shape = self._shape_before(self.layer_ids[-1] + 1, X.shape[1])
         self.slices = [slice(int(mb[0]), int(mb[-1]) + 1) if len(mb) else slice(0, 0)
                        for mb in self.micro]  # the same micro-batches, as device-friendly slices
         dt = layout.dtype
         be = self.backend
         # Receive buffers of known shapes, one per micro-batch, allocated once: what MPI writes
         # and what the layers read (one array on NumPy; pinned host + device on a GPU).
-        self.act_in, self.act_dev = map(list, zip(*[be.buffers((len(mb), self._in_width), dt)
+        self.act_in, self.act_dev = map(list, zip(*[be.buffers((len(mb),) + self._in_shape, dt)
                                                     for mb in self.micro]))
-        self.grad_in, self.grad_dev = map(list, zip(*[be.buffers((len(mb), self._out_width), dt)
-                                                      for mb in self.micro]))
+        self.grad_in, self.grad_dev = map(list, zip(*[be.buffers((len(mb),) + self._out_shape,
+                                                                 dt) for mb in self.micro]))
         self.y_in = [be.empty((len(mb),) + y.shape[1:], y.dtype) for mb in self.micro]
         self.act_out = self.grad_out = None
         if self._staged:  # a GPU's outgoing activations and gradients leave through pinned memory
-            self.act_out = [be.pinned((len(mb), self._out_width), dt) for mb in self.micro]
-            self.grad_out = [be.pinned((len(mb), self._in_width), dt) for mb in self.micro]
+            self.act_out = [be.pinned((len(mb),) + self._out_shape, dt) for mb in self.micro]
+            self.grad_out = [be.pinned((len(mb),) + self._in_shape, dt) for mb in self.micro]
         self.idle = Stopwatch()
 
-    def _width_before(self, layer_index, n_features):
-        width = n_features
-        for layer in self.model.layers[:layer_index]:
-            width = layer.out_features(width)
-        return width
+    def _shape_before(self, layer_index, n_features):
+        shape = self.model.out_features(n_features, stop=layer_index)
+        return (shape,) if isinstance(shape, int) else tuple(shape)
 
     def _params_of(self, i):
         return {local: self.params[full] for local, full in self.names[i]}
@@ -268,9 +266,11 @@ class StageWorker(Worker):
                 d = self.grad_dev[i]
             for pos in reversed(range(len(self.layer_ids))):
                 j = self.layer_ids[pos]
+                if self.first and j < self.model.first_trained:
+                    break  # what lies below the first parameterised layer needs no gradient
                 layer = self.model.layers[j]
                 lp = self._params_of(j)
-                if self.first and pos == 0 and isinstance(layer, Dense):
+                if self.first and j == self.model.first_trained and layer.can_skip_dx:
                     grads, d = layer.backward(lp, caches[i][pos], d, need_dx=False)
                 else:
                     grads, d = layer.backward(lp, caches[i][pos], d)

@@ -14,7 +14,7 @@ import numpy as np
 from .backend import select_backend
 from .callbacks import CallbackList, PrintProgress
 from .checkpoint import CheckpointError, Checkpointer, load_checkpoint
-from .data import ArrayDataset, BatchStream, steps_per_epoch, worker_block
+from .data import ArrayDataset, BatchStream, block_range, steps_per_epoch
 from .dispatch import BatchDispatcher
 from .errors import ConfigError, TrainingInterrupted
 from .models import Model
@@ -127,6 +127,28 @@ def _as_dataset(data, what):
     raise TypeError(f"{what} must be a ps.data.ArrayDataset or an (X, y) pair, got {type(data)}")
 
 
+# Rows of a memory-mapped dataset that every rank checks, so that a feature-count or label
+# mismatch reads the same on all of them; past those, only the ranks that read the rows do.
+_HEAD_ROWS = 64
+
+
+def _check_data(world, model, dataset, what, readers):
+    """Finite, numeric, fitting the model. A dataset in memory is checked whole on every rank
+    (each holds it anyway); a lazy one (ps.data.NpyDataset) in chunks, by its readers only:
+    training data by the workers, worker w its block w, eval data by the server."""
+    if not dataset.lazy:
+        dataset.check(model, what)
+        return
+    n, head = len(dataset), min(len(dataset), _HEAD_ROWS)
+    dataset.check(model, what, (0, head))
+    rank, n_workers = world.Get_rank(), world.Get_size() - 1
+    if readers == "server" and rank == 0:
+        dataset.check(model, what, (head, n))
+    elif readers == "workers" and rank > 0:
+        lo, hi = block_range(n, n_workers, rank - 1)
+        dataset.check(model, what, (max(lo, head), hi))
+
+
 def _check_int(name, value, minimum=1, allow_none=False):
     if value is None and allow_none:
         return
@@ -184,12 +206,10 @@ def _validate(world, model, data, *, eval_data, mode, policy, optimizer, batch_s
     delay = _check_delay(delay, n_workers)
 
     train_set = _as_dataset(data, "data")
-    train_set.check_finite("training data")
-    model.validate_data(train_set.X, train_set.y)
+    _check_data(world, model, train_set, "training data", readers="workers")
     if eval_data is not None:
         eval_data = _as_dataset(eval_data, "eval_data")
-        eval_data.check_finite("eval data")
-        model.validate_data(eval_data.X, eval_data.y)
+        _check_data(world, model, eval_data, "eval data", readers="server")
 
     params = model.init_params(np.random.default_rng(seed))
     layout = ParamLayout.from_params(params, dtype, shard_elems or DEFAULT_SHARD_ELEMS)
@@ -464,13 +484,16 @@ def _build_worker(comm, run):
     if run["dispatcher"] is not None:  # any worker may get any batch: it keeps every row
         rows, stream, steps = slice(None), run["dispatcher"], None
     else:
-        rows = worker_block(len(run["train"]), par["replicas"], replica)
-        stream = BatchStream(np.arange(len(rows)), run["batch_size"], run["shuffle"],
+        # A slice, not an index array: on a memory-mapped dataset it reads just the block.
+        lo, hi = block_range(len(run["train"]), par["replicas"], replica)
+        rows = slice(lo, hi)
+        stream = BatchStream(np.arange(hi - lo), run["batch_size"], run["shuffle"],
                              run["seed"], replica)
         steps = run["steps"]
     start_step = 0
     if run["resume"] is not None:  # the data position is the worker's clock
         start_step = run["resume"][0]["groups"][stage]["clocks"][replica]
+    _distinct_masks(run["model"], run["seed"], index)
     X = np.ascontiguousarray(run["train"].X[rows], dtype=run["dtype"])
     y = np.ascontiguousarray(_labels(run["model"], run["train"].y[rows], run["dtype"]))
     common = (comm, 0, index, run["layout"], run["model"], run["backend"], X, y, stream, steps)
@@ -483,6 +506,15 @@ def _build_worker(comm, run):
                        n_stages=par["n_stages"], prev_rank=rank - 1 if stage else None,
                        next_rank=rank + 1 if stage < par["n_stages"] - 1 else None,
                        micro_batches=par["micro_batches"], **options)
+
+
+def _distinct_masks(model, seed, worker):
+    """Each worker's dropout masks from a stream of its own, seeded by (run seed, worker):
+    every rank builds the same model, so without this all workers would draw the same masks."""
+    for layer in getattr(model, "layers", ()):
+        reseed = getattr(layer, "reseed", None)
+        if reseed is not None:
+            reseed(seed, worker)
 
 
 def _labels(model, y, dtype):
