@@ -64,6 +64,7 @@ OPTIONS = dict(policy=ps.Sync(), optimizer=ps.SGD(lr=0.1, momentum=0.9), batch_s
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+@pytest.mark.mpi(min_size=3)  # with one worker its block is the whole file: nothing to bound
 def test_each_worker_reads_its_block_and_trains_as_in_memory(shared_dir):
     X, y = blobs(49152, 128)  # 48 MiB of float64 features
     path = write(shared_dir, "big", X, y)
