@@ -33,7 +33,8 @@ def plan_stages(model, n_stages, batch_size, stages=None):
     if not isinstance(model, Sequential):
         raise ValueError(
             f"model and hybrid modes cut a ps.Sequential (or MLP) into stages; "
-            f"{type(model).__name__} has no layers to cut"
+            f"{type(model).__name__} has no layers to cut (ps.TorchModel trains in "
+            "mode='data' only)"
         )
     n_layers = len(model.layers)
     has_params = [bool(layer.param_shapes()) for layer in model.layers]

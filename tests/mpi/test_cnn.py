@@ -6,6 +6,7 @@ from mpi4py import MPI
 
 import psframe as ps
 from serial_reference import worker_rows
+from torch_reference import torch_twin
 
 pytestmark = [pytest.mark.mpi(min_size=3)]
 
@@ -25,35 +26,6 @@ def images(n_rows=47, seed=1):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n_rows)
     return rng.normal(size=(3, 64))[y] + 0.5 * rng.normal(size=(n_rows, 64)), y
-
-
-def torch_twin(model, params):
-    """The model in torch (float64) with psframe's starting weights."""
-    mods = []
-    for layer in model.layers:
-        if isinstance(layer, ps.layers.Reshape):
-            mods.append(torch.nn.Unflatten(1, layer.shape))
-        elif isinstance(layer, ps.layers.Conv2D):
-            mods.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
-                                        layer.kernel_size, layer.stride, layer.padding))
-        elif isinstance(layer, ps.layers.MaxPool2D):
-            mods.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
-        elif isinstance(layer, ps.layers.ReLU):
-            mods.append(torch.nn.ReLU())
-        elif isinstance(layer, ps.layers.Flatten):
-            mods.append(torch.nn.Flatten())
-        elif isinstance(layer, ps.layers.Dense):
-            mods.append(torch.nn.Linear(layer.n_in, layer.n_out))
-        else:
-            raise TypeError(layer)
-    net = torch.nn.Sequential(*mods).double()
-    with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            if layer.param_shapes():
-                W = params[f"{i}.W"]
-                net[i].weight.copy_(torch.tensor(W.T if isinstance(layer, ps.layers.Dense) else W))
-                net[i].bias.copy_(torch.tensor(params[f"{i}.b"]))
-    return net
 
 
 def serial_torch(model, init, X, y, n_pipelines):

@@ -8,6 +8,7 @@ import pytest
 from mpi4py import MPI
 
 import psframe as ps
+from mapped_memory import mapped_bytes
 from psframe.data import block_range
 
 pytestmark = pytest.mark.mpi
@@ -37,19 +38,6 @@ def write(directory, name, X, y):
         np.save(os.path.join(path, "y.npy"), y)
     WORLD.Barrier()
     return path
-
-
-def mapped_bytes(path):
-    """Bytes of ``path`` mapped into this process's memory: the pages it has touched."""
-    real, total, current = os.path.realpath(path), 0, None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                current = fields[5] if len(fields) > 5 else None
-            elif fields[0] == "Rss:" and current == real:
-                total += int(fields[1]) * 1024
-    return total
 
 
 def blobs(n_rows, n_features, n_classes=4, seed=3):

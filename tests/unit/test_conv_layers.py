@@ -8,6 +8,7 @@ from psframe.layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU, Res
 from psframe.losses import SoftmaxCrossEntropy
 from psframe.models import CNN, MLP, Sequential
 from test_layers import check_layer
+from torch_reference import torch_twin
 
 torch.set_num_threads(1)
 
@@ -239,35 +240,6 @@ def test_layers_keep_the_dtype(dtype):
         assert y.dtype == dtype and dx.dtype == dtype, layer
         assert layer.infer(params, x).dtype == dtype, layer
         assert all(g.dtype == dtype for g in grads.values()), layer
-
-
-def torch_twin(model, params):
-    """The same network in torch with psframe's weights (Dense W transposed into Linear)."""
-    mods = []
-    for layer in model.layers:
-        if isinstance(layer, Reshape):
-            mods.append(torch.nn.Unflatten(1, layer.shape))
-        elif isinstance(layer, Conv2D):
-            mods.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
-                                        layer.kernel_size, layer.stride, layer.padding))
-        elif isinstance(layer, MaxPool2D):
-            mods.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
-        elif isinstance(layer, ReLU):
-            mods.append(torch.nn.ReLU())
-        elif isinstance(layer, Flatten):
-            mods.append(torch.nn.Flatten())
-        elif isinstance(layer, Dense):
-            mods.append(torch.nn.Linear(layer.n_in, layer.n_out))
-        else:
-            raise TypeError(layer)
-    net = torch.nn.Sequential(*mods).double()
-    with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            if layer.param_shapes():
-                W = params[f"{i}.W"]
-                net[i].weight.copy_(torch.tensor(W.T if isinstance(layer, Dense) else W))
-                net[i].bias.copy_(torch.tensor(params[f"{i}.b"]))
-    return net
 
 
 def test_cnn_loss_and_grad_matches_torch():

@@ -5,25 +5,13 @@ import numpy as np
 import pytest
 
 import psframe as ps
+from mapped_memory import mapped_bytes
 from psframe import cli, config
 from psframe.data import NpyDataset, block_range, from_file
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(30, 4))
 Y = np.arange(30) % 3
-
-
-def mapped_bytes(path):
-    """Bytes of ``path`` mapped into this process's memory (its pages touched, not its size)."""
-    real, total, current = os.path.realpath(path), 0, None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                current = fields[5] if len(fields) > 5 else None
-            elif fields[0] == "Rss:" and current == real:
-                total += int(fields[1]) * 1024
-    return total
 
 
 needs_smaps = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
