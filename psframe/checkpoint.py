@@ -6,6 +6,7 @@ file is written to a temporary name, fsynced, then renamed, and the manifest goe
 manifest on disk always names a complete npz. A crash at any moment leaves the previous
 checkpoint intact.
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -33,13 +34,20 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def _write_atomic(path, write):
+def write_atomic(path, write):
+    """``write(f)`` into a temporary file, fsync it, rename it to ``path``: a reader (or a
+    crash) never sees half a file. The temporary file is removed if writing fails."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _sha256(path):
@@ -67,7 +75,7 @@ class Checkpointer:
         """``arrays``: name -> ndarray; ``state``: JSON-able clocks, samples, history."""
         os.makedirs(self.directory, exist_ok=True)
         stem = os.path.join(self.directory, f"ckpt-{version:08d}")
-        _write_atomic(stem + ".npz", lambda f: np.savez(f, **arrays))
+        write_atomic(stem + ".npz", lambda f: np.savez(f, **arrays))
         manifest = {
             "format": FORMAT,
             "version": version,
@@ -78,7 +86,7 @@ class Checkpointer:
             **self.meta,
             **state,
         }
-        _write_atomic(stem + ".json",
+        write_atomic(stem + ".json",
                       lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         _fsync_dir(self.directory)
         self.last_path = stem + ".json"

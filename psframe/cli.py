@@ -117,21 +117,17 @@ def save_weights(path, params):
 
     import numpy as np
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    from .checkpoint import write_atomic
+
+    def write(f):
         # The layout np.savez writes, done by hand: np.savez(f, **params) would take a
         # parameter named "file" or "allow_pickle" for its own argument.
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, value in params.items():
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+
+    write_atomic(path, write)
     return path
 
 

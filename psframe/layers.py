@@ -376,10 +376,9 @@ class Conv2D(Layer):
         # cols @ g.T, not g @ cols.T: BLAS runs this long-K product faster untransposed.
         dW = m.ascontiguousarray((cols @ g.T).T)
         grads = {"W": dW.reshape(params["W"].shape), "b": g.sum(axis=1)}
+        self._give(cols)  # only its shape and dtype are needed below
         if not need_dx:
-            self._give(cols)
             return grads, None
-        self._give(cols)
         dcols = m.matmul(W.T, g, out=self._scratch_zeros("dcols", m, cols.shape, cols.dtype))
         return grads, self._col2im(dcols, geometry)
 
@@ -498,9 +497,9 @@ class Dropout(Layer):
     In evaluation (``infer``: Sequential's evaluate and predict) it is the identity. The
     masks come from the layer's own generator, advanced by every training forward, so each
     step draws a fresh mask. ``init_params`` reseeds it from the run's generator and the
-    layer's ``seed``: masks are reproducible from ``ps.train``'s seed. Every worker builds
-    its model from the same seed, so worker w's mask at its step t is the same array on
-    every worker (their batches differ); ``reseed(seed, worker)`` makes them distinct.
+    layer's ``seed``: masks are reproducible from ``ps.train``'s seed. Every rank builds
+    the same model, so ``ps.train`` then calls ``reseed(seed, worker)`` on each worker: each
+    draws masks of its own.
     """
 
     def __init__(self, p=0.5, seed=0):

@@ -18,8 +18,8 @@ import numpy as np
 
 from .errors import ProtocolError
 
-__all__ = ["Policy", "Sync", "Async", "SSP", "Mixed", "PushDecision", "DelayCompensation", "delay_compensate",
-           "policy_from_spec", "SCALES"]
+__all__ = ["Policy", "Sync", "Async", "SSP", "Mixed", "PushDecision", "DelayCompensation",
+           "delay_compensate", "policy_from_spec", "SCALES"]
 
 # How an on-arrival policy weights each push (a positive number is a fixed weight):
 #   "auto"       1/N for N workers: a round of N pushes moves the weights as far as one Sync
@@ -55,6 +55,11 @@ class PushDecision:
     release: tuple = ()
 
 
+def _positive_number(value):
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and math.isfinite(value) and value > 0)
+
+
 def _check_scale(scale, staleness_lr, who):
     """The push scale a policy was given, with ``staleness_lr=True`` as "staleness"."""
     if staleness_lr:
@@ -67,8 +72,7 @@ def _check_scale(scale, staleness_lr, who):
             raise ValueError(f"{who}: scale must be one of {list(SCALES)} or a positive "
                              f"number, got {scale!r}")
         return scale
-    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-            or not math.isfinite(scale) or scale <= 0):
+    if not _positive_number(scale):
         raise ValueError(f"{who}: scale must be one of {list(SCALES)} or a positive number, "
                          f"got {scale!r}")
     return float(scale)
@@ -116,8 +120,7 @@ class DelayCompensation:
 
     def __init__(self, lam=2.0, adaptive=True, decay=0.95):
         for value, what in ((lam, "lam"), (decay, "decay")):
-            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                    or not math.isfinite(value) or value <= 0):
+            if not _positive_number(value):
                 raise ValueError(f"DelayCompensation({what}) needs a positive finite number, "
                                  f"got {value!r}")
         if decay >= 1:
@@ -324,14 +327,12 @@ class Sync(Policy):
         return None if self.backup else 1
 
     def describe(self, n_workers):
-        quorum = n_workers - self.backup
-        text = f"mean of each step's first {quorum} gradients" if self.backup else (
-            "mean of each step's gradients")
         if not self.backup:  # every step is whole under static dispatch: nothing to say
-            return text if self.scale == "auto" else text + " (raw)"
-        if self.scale == "auto":
-            return text + f"; a step short of {quorum} at the end weighted by gradients/{quorum}"
-        return text + "; short steps in full (raw)"
+            return "mean of each step's gradients" + ("" if self.scale == "auto" else " (raw)")
+        quorum = n_workers - self.backup
+        tail = (f"a step short of {quorum} at the end weighted by gradients/{quorum}"
+                if self.scale == "auto" else "short steps in full (raw)")
+        return f"mean of each step's first {quorum} gradients; {tail}"
 
     def __repr__(self):
         args = [f"backup={self.backup}"] if self.backup else []

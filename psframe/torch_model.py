@@ -1,6 +1,7 @@
 """ps.TorchModel: a torch.nn.Module whose weights psframe's parameter servers hold and update."""
 import contextlib
 import copy
+import warnings
 
 import numpy as np
 
@@ -231,8 +232,6 @@ class TorchModel(Model):
             # Under plain Sync a worker reads the server's weights in place, read-only. torch
             # warns it cannot honour that, but nothing here writes to them: the optimizer is
             # the server's, and gradients live in their own tensors.
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 return torch.from_numpy(a)
