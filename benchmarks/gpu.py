@@ -57,13 +57,6 @@ def data(n_rows, seed=0):
     return train
 
 
-class _Arrived:
-    """A request already complete: the step benchmark has no server, the weights are 'in'."""
-
-    def Test(self, status=None):
-        return True
-
-
 def time_worker_step(backend_name, batch, steps, warmup=3):
     """Median seconds of one worker step on this backend, and the step's loss at the end."""
     from psframe.worker import Worker
@@ -78,17 +71,13 @@ def time_worker_step(backend_name, batch, steps, warmup=3):
     # COMM_SELF with this rank as the "server": no messages, node_local_index gives 0.
     worker = Worker(MPI.COMM_SELF, 0, 0, layout, model, B.select_backend(backend_name), X, y,
                     stream, steps)
-    worker.weights[:] = layout.flatten(model.init_params(rng), out=layout.empty())
-    frames = layout.frames()
+    worker.set_weights(layout.flatten(model.init_params(rng), out=layout.empty()))
     times, loss = [], None
     with worker.backend.activate():
         for step in range(warmup + steps):
             t = time.perf_counter()
-            if worker._staged:
-                worker._land([_Arrived() for _ in frames], 0, layout.n_shards)
-            xb, yb = worker._gather(stream.rows(step))
-            loss, grads = model.loss_and_grad(worker.params, xb, yb)
-            worker._pack(grads, step)
+            worker.set_weights()  # the pulled weights on to the device, as every step does
+            loss, _ = worker.compute(step)
             worker.backend.synchronize()
             if step >= warmup:
                 times.append(time.perf_counter() - t)

@@ -7,8 +7,10 @@ import numpy as np
 from mpi4py import MPI
 
 import psframe as ps
-from psframe.comm import wait
-from psframe.runtime import _abort as abort_all_ranks
+from psframe.training import abort_job
+from psframe.transport import Waiter
+
+wait = Waiter().wait  # an oversubscribed rank's wait, as ps.train makes on 2 cores
 
 
 class SleepyModel(ps.Model):
@@ -56,7 +58,7 @@ def blocking_recv(comm, seconds, yielding):
     """Rank 0 receives one small message that rank 1 sends after ``seconds``; rank 0's share.
 
     yielding=False: plain blocking comm.Recv (what MPICH spins in).
-    yielding=True: an Irecv finished by psframe.comm.wait (polling with backoff).
+    yielding=True: an Irecv finished by psframe's Waiter.wait (polling with backoff).
     """
     buf = np.zeros(8, dtype=np.int64)
     quiet_barrier(comm)
@@ -106,7 +108,7 @@ def main():
         rows += [(f"psframe worker {i} (rank {i + 1}), whole ps.train call",
                   med([r["workers"][i] for r in runs])) for i in range(n_workers)]
         rows += [("baseline: blocking comm.Recv on rank 0", base),
-                 ("psframe.comm.wait on an Irecv on rank 0", med(yielding))]
+                 ("psframe's Waiter.wait on an Irecv on rank 0", med(yielding))]
         print(f"idle server: {n_workers} workers, loss_and_grad sleeps {args.sleep_ms:g} ms, "
               f"{args.steps} steps, Sync, threads=1; {args.repeats} repeats, medians; "
               f"run wall {med([r['server_wall'] for r in runs]):.2f} s; baselines wait as long; "
@@ -130,4 +132,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except Exception:  # one failing rank must not leave the others waiting in MPI
-        abort_all_ranks(MPI.COMM_WORLD)
+        abort_job(MPI.COMM_WORLD)

@@ -12,7 +12,7 @@ import time
 from mpi4py import MPI
 
 import psframe as ps
-from psframe.pipeline import gpipe_bubble
+from psframe.worker import gpipe_bubble
 
 
 def parse():

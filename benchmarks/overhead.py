@@ -90,10 +90,10 @@ def model_only(X, y, batch, steps, seed=0):
 # -- psframe side, run under mpiexec -n 2 ------------------------------------------------------
 def psframe_role(args):
     import psframe as ps
-    import psframe.comm
+    from psframe.transport import Waiter
 
     if args.spin:
-        psframe.comm._SPIN_TESTS = 1 << 62
+        Waiter.spin_tests = 1 << 62  # the diagnostic knob: every wait of this rank spins
     X, y = load_data(args.data)
     out = []
     for batch in args.batches:
@@ -145,7 +145,7 @@ def main():
     parser.add_argument("--no-bind", dest="bind", action="store_false",
                         help="do not bind the two ranks to a core each (mpiexec -bind-to core)")
     parser.add_argument("--spin", action="store_true",
-                        help="diagnostic: make psframe.comm.wait spin instead of sleeping")
+                        help="diagnostic: make every psframe wait spin instead of sleeping")
     parser.add_argument("--role", choices=("main", "psframe"), default="main",
                         help=argparse.SUPPRESS)
     args = parser.parse_args()

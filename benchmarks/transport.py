@@ -8,15 +8,15 @@ from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
 import psframe
-import psframe.comm
 from psframe.backend import NumpyBackend
 from psframe.data import BatchStream
-from psframe.optim import SGD, Optimizer
+from psframe.nn.optim import SGD, Optimizer
 from psframe.params import DEFAULT_SHARD_ELEMS, ParamLayout
 from psframe.policies import Sync
-from psframe.runtime import _abort as abort_all_ranks
-from psframe.runtime import _node_share as node_share
-from psframe.server import Group, ParameterServer
+from psframe.server import Group, ParameterServer, Recorder
+from psframe.training import abort_job
+from psframe.transport import Channel, Waiter
+from psframe.transport.topology import node_share
 from psframe.worker import Worker
 
 MiB = 1 << 20
@@ -85,31 +85,33 @@ def raw_round_trips(comm, bufs, warmup, reps):
 PATHS = {"messages": ("mpi", False), "shared": ("auto", True), "shared-copy": ("auto", False)}
 
 
-def psframe_round_trips(comm, layout, optimizer, warmup, reps, path="messages"):
+def psframe_round_trips(comm, waiter, layout, optimizer, warmup, reps, path="messages"):
     """Rank 0 runs a real ParameterServer (Sync, 1 worker); rank 1 times Worker.push_pull:
     a step's push and the next step's pull, as Worker.run does between two computes."""
     transport, read_master = PATHS[path]
     timed = warmup + reps
     steps = timed + 1  # the last step's push is a push alone
     model = FlatModel(layout.size)
+    channel = Channel(comm, layout, waiter)  # one waiter per rank, as ps.train makes
     comm.Barrier()
     if comm.Get_rank() == 0:
         weights = layout.flatten(model.init_params(None))
-        # As runtime._build_server does for data mode: one group holding every shard.
+        # As psframe.training.roles.build_server does for data mode: one group, every shard.
         group = Group(Sync().state(1), [0], (0, layout.n_shards))
-        server = ParameterServer(comm, layout, weights, model=model, optimizer=optimizer,
-                                 groups=[group], worker_ranks=[1], total_steps=steps,
-                                 epoch_samples=1 << 62,  # no history row per step
+        recorder = Recorder(model, layout, 1, total_steps=steps,
+                            epoch_samples=1 << 62)  # no history row per step
+        server = ParameterServer(channel, layout, weights, optimizer=optimizer,
+                                 groups=[group], worker_ranks=[1], recorder=recorder,
                                  transport=transport)
         server.run()
         server.release()
         return []
     X, y = np.zeros((2, 1), np.float32), np.zeros(2, np.int64)
     stream = BatchStream(np.arange(2), 1, False, 0, 0)
-    worker = Worker(comm, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps,
+    worker = Worker(channel, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps,
                     transport=transport, read_master=read_master)
-    if worker.shared != (path != "messages"):
-        raise RuntimeError(f"path {path!r} asked for, but the worker's shared={worker.shared}")
+    if (worker.path.name == "mpi") != (path == "messages"):
+        raise RuntimeError(f"path {path!r} asked for, but the worker's is {worker.path.name}")
     worker.grad[:] = 1e-3  # a finite gradient, or the server rejects the push
     times = []
     worker.pull(0)
@@ -119,7 +121,7 @@ def psframe_round_trips(comm, layout, optimizer, warmup, reps, path="messages"):
         if step >= warmup:
             times.append(time.perf_counter() - t)
     worker.push(timed, 0.0, 1)
-    worker._finish(time.perf_counter(), time.process_time(), steps)  # DONE, as Worker.run ends
+    worker.finish(time.perf_counter(), time.process_time(), steps)  # DONE, as Worker.run ends
     worker.release()
     return times
 
@@ -159,7 +161,7 @@ def server_compute_ms(layout, reps):
     return out
 
 
-def measure(comm, mb, shard_elems_list, args):
+def measure(comm, waiter, mb, shard_elems_list, args):
     """Interleave raw and psframe runs over args.rounds rounds; median of pooled samples.
     Keys: "raw", (optimizer, shard_elems) over messages, and (path, shard_elems) with SGD
     for the shared paths (default shard size only)."""
@@ -176,7 +178,8 @@ def measure(comm, mb, shard_elems_list, args):
                 samples.setdefault("raw", []).extend(
                     raw_round_trips(comm, bufs, args.warmup, args.reps))
                 samples.setdefault((name, s), []).extend(
-                    psframe_round_trips(comm, layout, optimizer, args.warmup, args.reps, path))
+                    psframe_round_trips(comm, waiter, layout, optimizer, args.warmup,
+                                        args.reps, path))
     samples = comm.bcast(samples, root=1)  # rank 1 holds the timings; a small pickle
     return {k: float(np.median(v)) for k, v in samples.items()}
 
@@ -201,11 +204,11 @@ def framed_round_trips(comm, bufs, n_frames, waiter, warmup, reps):
     return times
 
 
-def diagnose(comm, mb, args, out):
-    """No psframe server: the same frames waited by MPI Waitall and by psframe.comm.wait_all."""
+def diagnose(comm, waiter, mb, args, out):
+    """No psframe server: the same frames waited by MPI Waitall and by Waiter.wait_all."""
     bufs = [np.full(mb * MiB // 4, 0.5, np.float32) for _ in range(2)]
     waiters = (("MPI.Request.Waitall", MPI.Request.Waitall),
-               ("psframe.comm.wait_all", psframe.comm.wait_all))
+               ("Waiter.wait_all", waiter.wait_all))
     out("")
     out(f"diagnostic: raw {mb} MB round trip as 1 or {mb} Isend/Irecv frames each way "
         "(no psframe server)")
@@ -245,9 +248,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs per variant, interleaved; medians pool all rounds")
     parser.add_argument("--spin", action="store_true",
-                        help="diagnostic: make psframe.comm.wait spin instead of sleeping")
+                        help="diagnostic: make every psframe wait spin instead of sleeping")
     parser.add_argument("--diagnose", action="store_true",
-                        help="also time raw 1 MiB frames waited by MPI vs by psframe.comm")
+                        help="also time raw 1 MiB frames waited by MPI vs by psframe's Waiter")
     args = parser.parse_args()
 
     comm = MPI.COMM_WORLD.Dup()
@@ -256,9 +259,9 @@ def main():
             print("run with: mpiexec -n 2 python benchmarks/transport.py", file=sys.stderr)
         return 2
     local_ranks, cores = node_share(comm)
-    psframe.comm.configure_waits(oversubscribed=local_ranks > cores)  # as ps.train does
     if args.spin:
-        psframe.comm._SPIN_TESTS = 1 << 62
+        Waiter.spin_tests = 1 << 62  # the diagnostic knob, set before any waiter is made
+    waiter = Waiter(oversubscribed=local_ranks > cores)  # as ps.train makes
     root = comm.Get_rank() == 0
     out = (lambda *a: print(*a, flush=True)) if root else (lambda *a: None)
     t_start = time.perf_counter()
@@ -266,7 +269,7 @@ def main():
     out(f"psframe transport: {MPI.Get_library_version().splitlines()[0].strip()}, "
         f"{args.rounds} rounds x {args.reps} reps (+{args.warmup} warmup), medians; "
         f"model = {N_TENSORS} float32 tensors; Sync policy, 1 worker"
-        + ("; comm.wait SPINS (diagnostic)" if args.spin else ""))
+        + ("; waits SPIN (diagnostic)" if args.spin else ""))
     out("round trip = rank 1 sends the model's bytes to rank 0 and gets them back "
         "(psframe: Worker.push_pull, one request); GB/s = 2 x bytes / time")
 
@@ -278,7 +281,7 @@ def main():
             shards = [DEFAULT_SHARD_ELEMS]
             if mb in args.sweep_sizes:
                 shards += [s for s in args.shards if s != DEFAULT_SHARD_ELEMS]
-            results[mb] = measure(comm, mb, shards, args)
+            results[mb] = measure(comm, waiter, mb, shards, args)
             if root:
                 for shard in shards:
                     parts[mb, shard] = server_compute_ms(make_layout(mb, shard), args.reps)
@@ -340,7 +343,7 @@ def main():
                         f"{r['raw'] / full:6.2f} | {noapp * 1e3:11.2f} {r['raw'] / noapp:6.2f} | "
                         f"{r['raw'] * 1e3:6.2f} | {mean:7.2f} {sgd:7.2f}")
         if args.diagnose:
-            diagnose(comm, max(args.sizes), args, out)
+            diagnose(comm, waiter, max(args.sizes), args, out)
     out(f"\ntotal {time.perf_counter() - t_start:.1f} s")
     comm.Free()
     return 0
@@ -350,4 +353,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except Exception:  # one failing rank must not leave the others waiting in MPI
-        abort_all_ranks(MPI.COMM_WORLD)
+        abort_job(MPI.COMM_WORLD)

@@ -5,10 +5,12 @@ import os
 
 import numpy as np
 
+from . import env
+
 __all__ = ["xp", "NumpyBackend", "CupyBackend", "select_backend", "resolve_name",
            "probe_cupy", "mpi_cuda_aware", "BACKENDS", "ENV_VAR"]
 
-ENV_VAR = "PSFRAME_BACKEND"
+ENV_VAR = env.BACKEND
 BACKENDS = ("auto", "numpy", "cupy")
 
 
@@ -237,8 +239,7 @@ def resolve_name(name="auto", environ=None):
     name = _check_name(name, "backend")
     if name != "auto":
         return name
-    environ = os.environ if environ is None else environ
-    return _check_name(environ.get(ENV_VAR) or "auto", f"${ENV_VAR}")
+    return _check_name(env.backend(environ) or "auto", f"${ENV_VAR}")
 
 
 def _check_name(value, where):

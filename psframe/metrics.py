@@ -1,9 +1,13 @@
 """Run metrics: server counters, staleness histogram, history, and the TrainResult users get."""
+from __future__ import annotations
+
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Dict
 
-__all__ = ["ServerStats", "TrainResult", "Stopwatch"]
+__all__ = ["ServerStats", "TrainResult", "Stopwatch", "jsonable"]
 
 
 class Stopwatch:
@@ -82,10 +86,10 @@ class TrainResult:
     config: dict = field(default_factory=dict)
 
     @property
-    def final(self):
+    def final(self) -> Dict[str, Any]:
         return self.history[-1] if self.history else {}
 
-    def summary(self):
+    def summary(self) -> str:
         s, c, last = self.stats, self.config, self.final
         rows = [
             ("mode / policy", f"{c.get('mode')} / {c.get('policy')}"),
@@ -121,3 +125,16 @@ def _paths(per_worker):
 
 def _num(x):
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def jsonable(obj):
+    """``obj`` with numpy scalars as numbers, tuples as lists, and NaN/inf as null: strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy scalar or array
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from psframe import bench_results, bench_spec
+from psframe.bench import results as bench_results
+from psframe.bench import spec as bench_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -356,7 +357,7 @@ def test_straggler_factor_adds_undelayed_steps():
 def test_baseline_mlp_gradient_matches_psframe():
     import psframe as ps
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "baselines"))
+    sys.path.insert(0, os.path.join(ROOT, "psframe", "bench", "baselines"))
     try:
         from mlp import MLP
     finally:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from psframe import launch, progress
+from psframe.cli import progress
+from psframe.training import launch
 from psframe.metrics import ServerStats, TrainResult
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,7 +100,7 @@ def test_find_mpiexec_prefers_override_then_this_venv():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_libmpi_is_found_without_starting_mpi():
     # In a child: finding libmpi loads mpi4py.MPI with initialization off, for good.
-    code = ("from psframe import launch; d = launch._libmpi_dirs(); from mpi4py import MPI; "
+    code = ("from psframe.training import launch; d = launch._libmpi_dirs(); from mpi4py import MPI; "
             "print(d[0] if d else ''); print(MPI.Is_initialized())")
     proc = run([sys.executable, "-c", code], timeout=30)
     lib_dir, initialized = proc.stdout.split("\n")[:2]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from psframe.checkpoint import load_checkpoint
+from psframe.server.checkpoints import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "tests", "scripts")

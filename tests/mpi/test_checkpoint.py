@@ -7,7 +7,7 @@ import pytest
 from mpi4py import MPI
 
 import psframe as ps
-from psframe.checkpoint import load_checkpoint
+from psframe.server.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.mpi
 

@@ -4,7 +4,7 @@ import pytest
 from mpi4py import MPI
 
 import psframe as ps
-from psframe.pipeline import gpipe_bubble, plan_stages
+from psframe.worker import gpipe_bubble, plan_stages
 from serial_reference import SerialSGD, mlp_init, mlp_loss_and_grad, serial_sync
 
 pytestmark = pytest.mark.mpi(min_size=3)

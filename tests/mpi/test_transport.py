@@ -5,7 +5,7 @@ import pytest
 from mpi4py import MPI
 
 import psframe as ps
-import psframe.shm
+import psframe.transport.shm
 from serial_reference import SerialSGD, mlp_init, mlp_loss_and_grad, serial_sync
 
 pytestmark = pytest.mark.mpi
@@ -22,9 +22,11 @@ def blobs(n_rows=83, seed=2):
 
 
 class CopyingSync(ps.Sync):
-    """Sync's steps, but not plain Sync: workers get their own copy of the weights instead of
-    reading the server's (only plain Sync without backups may), so the copy path is checked
+    """Sync's steps, but not declared lockstep: workers get their own copy of the weights
+    instead of reading the server's (only a lockstep policy's may), so the copy path is checked
     against serial SGD at every world size."""
+
+    lockstep = False
 
 
 def run_and_compare(policy, transport, steps=8, batch=6):
@@ -78,7 +80,7 @@ def test_async_one_worker_copy_path_equals_serial():
 
 
 def test_no_room_in_shared_memory_falls_back_to_messages(monkeypatch):
-    monkeypatch.setattr(psframe.shm, "_shm_free_bytes", lambda: 0)
+    monkeypatch.setattr(psframe.transport.shm, "_shm_free_bytes", lambda: 0)
     result = run_and_compare(ps.Sync(), "auto")
     if result is not None:
         assert result.stats["worker_transport"] == ["mpi"] * N_WORKERS

@@ -2,22 +2,22 @@
 import numpy as np
 from mpi4py import MPI
 
-from psframe.comm import Channel, Field, Op, Tag, new_header
-from psframe.optim import SGD
+from psframe.nn.optim import SGD
 from psframe.params import ParamLayout
 from psframe.policies import Sync
 from psframe.server import Group, ParameterServer
+from psframe.transport import Channel, Field, Op, Tag, new_header
 
 comm = MPI.COMM_WORLD
 layout = ParamLayout({"w": (10,)})
 if comm.rank == 0:
-    server = ParameterServer(comm, layout, np.zeros(10, np.float32), model=None,
+    server = ParameterServer(comm, layout, np.zeros(10, np.float32),
                              optimizer=SGD(lr=0.1), groups=[Group(Sync().state(1), [0], (0, 1))],
                              worker_ranks=[1])
     try:
         server.run()
     except Exception:
-        assert np.all(server.w == 0.0), "weights changed by a refused push"
+        assert np.all(server.weights == 0.0), "weights changed by a refused push"
         raise
 else:
     h = new_header()

@@ -13,7 +13,7 @@ class AnswersEarlyState(PolicyState):
         return True  # never holds a pull
 
     def push(self, worker, clock, pulled_version, accepted=True):
-        self._count_push(worker, clock)
+        self.count_push(worker, clock)
         return PushDecision(accumulate=True, release=self.releasable())  # never applies
 
 

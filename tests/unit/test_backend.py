@@ -349,9 +349,9 @@ class _Arrived:
 
 @pytest.fixture
 def worker_parts(monkeypatch):
-    import psframe.worker
+    import psframe.worker.worker
 
-    monkeypatch.setattr(psframe.worker, "node_local_index", lambda comm, server: 0)
+    monkeypatch.setattr(psframe.worker.worker, "node_local_index", lambda comm, server: 0)
     model = MLP([6, 8, 8, 3])
     rng = np.random.default_rng(1)
     # shard_elems 20: several frames, so weights land frame by frame
@@ -401,7 +401,7 @@ def test_worker_step_on_the_device_matches_numpy(install, monkeypatch, worker_pa
 
 @pytest.mark.parametrize("micro_batches", [1, 3])
 def test_pipeline_stage_on_the_device_matches_numpy(install, worker_parts, micro_batches):
-    from psframe.pipeline import StageWorker
+    from psframe.worker import StageWorker
 
     install(fake_cupy())
     model, layout = worker_parts[:2]

@@ -5,7 +5,8 @@ import json
 import pytest
 
 import psframe as ps
-from psframe import cli, config
+from psframe.cli import app as cli
+from psframe.training import config
 
 
 def write(tmp_path, text, name="run.toml"):

@@ -339,12 +339,10 @@ def test_training_steps_reuse_the_conv_buffers():
 def test_each_worker_draws_its_own_dropout_masks():
     # Every rank builds the same model from the same seed; the runtime reseeds each worker's
     # Dropout layers by (run seed, worker index), so the workers' masks differ.
-    from psframe.runtime import _distinct_masks
-
     def mask(seed, worker):
         model = Sequential([Dense(4, 6), Dropout(0.5)], SoftmaxCrossEntropy())
         model.init_params(np.random.default_rng(0))
-        _distinct_masks(model, seed, worker)
+        model.reseed(seed, worker)  # what the runtime does on worker `worker`
         y, _ = model.layers[1].forward({}, np.ones((8, 6)))
         return y
     np.testing.assert_array_equal(mask(0, 1), mask(0, 1))

@@ -6,7 +6,8 @@ import pytest
 
 import psframe as ps
 from mapped_memory import mapped_bytes
-from psframe import cli, config
+from psframe.cli import app as cli
+from psframe.training import config
 from psframe.data import NpyDataset, block_range, from_file
 
 RNG = np.random.default_rng(0)

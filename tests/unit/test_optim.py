@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import psframe as ps
-import psframe.optim
-from psframe.optim import SGD, Adam
+import psframe.nn.optim
+from psframe.nn.optim import SGD, Adam
 
 W0 = [1.0, -2.0]
 GRADS = [[0.5, 1.0], [0.25, -1.0], [1.0, 0.0]]
@@ -283,7 +283,7 @@ def test_chunked_scratch_gives_the_same_steps(monkeypatch, make):
     grads = [rng.normal(size=hi - lo) for _ in range(3)]
     results = []
     for chunk in (1 << 18, 7):
-        monkeypatch.setattr(psframe.optim, "SCRATCH_ELEMS", chunk)
+        monkeypatch.setattr(psframe.nn.optim, "SCRATCH_ELEMS", chunk)
         opt = make()
         state = opt.init_state(n, np.float64)
         w = np.linspace(-1, 1, n)

@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-from psframe import bench_metrics, bench_results, report
+from psframe.bench import metrics as bench_metrics
+from psframe.bench import report
+from psframe.bench import results as bench_results
 
 
 def record(system="psframe", policy="sync", mode="data", workers=2, straggler="none", seed=0,

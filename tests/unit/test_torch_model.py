@@ -11,7 +11,7 @@ from torch import nn
 
 import psframe as ps
 from psframe.params import ParamLayout
-from psframe.runtime import _labels
+from psframe.training.roles import labels_for as _labels
 
 
 def conv_net(seed=0):

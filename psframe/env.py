@@ -1,0 +1,69 @@
+"""Every PSFRAME_* environment variable psframe reads, named and parsed in this one place."""
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Mapping, Optional
+
+__all__ = ["BACKEND", "CACHE", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "TTY", "YIELD_S",
+           "VARIABLES", "backend", "cache_dir", "launched", "mpiexec", "mpiexec_args",
+           "tty_columns", "yield_s"]
+
+BACKEND = "PSFRAME_BACKEND"  # the worker array backend when train(backend="auto")
+CACHE = "PSFRAME_CACHE"  # where downloaded datasets are kept
+MPIEXEC = "PSFRAME_MPIEXEC"  # the mpiexec `psframe train -n N` and `psframe bench` start
+MPIEXEC_ARGS = "PSFRAME_MPIEXEC_ARGS"  # extra mpiexec arguments, split as a shell would
+# Set in the ranks psframe starts: even if their MPI sets no rank variable, they must train,
+# never launch again.
+LAUNCHED = "PSFRAME_LAUNCHED"
+# Terminal width of the launching shell, when its stdout is a terminal: the ranks' stdout is
+# a pipe to mpiexec, so they cannot see for themselves that a person is watching.
+TTY = "PSFRAME_TTY"
+YIELD_S = "PSFRAME_YIELD_S"  # oversubscribed waits: how long to sched_yield before sleeping
+
+VARIABLES = (BACKEND, CACHE, MPIEXEC, MPIEXEC_ARGS, LAUNCHED, TTY, YIELD_S)
+
+
+def _env(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def backend(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """$PSFRAME_BACKEND, or None when unset or empty."""
+    return _env(environ).get(BACKEND) or None
+
+
+def cache_dir(environ: Optional[Mapping[str, str]] = None) -> str:
+    """$PSFRAME_CACHE, else $XDG_CACHE_HOME/psframe, else ~/.cache/psframe."""
+    env = _env(environ)
+    return env.get(CACHE) or os.path.join(
+        env.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "psframe")
+
+
+def mpiexec(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """$PSFRAME_MPIEXEC, the mpiexec to use instead of searching, or None."""
+    return _env(environ).get(MPIEXEC) or None
+
+
+def mpiexec_args(environ: Optional[Mapping[str, str]] = None) -> list:
+    """$PSFRAME_MPIEXEC_ARGS as arguments, split with shell quoting rules."""
+    return shlex.split(_env(environ).get(MPIEXEC_ARGS, ""))
+
+
+def launched(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether psframe started this process as a rank."""
+    return LAUNCHED in _env(environ)
+
+
+def tty_columns(environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The launching terminal's width, or None when the launcher's stdout was no terminal."""
+    try:
+        return int(_env(environ)[TTY])
+    except (KeyError, ValueError):
+        return None
+
+
+def yield_s(default: float, environ: Optional[Mapping[str, str]] = None) -> float:
+    """$PSFRAME_YIELD_S in seconds, else ``default``."""
+    value = _env(environ).get(YIELD_S)
+    return float(value) if value else default

@@ -1,0 +1,379 @@
+"""Models: the custom-model base class, Sequential, and ready-made MLP, CNN and linear models."""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..backend import xp
+from .layers import Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Reshape, Tanh
+from .losses import MSE, Loss, SoftmaxCrossEntropy
+
+__all__ = ["Model", "Sequential", "MLP", "CNN", "SoftmaxRegression", "LinearRegression"]
+
+
+def _check_chunk(chunk):
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk <= 0:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    return int(chunk)
+
+
+def _integer_valued(y):
+    if y.dtype.kind in "iub":
+        return True
+    if y.dtype.kind != "f":
+        return False
+    m = xp(y)
+    return bool(m.isfinite(y).all()) and bool((y == m.floor(y)).all())
+
+
+def _count_equal(pred, y):
+    pred = pred.reshape(-1) if pred.size == y.shape[0] else pred
+    return int((pred == y).sum())
+
+
+class Model:
+    """Base class for custom models.
+
+    Subclasses implement ``init_params(rng) -> dict[str, array]`` and
+    ``loss_and_grad(params, X, y) -> (float, dict[str, array])``, and may
+    implement ``predict(params, X)`` and ``validate_data(X, y)``.
+
+    What the runtime asks a model, declared here and never inferred from its class:
+    ``classification`` (labels are class indices: they travel as int64) and
+    ``can_pipeline`` (modes model and hybrid may cut it into stages; such a model also
+    provides ``layers``, ``layer_param_names(i)``, ``out_features(n, stop)`` and
+    ``first_trained``, as Sequential does). ``reseed(seed, worker)`` gives each worker its own
+    random stream (dropout masks); the default has none to give.
+    """
+
+    can_pipeline = False
+    classification = False  # labels are class indices (integer labels are taken as such anyway)
+
+    def reseed(self, seed: int, worker: int) -> None:
+        """Give worker ``worker`` of a run seeded ``seed`` a random stream of its own."""
+
+    def init_params(self, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement init_params(rng) returning a dict "
+            "of parameter name -> numpy array"
+        )
+
+    def loss_and_grad(self, params: Dict[str, Any], X: Any,
+                      y: Any) -> Tuple[float, Dict[str, Any]]:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement loss_and_grad(params, X, y) returning "
+            "(loss as float, dict of gradients with the same names as the parameters)"
+        )
+
+    def predict(self, params: Dict[str, Any], X: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement predict(params, X)"
+        )
+
+    def has_predict(self) -> bool:
+        """Whether a subclass provides ``predict`` (accuracy needs it)."""
+        return type(self).predict is not Model.predict
+
+    def validate_data(self, X: Any, y: Any) -> None:
+        return None
+
+    def evaluate(self, params: Dict[str, Any], X: Any, y: Any,
+                 chunk: int = 4096) -> Dict[str, Optional[float]]:
+        """Mean loss over ``X`` (in chunks) and accuracy where it is defined, else None."""
+        chunk = _check_chunk(chunk)
+        n = X.shape[0]
+        if n == 0:
+            raise ValueError("cannot evaluate on an empty data set")
+        scored = self.has_predict() and _integer_valued(y)
+        total, correct = 0.0, 0
+        for lo in range(0, n, chunk):
+            Xc, yc = X[lo:lo + chunk], y[lo:lo + chunk]
+            loss, _ = self.loss_and_grad(params, Xc, yc)
+            total += float(loss) * Xc.shape[0]
+            if scored:
+                correct += _count_equal(self.predict(params, Xc), yc)
+        return {"loss": total / n, "accuracy": correct / n if scored else None}
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Sequential(Model):
+    """A chain of layers followed by a loss; parameters are named ``"{i}.{name}"``."""
+
+    can_pipeline = True
+
+    @property
+    def classification(self):
+        return bool(getattr(self.loss, "classification", False))
+
+    def reseed(self, seed, worker):
+        """Each layer with random draws (Dropout) gets a stream of (seed, worker)."""
+        for layer in self.layers:
+            reseed = getattr(layer, "reseed", None)
+            if reseed is not None:
+                reseed(seed, worker)
+
+    def __init__(self, layers: Sequence[Layer], loss: Loss):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"layer {i} is a {type(layer).__name__}, not a psframe.layers.Layer"
+                )
+        if not isinstance(loss, Loss):
+            raise TypeError(f"loss must be a psframe.losses.Loss, got {type(loss).__name__}")
+        self.layers = layers
+        self.loss = loss
+        out = self.out_features(None)
+        self._n_outputs = out[0] if isinstance(out, tuple) and len(out) == 1 else out
+        # Below the first parameterised layer no gradient is needed: backward stops there
+        # (len(layers) when no layer has parameters).
+        self.first_trained = next((i for i, layer in enumerate(layers) if layer.param_shapes()),
+                                   len(layers))
+        # (local, global) parameter names per layer, fixed once here.
+        self._names = [
+            [(name, f"{i}.{name}") for name in layer.param_shapes()]
+            for i, layer in enumerate(layers)
+        ]
+
+    def out_features(self, in_features, stop=None):
+        """Shape of a sample after layers [0, stop): an int (flat), a tuple, or None."""
+        shape = in_features
+        for i, layer in enumerate(self.layers[:stop]):
+            try:
+                shape = layer.out_features(shape)
+            except ValueError as exc:
+                raise ValueError(f"layer {i}: {exc}") from None
+        return shape
+
+    @property
+    def n_features(self):
+        """Input width of flat rows: the first Dense layer's n_in, or a leading Reshape's
+        size (None without one, or when a layer before it changes the shape)."""
+        for layer in self.layers:
+            if isinstance(layer, Dense):
+                return layer.n_in
+            if isinstance(layer, Reshape):
+                return layer.size
+            if not layer.keeps_width:
+                return None
+        return None
+
+    @property
+    def n_outputs(self):
+        """Output width: the last Dense layer's n_out (None without one)."""
+        return self._n_outputs
+
+    def param_shapes(self):
+        shapes = {}
+        for i, layer in enumerate(self.layers):
+            for name, shape in layer.param_shapes().items():
+                shapes[f"{i}.{name}"] = tuple(shape)
+        return shapes
+
+    def layer_param_names(self, i):
+        return [full for _, full in self._names[i]]
+
+    def flops(self, batch):
+        """Approximate forward FLOPs for a batch of ``batch`` rows."""
+        return sum(layer.flops(batch) for layer in self.layers)
+
+    def init_params(self, rng):
+        params = {}
+        for i, layer in enumerate(self.layers):
+            local = layer.init_params(rng)
+            expected = [name for name, _ in self._names[i]]
+            if sorted(local) != sorted(expected):
+                raise ValueError(
+                    f"layer {i} ({layer!r}) initialised parameters {sorted(local)} "
+                    f"but param_shapes() declares {sorted(expected)}"
+                )
+            for name, full in self._names[i]:
+                params[full] = local[name]
+        return params
+
+    def _layer_params(self, params, i):
+        return {local: params[full] for local, full in self._names[i]}
+
+    def _forward(self, params, X):
+        """The training forward: outputs and every layer's cache."""
+        caches = []
+        h = X
+        for i, layer in enumerate(self.layers):
+            h, cache = layer.forward(self._layer_params(params, i), h)
+            caches.append(cache)
+        return h, caches
+
+    def _infer(self, params, X):
+        """The evaluation forward (evaluate, predict): no caches, no dropout."""
+        h = X
+        for i, layer in enumerate(self.layers):
+            h = layer.infer(self._layer_params(params, i), h)
+        return h
+
+    def loss_and_grad(self, params, X, y):
+        out, caches = self._forward(params, X)
+        loss, loss_cache = self.loss.forward(out, y)
+        d = self.loss.backward(loss_cache)
+        grads = {}
+        for i in range(len(self.layers) - 1, self.first_trained - 1, -1):
+            layer = self.layers[i]
+            lp = self._layer_params(params, i)
+            if i == self.first_trained and layer.can_skip_dx:
+                g, d = layer.backward(lp, caches[i], d, need_dx=False)
+            else:
+                g, d = layer.backward(lp, caches[i], d)
+            for local, full in self._names[i]:
+                grads[full] = g[local]
+        return float(loss), grads
+
+    def predict(self, params, X):
+        return self.loss.predict(self._infer(params, X))
+
+    def evaluate(self, params, X, y, chunk=4096):
+        chunk = _check_chunk(chunk)
+        n = X.shape[0]
+        if n == 0:
+            raise ValueError("cannot evaluate on an empty data set")
+        scored = bool(getattr(self.loss, "classification", False))
+        total, correct = 0.0, 0
+        for lo in range(0, n, chunk):
+            Xc, yc = X[lo:lo + chunk], y[lo:lo + chunk]
+            out = self._infer(params, Xc)
+            loss, _ = self.loss.forward(out, yc)
+            total += float(loss) * Xc.shape[0]
+            if scored:
+                correct += _count_equal(self.loss.predict(out), yc)
+        return {"loss": total / n, "accuracy": correct / n if scored else None}
+
+    def validate_data(self, X, y):
+        X = np.asarray(X) if xp(X) is np else X
+        if X.ndim < 2:
+            raise ValueError(
+                f"data must be a 2-D array (rows x features), or (rows, *sample shape) for a "
+                f"model that takes images; got shape {X.shape}"
+            )
+        if X.shape[0] == 0:
+            raise ValueError("data has no rows")
+        n_features = self.n_features
+        if X.ndim == 2 and n_features is not None and X.shape[1] != n_features:
+            raise ValueError(
+                f"data has {X.shape[1]} features but the model's first layer expects {n_features}"
+            )
+        sample = X.shape[1] if X.ndim == 2 else tuple(X.shape[1:])
+        try:
+            self.out_features(sample)
+        except ValueError as exc:
+            raise ValueError(f"data with samples of shape {sample} does not fit the model: "
+                             f"{exc}") from None
+        if X.dtype.kind not in "iuf":
+            raise ValueError(f"data must be numeric; got dtype {X.dtype}")
+        if not bool(xp(X).isfinite(X).all()):
+            raise ValueError("data contains non-finite values (nan or inf)")
+        n_y = len(y)
+        if n_y != X.shape[0]:
+            raise ValueError(f"data has {X.shape[0]} rows but {n_y} labels/targets")
+        if self.n_outputs is not None:
+            self.loss.check_targets(y, self.n_outputs)
+        return None
+
+    def __repr__(self):
+        layers = ", ".join(repr(layer) for layer in self.layers)
+        return f"Sequential([{layers}], {self.loss!r})"
+
+
+_ACTIVATIONS = {"relu": ReLU, "tanh": Tanh}
+
+
+class MLP(Sequential):
+    """Dense layers of the given sizes with an activation between them, softmax cross-entropy."""
+
+    def __init__(self, sizes: Sequence[int], activation: str = "relu"):
+        sizes = list(sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"MLP needs at least 2 sizes (inputs and outputs), got {sizes}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}"
+            )
+        layers = []
+        for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            if k:
+                layers.append(_ACTIVATIONS[activation]())
+            layers.append(Dense(n_in, n_out))
+        super().__init__(layers, SoftmaxCrossEntropy())
+        self.sizes = [int(s) for s in sizes]
+        self.activation = activation
+
+    def __repr__(self):
+        extra = "" if self.activation == "relu" else f", activation={self.activation!r}"
+        return f"MLP({self.sizes}{extra})"
+
+
+class CNN(Sequential):
+    """Convolutions, ReLU and 2x2 max pooling per entry of ``channels``, then Dense layers of
+    ``hidden`` widths (ReLU, and Dropout(dropout) where dropout > 0) and softmax cross-entropy.
+
+    A Reshape(input_shape) comes first, so flat rows (such as ps.data.mnist's 784 pixels)
+    and images (N, C, H, W) both fit. Convolutions keep the size ("same" padding, odd
+    kernel). The defaults fit MNIST.
+    """
+
+    def __init__(self, input_shape=(1, 28, 28), n_classes=10, channels=(16, 32),
+                 kernel_size=5, hidden=(128,), dropout=0.5):
+        input_shape = tuple(int(d) for d in input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(f"CNN input_shape is (channels, height, width), got {input_shape}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"CNN kernel_size must be odd (same padding), got {kernel_size}")
+        layers = [Reshape(input_shape)]
+        c, h, w = input_shape
+        for out_c in channels:
+            layers += [Conv2D(c, out_c, kernel_size, padding=kernel_size // 2), ReLU(),
+                       MaxPool2D(2)]
+            c, h, w = out_c, h // 2, w // 2
+        layers.append(Flatten())
+        width = c * h * w
+        for n in hidden:
+            layers += [Dense(width, n), ReLU()]
+            width = n
+        if dropout:
+            layers.append(Dropout(dropout))
+        layers.append(Dense(width, n_classes))
+        super().__init__(layers, SoftmaxCrossEntropy())
+        self.config = dict(input_shape=input_shape, n_classes=int(n_classes),
+                           channels=tuple(int(k) for k in channels),
+                           kernel_size=int(kernel_size), hidden=tuple(int(n) for n in hidden),
+                           dropout=float(dropout))
+
+    def __repr__(self):
+        defaults = CNN.__init__.__defaults__
+        names = ("input_shape", "n_classes", "channels", "kernel_size", "hidden", "dropout")
+        extra = [f"{k}={v!r}" for k, v, d in zip(names, self.config.values(), defaults)
+                 if v != (tuple(d) if isinstance(d, tuple) else d)]
+        return f"CNN({', '.join(extra)})"
+
+
+class SoftmaxRegression(Sequential):
+    """Multinomial logistic regression: one Dense layer and softmax cross-entropy."""
+
+    def __init__(self, n_in: int, n_classes: int):
+        super().__init__([Dense(n_in, n_classes, init="glorot")], SoftmaxCrossEntropy())
+
+    def __repr__(self):
+        return f"SoftmaxRegression({self.n_features}, {self.n_outputs})"
+
+
+class LinearRegression(Sequential):
+    """Least squares: one Dense layer with a single output and mean squared error."""
+
+    def __init__(self, n_in: int):
+        super().__init__([Dense(n_in, 1, init="glorot")], MSE())
+
+    def __repr__(self):
+        return f"LinearRegression({self.n_features})"

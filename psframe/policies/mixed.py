@@ -1,0 +1,112 @@
+"""Mixed: phases of policies switched on the fly, e.g. Sync for K updates, then Async."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+from .base import Policy, PushDecision
+from .on_arrival import Async
+from .single_spec import single_policy_from_spec
+from .sync import Sync
+
+__all__ = ["Mixed", "MixedState"]
+
+
+class Mixed(Policy):
+    """Phases of policies switched on the fly: ``Mixed(sync_steps=K, then=Async())`` runs Sync
+    for the first K updates, then ``then``. ``Mixed([(K1, p1), (K2, p2), (None, p3)])`` chains
+    any number of phases; a phase's length counts the updates applied during it."""
+
+    name = "mixed"
+
+    def __init__(self, phases: Optional[Sequence[Tuple[Optional[int], Any]]] = None, *,
+                 sync_steps: Optional[int] = None, then: Any = None):
+        if phases is None:
+            if sync_steps is None:
+                raise ValueError("Mixed needs sync_steps=K (and then=...) or a list of phases")
+            phases = [(sync_steps, Sync()), (None, then if then is not None else Async())]
+        phases = [(n, _phase_policy(p)) for n, p in phases]
+        if not phases:
+            raise ValueError("Mixed needs at least one phase")
+        for i, (n, p) in enumerate(phases):
+            last = i == len(phases) - 1
+            if not last and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"phase {i} of Mixed needs a length >= 1, got {n!r}")
+            if isinstance(p, Mixed):
+                raise ValueError("Mixed phases cannot themselves be Mixed")
+        self.phases = phases
+
+    def validate(self, n_workers):
+        for _, p in self.phases:
+            p.validate(n_workers)
+
+    def state(self, n_workers, version=0):
+        return MixedState(n_workers, self.phases, version)
+
+    def keeps_sent_weights(self):
+        return any(p.keeps_sent_weights() for _, p in self.phases)
+
+    def describe(self, n_workers):
+        return "; then ".join(f"{p.name}: {p.describe(n_workers)}" for _, p in self.phases)
+
+    def __repr__(self):
+        if len(self.phases) == 2 and self.phases[0][1] == Sync():
+            return f"Mixed(sync_steps={self.phases[0][0]}, then={self.phases[1][1]!r})"
+        return f"Mixed({[(n, p) for n, p in self.phases]!r})"
+
+
+class MixedState:
+    """Delegates to the current phase's state; switches when the phase's updates are done."""
+
+    def __init__(self, n_workers, phases, version=0):
+        self.phases = phases
+        self.phase = 0
+        self.inner = phases[0][1].state(n_workers, version)
+        self.phase_start = version
+        self.switches = []  # versions at which each later phase began
+
+    def restore(self, version, clocks):
+        """Re-enter the phase that was running at ``version``, then restore its state."""
+        start = 0
+        for i, (length, policy) in enumerate(self.phases):
+            if length is None or version < start + length or i == len(self.phases) - 1:
+                break
+            start += length
+            self.switches.append(start)
+        self.phase, self.phase_start = i, start
+        self.inner = policy.state(self.inner.n_workers).restore(version, clocks)
+        return self
+
+    def __getattr__(self, name):  # version, clocks, gaps, max_clock_gap, ...
+        return getattr(self.inner, name)
+
+    def pull(self, worker, clock):
+        return self.inner.pull(worker, clock)
+
+    def push(self, worker, clock, pulled_version, accepted=True):
+        return self._maybe_switch(self.inner.push(worker, clock, pulled_version, accepted))
+
+    def finish(self, worker):
+        return self._maybe_switch(self.inner.finish(worker))
+
+    def _maybe_switch(self, decision):
+        length = self.phases[self.phase][0]
+        if length is None or self.inner.version - self.phase_start < length:
+            return decision
+        # Phase over: the next state takes the clocks and re-decides the pulls still held.
+        old = self.inner
+        self.phase += 1
+        self.inner = self.phases[self.phase][1].state(old.n_workers).adopt(old)
+        self.phase_start = old.version
+        self.switches.append(old.version)
+        release = list(decision.release)
+        for w, clock in sorted(old.held.items()):
+            if self.inner.pull(w, clock):
+                release.append(w)
+        return PushDecision(**{**vars(decision), "release": tuple(release)})
+
+
+def _phase_policy(p):
+    """A phase's Policy, from an instance or a spec of one policy."""
+    if isinstance(p, str) and p.strip().lower().split("+")[0].partition(":")[0] == "mixed":
+        raise ValueError("Mixed phases cannot themselves be Mixed")
+    return single_policy_from_spec(p)

@@ -1,0 +1,26 @@
+"""The parameter server: its request loop and the parts it carries decisions out with.
+
+parameter_server: the loop; inbox: pushed gradients; updates: the weights and optimizer;
+stopping: clean stops; recorder: stats, history, result; checkpoint_state and checkpoints:
+what a checkpoint holds and its files; dispatch: dynamic batches; group: workers per range.
+"""
+import importlib
+
+# Loaded on first use: `import psframe` must not start MPI (the `psframe train -n N`
+# launcher is a plain process), and the server's loop needs mpi4py.MPI, where checkpoints
+# and dispatch, which the run's checks use, do not.
+_WHERE = {
+    "ParameterServer": "parameter_server", "Group": "group", "GradientInbox": "inbox",
+    "UpdateEngine": "updates", "StopControl": "stopping", "Recorder": "recorder",
+    "BatchDispatcher": "dispatch", "Checkpointer": "checkpoints",
+    "CheckpointError": "checkpoints", "load_checkpoint": "checkpoints",
+    "write_atomic": "checkpoints",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -1,0 +1,165 @@
+"""Atomic checkpoints: weights, optimizer state, clocks and data position; loading runs no code.
+
+A checkpoint is a pair: ``ckpt-<version>.npz`` (arrays, written with allow_pickle=False) and
+``ckpt-<version>.json`` (the manifest: the npz's SHA-256, the layout, clocks, history). Each
+file is written to a temporary name, fsynced, then renamed, and the manifest goes last, so a
+manifest on disk always names a complete npz. A crash at any moment leaves the previous
+checkpoint intact.
+"""
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = ["Checkpointer", "load_checkpoint", "CheckpointError"]
+
+FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: missing, corrupt, or for another model."""
+
+
+def _fsync_dir(directory):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, write):
+    """``write(f)`` into a temporary file, fsync it, rename it to ``path``: a reader (or a
+    crash) never sees half a file. The temporary file is removed if writing fails."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Checkpointer:
+    """Writes a checkpoint every ``every`` steps into ``directory``, keeping the last ``keep``."""
+
+    def __init__(self, directory, every, keep=3, meta=None):
+        self.directory = os.path.abspath(directory)
+        self.every = every
+        self.keep = keep
+        self.meta = dict(meta or {})  # run facts a resume must match (layout, workers, mode)
+        self.last_path = None
+
+    def due(self, version):
+        return bool(self.every) and version > 0 and version % self.every == 0
+
+    def save(self, version, arrays, state):
+        """``arrays``: name -> ndarray; ``state``: JSON-able clocks, samples, history."""
+        os.makedirs(self.directory, exist_ok=True)
+        stem = os.path.join(self.directory, f"ckpt-{version:08d}")
+        write_atomic(stem + ".npz", lambda f: np.savez(f, **arrays))
+        manifest = {
+            "format": FORMAT,
+            "version": version,
+            "file": os.path.basename(stem + ".npz"),
+            "sha256": _sha256(stem + ".npz"),
+            "bytes": os.path.getsize(stem + ".npz"),
+            "created": time.time(),
+            **self.meta,
+            **state,
+        }
+        write_atomic(stem + ".json",
+                      lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        _fsync_dir(self.directory)
+        self.last_path = stem + ".json"
+        self._prune()
+        return self.last_path
+
+    def _prune(self):
+        for manifest in _manifests(self.directory)[self.keep:]:
+            for path in (manifest, manifest[: -len(".json")] + ".npz"):
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+
+
+def _manifests(directory):
+    """Manifest paths, newest version first."""
+    return sorted(glob.glob(os.path.join(directory, "ckpt-*.json")), reverse=True)
+
+
+def _read(manifest_path):
+    """(manifest, arrays) of one checkpoint, or raise CheckpointError saying what is wrong."""
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint manifest {manifest_path}: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path} has format {manifest.get('format')}, "
+                              f"this psframe reads format {FORMAT}")
+    npz = os.path.join(os.path.dirname(manifest_path), manifest["file"])
+    if not os.path.exists(npz):
+        raise CheckpointError(f"checkpoint data {npz} is missing")
+    if _sha256(npz) != manifest["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {npz} is corrupt or truncated: its SHA-256 does not match the manifest"
+        )
+    with np.load(npz, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    return manifest, arrays
+
+
+def load_checkpoint(path):
+    """Load the newest checkpoint in a directory, or the one a manifest path names.
+
+    A corrupt newest checkpoint is refused, naming the newest earlier one that verifies,
+    so the user can resume from it explicitly (``resume="DIR/ckpt-00000100.json"``).
+    """
+    if os.path.isdir(path):
+        candidates = _manifests(path)
+        if not candidates:
+            raise CheckpointError(f"no checkpoint (ckpt-*.json) in {path}")
+    elif os.path.exists(path):
+        candidates = [path]
+    else:
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return _read(candidates[0])
+    except CheckpointError as exc:
+        good = _earlier_good(path, candidates[0])
+        hint = (f"; the earlier checkpoint {good} verifies: resume from it with resume={good!r}"
+                if good else "; no earlier checkpoint verifies")
+        raise CheckpointError(f"{exc}{hint}") from None
+
+
+def _earlier_good(path, bad):
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    for manifest in _manifests(directory):
+        if manifest >= bad:
+            continue
+        try:
+            _read(manifest)
+            return manifest
+        except CheckpointError:
+            continue
+    return None

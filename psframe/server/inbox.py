@@ -1,0 +1,66 @@
+"""GradientInbox: receives each push through its worker's path and checks it frame by frame."""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from ..errors import GradientError
+
+__all__ = ["GradientInbox"]
+
+
+class GradientInbox:
+    """Lands a pushed gradient and says whether it may be used: sized as its shards and
+    finite. ``on_bad_gradient`` says what a non-finite one does: "raise" or "skip"."""
+
+    def __init__(self, layout, paths, stats, on_bad_gradient="raise"):
+        self.layout = layout
+        self.paths = paths  # worker index -> its PayloadPath
+        self.stats = stats  # counts the rejected pushes
+        self.on_bad_gradient = on_bad_gradient
+
+    def gradient(self, worker):
+        """Where worker's latest gradient lies: its landing slot or its shared segment."""
+        return self.paths[worker].gradient
+
+    def receive(self, worker, lo, hi, count, clock):
+        """Land worker's push of shards [lo, hi) for step ``clock``; True if it is usable.
+        Raises GradientError for a wrong size, and for a non-finite one under "raise"."""
+        start, stop = self.layout.shard_range(lo, hi)
+        if count != stop - start:
+            raise GradientError(
+                f"worker {worker} pushed {count} elements for step {clock}, but shards "
+                f"[{lo}, {hi}) hold {stop - start}; the model's gradients do not match its "
+                "parameters"
+            )
+        grad = self.gradient(worker)
+        finite = True
+        # Check each frame as it lands, while the next ones are still arriving.
+        for a, b in self.paths[worker].receive_gradient(lo, hi):
+            finite = frame_finite(grad[a:b]) and finite
+        return finite or self._reject(worker, clock)
+
+    def _reject(self, worker, clock):
+        """Count a non-finite push; raise or warn as on_bad_gradient says. Returns False."""
+        self.stats.updates_rejected += 1
+        message = (
+            f"worker {worker} pushed a non-finite gradient (NaN or inf) for step {clock}; "
+            "it was rejected and the weights are untouched"
+        )
+        if self.on_bad_gradient == "raise":
+            raise GradientError(message + ". Lower the learning rate, check the data, or pass "
+                                "on_bad_gradient='skip' to drop such gradients and go on.")
+        print(f"psframe: warning: {message}", file=sys.stderr, flush=True)
+        return False
+
+
+def frame_finite(grad):
+    """Whether every element of ``grad`` is finite."""
+    # One BLAS pass, no temporaries: g·g is finite whenever every element is (unless the
+    # sum of squares overflows, for absurdly large but finite gradients: the exact,
+    # slower check settles that rare case, so no finite gradient is refused).
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = float(np.dot(grad, grad))
+    return math.isfinite(squares) or bool(np.isfinite(grad).all())

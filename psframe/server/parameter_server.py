@@ -1,0 +1,265 @@
+"""ParameterServer: the request loop; it carries out each policy decision with its parts."""
+from __future__ import annotations
+
+import time
+
+from ..errors import ProtocolError, TrainingInterrupted
+from ..metrics import Stopwatch
+from ..transport import Channel, Field, Op, Status, Tag, fill_header, loss_of, new_header
+from ..transport import open_server_paths
+from .checkpoint_state import restore_server_state, save_server_state
+from .inbox import GradientInbox
+from .recorder import Recorder
+from .stopping import StopControl
+from .updates import UpdateEngine
+
+__all__ = ["ParameterServer"]
+
+
+class ParameterServer:
+    """Serves workers over ``channel`` until each has sent DONE.
+
+    The loop receives each request header and hands it to ``self.handlers`` (op → method).
+    What to do with each pull and push is the policy state's decision; the server carries it
+    out through ``self.actions`` (decision flag → method), with its parts:
+
+    - ``paths``: each worker's payload path (psframe.transport.paths);
+    - ``inbox``: lands and checks pushed gradients;
+    - ``engine``: the weights, the optimizer and the frame-by-frame update while sending;
+    - ``stop``: the clean stop after a signal;
+    - ``recorder``: stats, history, evaluations, callbacks and the result;
+    - checkpoints through ``checkpointer`` (psframe.server.checkpoint_state says what is kept).
+
+    It serves the shard ranges of its ``groups`` to ``worker_ranks``; nothing in it assumes
+    that it is the only server rank.
+    """
+
+    def __init__(self, channel, layout, weights, *, optimizer, groups, worker_ranks,
+                 recorder=None, model=None, dispatcher=None, on_bad_gradient="raise",
+                 checkpointer=None, resume=None, stop_units=None, transport="mpi",
+                 keep_sent_weights=False):
+        if not isinstance(channel, Channel):  # a communicator: the default channel over it
+            channel = Channel(channel, layout)
+        self.channel = channel
+        self.layout = layout
+        self.workers = list(worker_ranks)  # worker index i is rank self.workers[i]
+        n = len(self.workers)
+        self.window, weights, self.paths = open_server_paths(channel, layout, weights,
+                                                             self.workers, transport)
+        self.groups = list(groups)
+        self.index_of = {rank: i for i, rank in enumerate(self.workers)}
+        self.group_of = {}
+        for g in self.groups:
+            for local, w in enumerate(g.workers):
+                self.group_of[w] = (g, local)
+        if sorted(self.group_of) != list(range(n)):
+            raise ValueError("every worker must belong to exactly one group")
+        self.recorder = recorder if recorder is not None else Recorder(
+            model, layout, n, total_batches=dispatcher.total_batches if dispatcher else None)
+        self.engine = UpdateEngine(layout, weights, optimizer, n, keep_sent_weights)
+        self.inbox = GradientInbox(layout, self.paths, self.recorder.stats, on_bad_gradient)
+        self.stop = StopControl(n, stop_units)
+        self.dispatcher = dispatcher
+        self.checkpointer = checkpointer
+        self.finished = set()
+        self._reply_headers = [new_header() for _ in range(n)]
+        if resume is not None:
+            restore_server_state(*resume, self.engine, self.groups, self.recorder)
+        self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push,
+                         Op.PUSH_PULL: self._on_push_pull, Op.DONE: self._on_done}
+        # Decision flag -> method; "apply" and "complete" return the per-frame update to run
+        # (or None), which _carry_out interleaves with sending the new weights.
+        self.actions = (
+            ("drop", self._drop), ("accumulate", self._accumulate),
+            ("apply", self._apply_one), ("complete", self._complete),
+        )
+
+    @property
+    def weights(self):
+        """The weights this server holds (in the shared window when there is one)."""
+        return self.engine.weights
+
+    @property
+    def version(self):
+        """Updates every group has applied: the run's step count for history and eval."""
+        return min(g.policy.version for g in self.groups)
+
+    @property
+    def stopping(self):
+        return self.stop.stopping
+
+    def release(self):
+        """Free the shared window (collective with the workers on this node)."""
+        self.window.close()
+
+    def request_stop(self):
+        """Stop cleanly: every worker's next pull is answered with INTERRUPT (signal-safe)."""
+        self.stop.request()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self):
+        header = new_header()
+        self.recorder.start()
+        waiting, busy = Stopwatch(), Stopwatch()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        while len(self.finished) < len(self.workers):
+            with waiting:
+                src = self.channel.recv_request(header, Tag.REQUEST)
+            with busy:
+                worker = self.index_of.get(src)
+                if worker is None:
+                    raise ProtocolError(f"request from rank {src}, which is not a worker")
+                fields = header.tolist()  # plain ints: cheaper to read than the array
+                handler = self.handlers.get(fields[Field.OP])
+                if handler is None:
+                    raise ProtocolError(f"unknown op {fields[Field.OP]} from rank {src}")
+                handler(worker, fields)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        if self.version != self.recorder.last_logged:
+            self.recorder.record(self.version, self.weights)
+        if self.checkpointer is not None:
+            self._checkpoint()  # the final state, also when a signal stopped the run
+        if self.stopping:
+            where = f"; last checkpoint: {self.checkpointer.last_path}" if self.checkpointer else ""
+            raise TrainingInterrupted(f"run interrupted at step {self.version}{where}")
+        return self.recorder.result(self.weights, self.groups, [p.name for p in self.paths],
+                                    wall, cpu, waiting.total, busy.total)
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _on_pull(self, worker, header):
+        group, local = self.group_of[worker]
+        self._check_shards(worker, header, group)
+        self._update_and_send(group, None, self._register_pull(worker, header, group, local,
+                                                               int(header[Field.CLOCK])))
+
+    def _register_pull(self, worker, header, group, local, clock):
+        """Hand worker's pull for ``clock`` to the policy: [(worker, clock)] if it may be
+        answered now, else [] and the policy holds it until a later decision releases it."""
+        if header[Field.STATUS] == Status.INTERRUPT:  # a worker caught the signal
+            self.stop.request()
+        return [(worker, clock)] if group.policy.pull(local, clock) else []
+
+    def _on_push_pull(self, worker, header):
+        """A push, then the pull of the worker's next step, in one request: the weights can
+        go out frame by frame as the update finishes each, with no second request to wait for."""
+        self._on_push(worker, header, then_pull=True)
+
+    def _on_push(self, worker, header, then_pull=False):
+        group, local = self.group_of[worker]
+        lo, hi = self._check_shards(worker, header, group)
+        count, clock = int(header[Field.COUNT]), int(header[Field.CLOCK])
+        if worker in group.pending:
+            # Its slot (or shared segment) still holds a gradient a later update will read.
+            # No shipped policy answers a pull before using the gradient it follows, so this
+            # is a policy bug; refusing it keeps the pending gradient from being overwritten.
+            raise ProtocolError(f"worker {worker} pushed step {clock} before its previous "
+                                "gradient was applied or dropped")
+        accepted = self.inbox.receive(worker, lo, hi, count, clock)
+        self.recorder.pushed(worker, count * self.layout.dtype.itemsize, accepted,
+                             int(header[Field.SAMPLES]), loss_of(header[Field.LOSS]),
+                             int(header[Field.BATCH]))
+        decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
+        serve = (self._register_pull(worker, header, group, local, clock + 1)
+                 if then_pull else [])
+        self._carry_out(decision, group, worker, serve)
+
+    def _on_done(self, worker, header):
+        self.recorder.reported(worker, self.channel.recv_object(self.workers[worker],
+                                                                Tag.CONTROL))
+        self.finished.add(worker)
+        group, local = self.group_of[worker]
+        self._carry_out(group.policy.finish(local), group, worker)
+
+    # -- carrying out decisions -------------------------------------------------------------
+    def _carry_out(self, decision, group, worker, serve=()):
+        """Do what the policy decided, then answer the pulls it released (and ``serve``)."""
+        update = None
+        for flag, action in self.actions:
+            if getattr(decision, flag):
+                update = action(decision, group, worker) or update
+        # A released pull is for the step its worker's clock is at: it could not push since.
+        pulls = [(group.workers[local], group.policy.clocks[local]) for local in decision.release]
+        self._update_and_send(group, update, pulls + list(serve))
+        if update is not None:
+            self._updated(decision.staleness, decision.weight)
+
+    def _drop(self, decision, group, worker):
+        self.recorder.dropped()
+
+    def _accumulate(self, decision, group, worker):
+        group.pending.append(worker)
+
+    def _complete(self, decision, group, worker):
+        order = sorted(group.pending)
+        group.pending = []
+        if not order:  # a step whose every gradient was rejected changes nothing
+            return None
+        return self.engine.mean_of([self.inbox.gradient(w) for w in order], decision.scale,
+                                   decision.weight)
+
+    def _apply_one(self, decision, group, worker):
+        return self.engine.one(self.inbox.gradient(worker), worker, decision.weight,
+                               decision.compensation)
+
+    def _update_and_send(self, group, update, pulls):
+        """Run ``update`` over the group's shards, sending the new weights to every answered
+        pull frame by frame (UpdateEngine.update_and_send). Reply headers go first on the
+        paths that reply first (messages); the others' once all their frames are there."""
+        answered = [(w, self.paths[w]) for w, clock in pulls if self._answer(w, group, clock)]
+        for w, _ in pulls:
+            if self.paths[w].reply_first:
+                self._send_reply(w)
+        requests = self.engine.update_and_send(self.channel, group.shard_range, update, answered)
+        last = [w for w, _ in pulls if not self.paths[w].reply_first]
+        for w in last:
+            self.paths[w].replies_ready()
+            if w in group.pending:  # its reply would let it overwrite that gradient
+                raise ProtocolError(f"the policy answered worker {w}'s pull while its "
+                                    "shared gradient still waits for an update")
+            self._send_reply(w)
+        self.channel.wait_frames(requests)
+
+    def _updated(self, staleness, weight=1.0):
+        version = self.version
+        moved = self.recorder.updated(version, staleness, weight, self.weights)
+        if moved and self.checkpointer is not None and self.checkpointer.due(version):
+            self._checkpoint()
+
+    # -- pull replies -----------------------------------------------------------------------
+    def _answer(self, worker, group, clock):
+        """Fill worker's reply header for its pull; True when weights are to follow."""
+        status, batch = Status.OK, 0
+        if self.stop.stops(worker, clock):
+            status = Status.INTERRUPT
+        elif self.dispatcher is not None:
+            batch = self.dispatcher.next()
+            if batch is None:  # every batch is handed out: this worker is done
+                status, batch = Status.STOP, 0
+        lo, hi, count = 0, 0, 0
+        if status == Status.OK:
+            lo, hi = group.shard_range
+            start, stop = self.layout.shard_range(lo, hi)
+            count = stop - start
+            self.stop.answered(worker, clock)
+            self.recorder.pulled(worker, count * self.layout.dtype.itemsize)
+        # The header is sent before the worker can ask again, so each worker's is reused.
+        fill_header(self._reply_headers[worker], 0, 0, 0, lo, hi, count, group.policy.version,
+                    0.0, 0, status, batch)
+        return status == Status.OK
+
+    def _send_reply(self, worker):
+        self.channel.send_header(self._reply_headers[worker], self.workers[worker], Tag.REPLY)
+
+    def _check_shards(self, worker, header, group):
+        lo, hi = int(header[Field.SHARD_LO]), int(header[Field.SHARD_HI])
+        if (lo, hi) != group.shard_range:
+            raise ProtocolError(
+                f"worker {worker} asked for shards [{lo}, {hi}); its group owns "
+                f"{group.shard_range}"
+            )
+        return lo, hi
+
+    def _checkpoint(self):
+        return save_server_state(self.checkpointer, self.version, self.engine, self.groups,
+                                 self.recorder)

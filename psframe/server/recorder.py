@@ -1,0 +1,174 @@
+"""Recorder: the run's counters, history and evaluations, the callbacks, and the TrainResult."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+
+from ..metrics import ServerStats, TrainResult
+
+__all__ = ["Recorder"]
+
+
+class Recorder:
+    """What the server saw, for the user: stats, the history of evaluations, the callbacks.
+
+    ``epoch_samples`` is the history's epoch unit; ``eval_every`` records every K steps
+    (default: once per epoch); ``eval_data`` is (X, y) to evaluate ``model`` on, or None.
+    """
+
+    def __init__(self, model, layout, n_workers, *, eval_data=None, eval_every=None,
+                 total_steps=None, epoch_samples=1, callbacks=None, run_info=None,
+                 weighting=None, total_batches=None):
+        self.model = model
+        self.layout = layout
+        self.n_workers = n_workers
+        self.eval_data = eval_data
+        self.eval_every = eval_every
+        self.total_steps = total_steps
+        self.epoch_samples = epoch_samples
+        self.callbacks = callbacks
+        self.run_info = dict(run_info or {})
+        self.weighting = weighting  # how the policy weights updates, in words, for stats
+        self.stats = ServerStats()
+        self.bytes_pulled_by = [0] * n_workers
+        self.bytes_pushed_by = [0] * n_workers
+        self.batch_counts = (np.zeros(total_batches, dtype=np.int64)
+                             if total_batches is not None else None)
+        self.worker_reports = {}
+        self.history = []
+        self._loss_sum = 0.0
+        self._loss_n = 0
+        self.last_logged = -1
+        self._last_epoch = 0
+        self._seen_version = 0
+        self.t0 = time.perf_counter()
+
+    def _hook(self, name, *args):
+        if self.callbacks is not None:
+            getattr(self.callbacks, name)(*args)
+
+    def start(self):
+        self._hook("on_start", {**self.run_info, "total_steps": self.total_steps,
+                                "n_workers": self.n_workers,
+                                "epoch_samples": self.epoch_samples})
+        self.t0 = time.perf_counter()
+
+    # -- events -----------------------------------------------------------------------------
+    def pushed(self, worker, nbytes, accepted, samples, loss, batch):
+        self.stats.pushes_received += 1
+        self.stats.bytes_pushed += nbytes
+        self.bytes_pushed_by[worker] += nbytes
+        if not accepted:
+            return
+        # Only the rank that saw the loss reports samples (a pipeline's last stage).
+        self.stats.samples += samples
+        if samples:
+            self._loss_sum += loss * samples
+            self._loss_n += samples
+            self.stats.record_loss(loss)
+        if self.batch_counts is not None:
+            self.batch_counts[batch] += 1
+
+    def pulled(self, worker, nbytes):
+        self.stats.pulls_answered += 1
+        self.stats.bytes_pulled += nbytes
+        self.bytes_pulled_by[worker] += nbytes
+
+    def dropped(self):
+        self.stats.updates_dropped += 1
+
+    def reported(self, worker, report):
+        """A worker's final report (its timings and backend), sent with DONE."""
+        self.worker_reports[worker] = report
+
+    def updated(self, version, staleness, weight, weights):
+        """An update was applied; ``version`` is the run's step count after it. Returns True
+        when the run's step moved (every group has applied it)."""
+        self.stats.record_update(staleness, weight)
+        if version == self._seen_version:
+            return False  # a pipeline stage moved, but not every stage has finished the step
+        self._seen_version = version
+        self._hook("on_update", version, self.stats)
+        epoch = int(self.stats.samples // self.epoch_samples)
+        if self.eval_every:
+            due = version % self.eval_every == 0 and version != self.last_logged
+        else:
+            due = epoch > self._last_epoch
+        self._last_epoch = max(epoch, self._last_epoch)
+        if due:
+            self.record(version, weights)
+        return True
+
+    def record(self, version, weights):
+        """One history row: the mean train loss since the last, and the evaluation."""
+        self.last_logged = version
+        row = {
+            "step": version,
+            "epoch": self.stats.samples / self.epoch_samples,
+            "time_s": time.perf_counter() - self.t0,
+            "train_loss": self._loss_sum / self._loss_n if self._loss_n else None,
+            "eval_loss": None,
+            "eval_accuracy": None,
+        }
+        self._loss_sum, self._loss_n = 0.0, 0
+        if self.eval_data is not None:
+            X, y = self.eval_data
+            scores = self.model.evaluate(self.layout.views(weights), X, y)
+            row["eval_loss"] = float(scores["loss"])
+            acc = scores.get("accuracy")
+            row["eval_accuracy"] = None if acc is None else float(acc)
+        self.history.append(row)
+        self._hook("on_record", row)
+
+    def restore(self, version, samples, history):
+        """Continue a checkpointed run's counters and history."""
+        self.stats.samples = samples
+        self.history = list(history)
+        self._seen_version = self.last_logged = version
+        self._last_epoch = int(self.stats.samples // self.epoch_samples)
+
+    # -- the result -------------------------------------------------------------------------
+    def result(self, weights, groups, transports, wall, cpu, wait_s, busy_s):
+        stats = self.stats.as_dict()
+        reports = [self.worker_reports.get(i, {}) for i in range(self.n_workers)]
+        worker_wait = [r.get("wait_s", 0.0) for r in reports]
+        worker_wall = [r.get("wall_s", 0.0) for r in reports]
+        gaps = Counter()
+        for g in groups:
+            gaps.update(g.policy.gaps)
+        stats.update(
+            n_workers=self.n_workers,
+            wall_s=wall,
+            samples_per_s=stats["samples"] / wall if wall > 0 else 0.0,
+            steps_per_worker=[r.get("steps", 0) for r in reports],
+            worker_wait_s=worker_wait,
+            worker_push_s=[r.get("push_s", 0.0) for r in reports],
+            worker_compute_s=[r.get("compute_s", 0.0) for r in reports],
+            worker_wait_share=sum(worker_wait) / max(sum(worker_wall), 1e-12),
+            bytes_pulled_per_worker=list(self.bytes_pulled_by),
+            bytes_pushed_per_worker=list(self.bytes_pushed_by),
+            server_wait_s=wait_s,
+            server_busy_s=busy_s,
+            server_cpu_s=cpu,
+            server_cpu_share=cpu / wall if wall > 0 else 0.0,
+            max_clock_gap=max(gaps, default=0),
+            clock_gap_hist=dict(sorted(gaps.items())),
+            n_shards=self.layout.n_shards,
+            n_params=self.layout.size,
+            policy_switches=list(getattr(groups[0].policy, "switches", [])),
+            worker_transport=list(transports),
+            update_weighting=self.weighting,
+        )
+        if self.batch_counts is not None:
+            stats["batch_counts"] = self.batch_counts.tolist()
+        if any("backend" in r for r in reports):  # each worker's backend and data path
+            keys = ("backend", "device", "transfer", "data_on_device", "note")
+            stats["worker_backends"] = [{k: r[k] for k in keys if k in r} for r in reports]
+        if any("idle_s" in r for r in reports):  # pipeline stages report their bubble
+            stats["stage_idle_share"] = [
+                r.get("idle_s", 0.0) / max(r.get("wall_s", 0.0), 1e-12) for r in reports
+            ]
+        return TrainResult(params=self.layout.unflatten(weights), history=self.history,
+                           stats=stats, config=dict(self.run_info.get("config", {})))

@@ -1,0 +1,102 @@
+"""UpdateEngine: the one writer of the weights; runs updates frame by frame while sending them."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..policies import delay_compensate
+
+__all__ = ["UpdateEngine"]
+
+
+class UpdateEngine:
+    """The server's weights (``weights``), the optimizer and its state, and the run of one
+    update over a group's shards interleaved with sending the new weights.
+
+    ``keep_sent_weights``: delay compensation needs the weights each worker computed on, so
+    the engine keeps a copy of what it last sent each one (model-sized, per worker; see
+    DelayCompensation).
+    """
+
+    def __init__(self, layout, weights, optimizer, n_workers, keep_sent_weights=False):
+        self.layout = layout
+        self.weights = weights
+        self.optimizer = optimizer
+        self.opt_state = optimizer.init_state(layout.size, layout.dtype)
+        self.acc = layout.empty()  # the step's scratch: a mean, or a compensated gradient
+        self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
+        self._plans = {}  # shard range -> frame plan (see frame_plan)
+        self.sent = [layout.empty() for _ in range(n_workers)] if keep_sent_weights else None
+        self.mean_square = layout.empty() if keep_sent_weights else None  # adaptive DC's MS
+        if keep_sent_weights:
+            self.mean_square[:] = 0
+            widest = max(b - a for a, b in layout.frames(0, layout.n_shards))
+            self._dc_scratch = np.empty(widest, layout.dtype)
+
+    def frame_plan(self, shard_range):
+        """(start, stop, first shard, end shard) of each frame of these shards; cached."""
+        plan = self._plans.get(shard_range)
+        if plan is None:
+            plan = [(a, b, *self.layout.shards_of_range(a, b))
+                    for a, b in self.layout.frames(*shard_range)]
+            self._plans[shard_range] = plan
+        return plan
+
+    # -- updates: callables (optimizer step, start, stop) run frame by frame ---------------
+    def mean_of(self, gradients, scale, weight):
+        """The update that steps the optimizer with the sum of ``gradients`` (flat arrays, in
+        worker order, so Sync is bitwise reproducible) times ``scale``."""
+        def update(step, a, b):
+            acc = self.acc[a:b]
+            if len(gradients) == 1 and scale == 1.0:
+                acc = gradients[0][a:b]  # one gradient, unscaled: no copy needed
+            elif len(gradients) == 1:
+                np.multiply(gradients[0][a:b], scale, out=acc)
+            else:
+                np.add(gradients[0][a:b], gradients[1][a:b], out=acc)
+                for g in gradients[2:]:
+                    acc += g[a:b]
+                acc *= scale
+            self.optimizer.apply(self.opt_state, self.weights, acc, a, b, step, weight)
+        return update
+
+    def one(self, gradient, worker, weight, compensation=None):
+        """The update that applies one worker's gradient on arrival (Async, SSP)."""
+        def update(step, a, b):
+            g = gradient[a:b]
+            if compensation is not None:
+                g = self._compensated(g, worker, compensation, a, b)
+            self.optimizer.apply(self.opt_state, self.weights, g, a, b, step, weight)
+        return update
+
+    def _compensated(self, g, worker, comp, a, b):
+        """The gradient for elements [a, b), corrected for the weights the worker computed on,
+        in the step scratch (free here: on-arrival updates never gather a mean)."""
+        return delay_compensate(g, self.weights[a:b], self.sent[worker][a:b], comp,
+                                out=self.acc[a:b], mean_square=self.mean_square[a:b],
+                                scratch=self._dc_scratch[: b - a])
+
+    # -- the frame loop ---------------------------------------------------------------------
+    def update_and_send(self, channel, shard_range, update, answered):
+        """Run ``update`` (or None) over the shards frame by frame, sending each frame of new
+        weights over the path of every answered pull (worker, path) as soon as it is updated:
+        the copy of one frame to the workers overlaps the update of the next.
+
+        Returns the sends still in flight, for the caller to wait on once it has answered
+        the paths that reply last.
+        """
+        requests = []
+        plan = self.frame_plan(shard_range) if update is not None or answered else ()
+        kept = [self.sent[w] for w, _ in answered] if self.sent is not None else []
+        for a, b, k_lo, k_hi in plan:
+            if update is not None:
+                # A group's shards always step together, so a frame's shards share one count:
+                # one optimizer call per frame, not one per (often tiny) shard.
+                self.shard_updates[k_lo:k_hi] += 1
+                update(int(self.shard_updates[k_lo]), a, b)
+            for _, path in answered:
+                path.send_frame(self.weights, a, b, requests)
+            for dest in kept:  # after the frame's update: what the worker will compute on
+                np.copyto(dest[a:b], self.weights[a:b])
+            if requests:
+                channel.progress(requests)  # moves the frames already posted along
+        return requests

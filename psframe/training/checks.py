@@ -1,0 +1,230 @@
+"""Everything that can be wrong with a train() call, checked identically on every rank."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from ..backend import select_backend
+from ..data import ArrayDataset, block_range, steps_per_epoch
+from ..nn.models import Model
+from ..nn.optim import SGD, Optimizer
+from ..params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout
+from ..policies import policy_from_spec
+from ..server.checkpoints import CheckpointError, Checkpointer, load_checkpoint
+from ..server.dispatch import BatchDispatcher
+from .options import BAD_GRADIENT_ACTIONS, DISPATCH, MODES, TRANSPORTS, RunOptions
+from .plan import RunPlan, plan_parallel
+
+__all__ = ["check_run"]
+
+# Rows of a memory-mapped dataset that every rank checks, so that a feature-count or label
+# mismatch reads the same on all of them; past those, only the ranks that read the rows do.
+_HEAD_ROWS = 64
+
+
+def check_run(world, model, data, o: RunOptions) -> RunPlan:
+    """The RunPlan of ``train(model, data, **o)`` on communicator ``world``, or the first
+    error. Every rank computes the same plan (or the same error)."""
+    if o.mode not in MODES:
+        raise ValueError(f"unknown mode {o.mode!r}; choose one of {MODES}")
+    policy = policy_from_spec("sync" if o.policy is None else o.policy)
+    optimizer = SGD() if o.optimizer is None else o.optimizer
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a psframe optimizer such as ps.SGD(...), "
+                        f"got {optimizer!r}")
+    optimizer.validate()
+    _check_int("batch_size", o.batch_size)
+    _check_int("epochs", o.epochs)
+    _check_int("steps", o.steps, allow_none=True)
+    _check_int("eval_every", o.eval_every, allow_none=True)
+    _check_int("threads", o.threads, allow_none=True)
+    _check_int("seed", o.seed, minimum=0)
+    _check_int("shard_elems", o.shard_elems, allow_none=True)
+    _check_int("micro_batches", o.micro_batches)
+    _check_int("checkpoint_every", o.checkpoint_every, allow_none=True)
+    _check_int("checkpoint_keep", o.checkpoint_keep)
+    if o.checkpoint_every is not None and o.checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs checkpoint_dir, the directory to write into")
+    if o.dispatch == "dynamic" and (o.checkpoint_dir is not None or o.resume is not None):
+        raise ValueError("checkpoints need dispatch='static': dynamic batches in flight "
+                         "cannot be replayed exactly")
+    if str(o.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {o.dtype!r}")
+    if o.on_bad_gradient not in BAD_GRADIENT_ACTIONS:
+        raise ValueError(f"on_bad_gradient must be one of {BAD_GRADIENT_ACTIONS}, "
+                         f"got {o.on_bad_gradient!r}")
+    if o.transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {o.transport!r}")
+    backend = select_backend(o.backend)
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a ps.Model (or ps.Sequential), got {type(model).__name__}")
+
+    size = world.Get_size()
+    if size < 2:
+        raise ValueError(
+            f"psframe needs at least 2 MPI ranks (1 server + 1 worker), got {size}; "
+            "launch with e.g. `mpiexec -n 4 python train.py`"
+        )
+    n_workers = size - 1
+    policy.validate(n_workers)
+    if o.dispatch not in DISPATCH:
+        raise ValueError(f"dispatch must be one of {DISPATCH}, got {o.dispatch!r}")
+    delay = _check_delay(o.delay, n_workers)
+
+    train_set = _as_dataset(data, "data")
+    _check_data(world, model, train_set, "training data", readers="workers")
+    eval_data = o.eval_data
+    if eval_data is not None:
+        eval_data = _as_dataset(eval_data, "eval_data")
+        _check_data(world, model, eval_data, "eval data", readers="server")
+
+    params = model.init_params(np.random.default_rng(o.seed))
+    layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
+    if o.init is not None:
+        if not isinstance(o.init, dict):
+            raise TypeError(f"init must be a dict name -> array, got {type(o.init).__name__}")
+        params = {k: np.asarray(v) for k, v in o.init.items()}
+        layout.flatten(params, out=layout.empty())  # checks names and shapes
+        if not all(np.isfinite(v).all() for v in params.values()):
+            raise ValueError("init has non-finite values")
+    weights = layout.flatten(params, out=layout.empty())
+    _probe(model, layout, weights, train_set)
+    parallel = plan_parallel(o.mode, model, layout, n_workers, o.stages, o.micro_batches,
+                             o.batch_size, o.dispatch)
+    n_replicas = parallel.replicas  # workers (data) or pipelines (model, hybrid)
+    if len(train_set) < n_replicas:
+        raise ValueError(f"{len(train_set)} training rows cannot be split {n_replicas} ways")
+
+    meta = {"layout": _jsonable(layout.signature()), "n_workers": n_workers, "mode": o.mode,
+            "n_stages": parallel.n_stages, "optimizer": repr(optimizer),
+            "policy": repr(policy), "batch_size": int(o.batch_size)}
+    resumed = None
+    if o.resume is not None:
+        resumed = _load_resume(o.resume, meta, optimizer, layout)
+        weights[:] = resumed[1]["weights"]
+
+    per_epoch = steps_per_epoch(len(train_set), n_replicas, o.batch_size)
+    steps_given = o.steps is not None
+    steps = int(o.steps) if steps_given else int(o.epochs) * per_epoch
+    if o.dispatch == "dynamic":
+        # Total work is the same as static dispatch; who does which batch is decided live.
+        total_batches = steps * n_workers if steps_given else int(o.epochs) * math.ceil(
+            len(train_set) / o.batch_size)
+        dispatcher = BatchDispatcher(len(train_set), o.batch_size, total_batches, o.shuffle,
+                                     o.seed)
+        epoch_samples = len(train_set)
+        rounds = total_batches / n_workers
+    else:
+        dispatcher = None
+        epoch_samples = per_epoch * n_replicas * o.batch_size
+        rounds = steps
+    per_round = policy.updates_per_round(n_replicas)
+    return RunPlan(
+        options=o, model=model, train=train_set, eval=eval_data, policy=policy,
+        optimizer=optimizer, dtype=np.dtype(o.dtype), layout=layout, weights=weights,
+        steps=steps, epoch_samples=epoch_samples, dispatcher=dispatcher, delay=delay,
+        expected_updates=None if per_round is None else int(round(rounds * per_round)),
+        backend=backend, n_workers=n_workers, parallel=parallel, resume=resumed,
+        checkpointer=None if o.checkpoint_dir is None else Checkpointer(
+            o.checkpoint_dir, o.checkpoint_every, o.checkpoint_keep, meta),
+    )
+
+
+def _as_dataset(data, what):
+    if isinstance(data, ArrayDataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return ArrayDataset(*data)
+    raise TypeError(f"{what} must be a ps.data.ArrayDataset or an (X, y) pair, got {type(data)}")
+
+
+def _check_data(world, model, dataset, what, readers):
+    """Finite, numeric, fitting the model. A dataset in memory is checked whole on every rank
+    (each holds it anyway); a lazy one (ps.data.NpyDataset) in chunks, by its readers only:
+    training data by the workers, worker w its block w, eval data by the server."""
+    if not dataset.lazy:
+        dataset.check(model, what)
+        return
+    n, head = len(dataset), min(len(dataset), _HEAD_ROWS)
+    dataset.check(model, what, (0, head))
+    rank, n_workers = world.Get_rank(), world.Get_size() - 1
+    if readers == "server" and rank == 0:
+        dataset.check(model, what, (head, n))
+    elif readers == "workers" and rank > 0:
+        lo, hi = block_range(n, n_workers, rank - 1)
+        dataset.check(model, what, (max(lo, head), hi))
+
+
+def _check_int(name, value, minimum=1, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _load_resume(path, meta, optimizer, layout):
+    """The checkpoint to continue from, refused unless it fits this run exactly."""
+    manifest, arrays = load_checkpoint(path)
+    for key in ("layout", "n_workers", "mode", "n_stages"):
+        if manifest.get(key) != meta[key]:
+            what = {"layout": "model layout or dtype"}.get(key, key.replace("_", " "))
+            raise CheckpointError(
+                f"checkpoint {path} was written for a different {what} "
+                f"({manifest.get(key)!r}, this run has {meta[key]!r}); resume needs the same "
+                "model, dtype, mode and worker count"
+            )
+    wanted = {f"opt.{k}" for k in optimizer.init_state(1, layout.dtype) if not k.startswith("_")}
+    saved = {k for k in arrays if k.startswith("opt.")}
+    if wanted != saved:
+        raise CheckpointError(
+            f"checkpoint {path} holds state for {manifest.get('optimizer')}, not for "
+            f"{optimizer!r}; resume with the optimizer it was written with"
+        )
+    return manifest, arrays
+
+
+def _check_delay(delay, n_workers):
+    """``{worker_index: seconds_per_step}``: simulated stragglers."""
+    if delay is None:
+        return {}
+    if not isinstance(delay, dict):
+        raise TypeError(f"delay must be a dict worker_index -> seconds, got {type(delay).__name__}")
+    out = {}
+    for w, seconds in delay.items():
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= w < n_workers:
+            raise ValueError(f"delay names worker {w!r}, but workers are 0..{n_workers - 1}")
+        seconds = float(seconds)
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"delay for worker {w} must be seconds >= 0, got {seconds!r}")
+        out[int(w)] = seconds
+    return out
+
+
+def _probe(model, layout, weights, train_set):
+    """One loss_and_grad on two rows, so a model/data mismatch fails here, not mid-run."""
+    X = train_set.X[:2].astype(layout.dtype)
+    y = train_set.y[:2]
+    try:
+        loss, grads = model.loss_and_grad(layout.views(weights.copy()), X, y)
+    except Exception as exc:
+        raise ValueError(
+            f"the model failed on the first rows of the data ({type(exc).__name__}: {exc}); "
+            "check that the data's features and labels fit the model"
+        ) from exc
+    if not isinstance(grads, dict) or set(grads) != set(layout.names):
+        got = sorted(grads) if isinstance(grads, dict) else type(grads).__name__
+        raise ValueError(f"loss_and_grad must return gradients for {layout.names}, got {got}")
+    for name in layout.names:
+        if tuple(np.shape(grads[name])) != layout.shapes[name]:
+            raise ValueError(
+                f"gradient {name!r} has shape {tuple(np.shape(grads[name]))}, "
+                f"parameter has {layout.shapes[name]}"
+            )
+    if not np.isfinite(float(loss)):
+        raise ValueError(f"the model's loss on the first rows is not finite ({loss})")

@@ -1,0 +1,106 @@
+"""RunPlan: what a checked train() call will do, the same on every rank; and its parallel plan."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..worker.stages import plan_stages, stage_shard_range
+from .options import RunOptions
+
+__all__ = ["ParallelPlan", "RunPlan", "plan_parallel"]
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Who does what: ``replicas`` data-parallel units (workers, or pipelines of
+    ``n_stages`` stages), each stage's layers (None in data mode) and shard range."""
+
+    replicas: int
+    n_stages: int
+    stage_layers: Optional[List[List[int]]]
+    stage_shards: List[Tuple[int, int]]
+    micro_batches: int
+
+
+@dataclass
+class RunPlan:
+    """A checked run: the options as given, and everything derived from them."""
+
+    options: RunOptions
+    model: Any
+    train: Any  # ps.data.ArrayDataset (or a memory-mapped NpyDataset)
+    eval: Any
+    policy: Any
+    optimizer: Any
+    dtype: np.dtype
+    layout: Any
+    weights: np.ndarray
+    steps: int  # per worker
+    epoch_samples: int
+    dispatcher: Any  # BatchDispatcher under dynamic dispatch, else None
+    delay: Dict[int, float]
+    expected_updates: Optional[int]
+    backend: Any
+    n_workers: int
+    parallel: ParallelPlan
+    resume: Optional[Tuple[dict, dict]]
+    checkpointer: Any
+
+    @property
+    def read_in_place(self) -> bool:
+        """Workers may read the server's weights in place only if no update can run while one
+        computes: a lockstep policy, where every worker has pushed before a step is applied."""
+        return bool(self.policy.lockstep)
+
+    def stop_units(self) -> List[int]:
+        """Workers that must stop at the same step: all of them under a lockstep policy (a
+        stopped run then resumes exactly), else each pipeline (or data-parallel worker)."""
+        lockstep = self.policy.lockstep
+        return [0 if lockstep else w // self.parallel.n_stages for w in range(self.n_workers)]
+
+    def describe(self, threads: int) -> Dict[str, Any]:
+        """The run's settings as plain values, for TrainResult.config and the logs."""
+        par = self.parallel
+        return dict(
+            self.options.shown(), policy=repr(self.policy), optimizer=repr(self.optimizer),
+            batch_size=int(self.options.batch_size), seed=int(self.options.seed),
+            shuffle=bool(self.options.shuffle), steps=self.steps, dtype=str(self.dtype),
+            backend=self.backend.name,
+            dispatch="dynamic" if self.dispatcher is not None else "static",
+            n_stages=par.n_stages, micro_batches=par.micro_batches,
+            stage_layers=par.stage_layers, threads=threads,
+        )
+
+
+def plan_parallel(mode, model, layout, n_workers, stages, micro_batches, batch_size, dispatch):
+    """The ParallelPlan of a mode, refusing what the mode cannot do."""
+    if mode == "data":
+        if stages is not None or micro_batches != 1:
+            raise ValueError("stages and micro_batches apply to mode='model' or 'hybrid' only")
+        return ParallelPlan(n_workers, 1, None, [(0, layout.n_shards)], 1)
+    if dispatch != "static":
+        raise ValueError(f"dispatch={dispatch!r} needs mode='data'; pipelines read fixed blocks")
+    if micro_batches > batch_size:
+        raise ValueError(f"micro_batches ({micro_batches}) cannot exceed batch_size ({batch_size})")
+    if mode == "model":
+        n_stages = n_workers
+        if stages is not None and not isinstance(stages, int):
+            n_stages = len(stages)
+    else:
+        if stages is None:
+            raise ValueError("mode='hybrid' needs stages=P (stages per pipeline) or a stage list")
+        given_count = isinstance(stages, int) and not isinstance(stages, bool)
+        n_stages = stages if given_count else len(stages)
+        if n_stages < 1 or n_workers % n_stages:
+            raise ValueError(
+                f"mode='hybrid' with {n_stages} stages needs a worker count divisible by "
+                f"{n_stages}, got {n_workers} workers"
+            )
+    if mode == "model" and n_stages != n_workers:
+        raise ValueError(f"mode='model' runs one stage per worker: {n_workers} workers, "
+                         f"but stages lists {n_stages}")
+    layers = plan_stages(model, n_stages, batch_size, None if isinstance(stages, int) else stages)
+    return ParallelPlan(n_workers // n_stages, n_stages, layers,
+                        [stage_shard_range(model, layout, ids) for ids in layers], micro_batches)

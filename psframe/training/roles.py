@@ -1,0 +1,89 @@
+"""The roles of a planned run: rank 0 the parameter server, every other rank a worker."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..callbacks import CallbackList, PrintProgress
+from ..data import BatchStream, block_range
+from ..server import Group, ParameterServer, Recorder
+from ..worker import StageWorker, Worker
+from .plan import RunPlan
+
+__all__ = ["build_server", "build_worker", "groups_of", "labels_for"]
+
+
+def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
+    """The ParameterServer of ``plan`` on ``channel`` (whose rank 0 it is)."""
+    hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
+    eval_data = None
+    if plan.eval is not None:
+        eval_data = (np.ascontiguousarray(plan.eval.X, dtype=plan.dtype),
+                     labels_for(plan.model, plan.eval.y, plan.dtype))
+    n_workers = plan.n_workers
+    recorder = Recorder(
+        plan.model, plan.layout, n_workers, eval_data=eval_data,
+        eval_every=plan.options.eval_every, total_steps=plan.expected_updates,
+        epoch_samples=plan.epoch_samples, callbacks=hooks,
+        run_info={"config": plan.describe(n_threads)},
+        weighting=(f"{plan.policy.describe(plan.parallel.replicas)}; "
+                   f"{plan.optimizer.name} steps by {plan.optimizer.weight_rule}"),
+        total_batches=plan.dispatcher.total_batches if plan.dispatcher else None,
+    )
+    return ParameterServer(
+        channel, plan.layout, plan.weights, optimizer=plan.optimizer, groups=groups_of(plan),
+        worker_ranks=range(1, n_workers + 1), recorder=recorder, dispatcher=plan.dispatcher,
+        on_bad_gradient=plan.options.on_bad_gradient, checkpointer=plan.checkpointer,
+        resume=plan.resume, stop_units=plan.stop_units(), transport=plan.options.transport,
+        keep_sent_weights=plan.policy.keeps_sent_weights(),
+    )
+
+
+def groups_of(plan: RunPlan):
+    """One group per stage: worker p*P + k is stage k of pipeline p (data mode: P = 1)."""
+    par = plan.parallel
+    return [
+        Group(plan.policy.state(par.replicas), [p * par.n_stages + k for p in range(par.replicas)],
+              par.stage_shards[k])
+        for k in range(par.n_stages)
+    ]
+
+
+def build_worker(channel, plan: RunPlan):
+    """The worker (or pipeline stage) of ``plan`` that ``channel``'s rank runs."""
+    rank = channel.rank
+    index = rank - 1
+    par = plan.parallel
+    o = plan.options
+    replica, stage = divmod(index, par.n_stages)  # data mode: replica = index, stage 0
+    if plan.dispatcher is not None:  # any worker may get any batch: it keeps every row
+        rows, stream, steps = slice(None), plan.dispatcher, None
+    else:
+        # A slice, not an index array: on a memory-mapped dataset it reads just the block.
+        lo, hi = block_range(len(plan.train), par.replicas, replica)
+        rows = slice(lo, hi)
+        stream = BatchStream(np.arange(hi - lo), o.batch_size, o.shuffle, o.seed, replica)
+        steps = plan.steps
+    start_step = 0
+    if plan.resume is not None:  # the data position is the worker's clock
+        start_step = plan.resume[0]["groups"][stage]["clocks"][replica]
+    # Every rank builds the same model: without its own stream each worker would draw the
+    # same dropout masks.
+    plan.model.reseed(o.seed, index)
+    X = np.ascontiguousarray(plan.train.X[rows], dtype=plan.dtype)
+    y = np.ascontiguousarray(labels_for(plan.model, plan.train.y[rows], plan.dtype))
+    common = (channel, 0, index, plan.layout, plan.model, plan.backend, X, y, stream, steps)
+    options = dict(delay=plan.delay.get(index, 0.0), start_step=start_step,
+                   transport=o.transport, read_master=plan.read_in_place)
+    if par.stage_layers is None:
+        return Worker(*common, **options)
+    return StageWorker(*common, layer_ids=par.stage_layers[stage], stage=stage,
+                       n_stages=par.n_stages, prev_rank=rank - 1 if stage else None,
+                       next_rank=rank + 1 if stage < par.n_stages - 1 else None,
+                       micro_batches=par.micro_batches, **options)
+
+
+def labels_for(model, y, dtype):
+    """Class labels become int64; real-valued regression targets follow the run's dtype."""
+    if y.dtype.kind in "biu" or model.classification:
+        return y.astype(np.int64)
+    return y.astype(dtype)

@@ -1,0 +1,84 @@
+"""train(): check on every rank, agree on errors, build the roles, abort the job on any failure."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from ..errors import TrainingInterrupted
+from ..metrics import TrainResult
+from .checks import check_run
+from .failures import abort_job, agree_or_raise, stop_on_signals
+from .options import RunOptions, train_signature
+
+__all__ = ["train"]
+
+
+def train(model: Any, data: Any, *, verbose: bool = False,
+          callbacks: Optional[Iterable[Any]] = None, comm: Any = None,
+          **options: Any) -> Optional[TrainResult]:
+    """Train ``model`` on ``data`` with a parameter server; call it on every rank.
+
+    Rank 0 of ``comm`` (default COMM_WORLD) serves the weights and returns a TrainResult;
+    the other ranks are workers and return None. The options are psframe.training.RunOptions'
+    fields (see README.md); an unknown one is a TypeError, and a bad value a ConfigError
+    raised on every rank before any work.
+    """
+    # Imported here: `import psframe` must not start MPI (the `psframe train -n N` launcher
+    # is a plain process), and the transport and the roles need mpi4py.MPI.
+    from mpi4py import MPI
+    from threadpoolctl import threadpool_limits
+
+    from ..transport import Channel, Waiter
+    from ..transport.topology import node_share
+    from .roles import build_server, build_worker
+
+    run_options = RunOptions.from_keywords(options)
+    world = MPI.COMM_WORLD if comm is None else comm
+    plan = None
+    try:
+        plan = check_run(world, model, data, run_options)
+        local_error = None
+    except Exception as exc:  # noqa: B902 - an error on one rank must reach all, not hang them
+        local_error = exc
+    agree_or_raise(world, local_error)
+
+    local_ranks, cores = node_share(world)
+    n_threads = run_options.threads or max(1, cores // local_ranks)
+    run_comm = world.Dup()
+    channel = Channel(run_comm, plan.layout, Waiter(oversubscribed=local_ranks > cores))
+    try:
+        if channel.rank == 0:
+            role = build_server(channel, plan, verbose, callbacks, n_threads)
+        else:
+            role = build_worker(channel, plan)
+        # Every rank leaves together, inside the signal handlers' scope: a worker done early
+        # waits there for the server's last evaluation and checkpoint, so Ctrl-C then asks
+        # for a stop instead of killing a finished worker (and with it the job).
+        with threadpool_limits(limits=n_threads), stop_on_signals(role.request_stop):
+            try:
+                result = role.run()
+            except TrainingInterrupted:
+                _end_together(channel, role)  # a clean stop reaches every rank
+                raise
+            _end_together(channel, role)  # any other error aborts the job below instead
+        if channel.rank == 0:
+            role.recorder.callbacks.on_end(result)
+            return result
+        if role.interrupted:
+            raise TrainingInterrupted("run interrupted by a signal; the server wrote the "
+                                      "checkpoint")
+        return None
+    except TrainingInterrupted:
+        raise  # every rank stopped cleanly and raises it: an exit status, not an abort
+    except BaseException:  # noqa: B902 - any failure must take every rank down, never hang
+        abort_job(world)
+    finally:
+        run_comm.Free()
+
+
+train.__signature__ = train_signature(train)
+
+
+def _end_together(channel, role):
+    """Free the shared window, then wait for every rank, without spinning a core."""
+    role.release()
+    channel.barrier()

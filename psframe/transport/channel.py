@@ -1,0 +1,99 @@
+"""Channel: every communicator call of a run, on one communicator, waited by one Waiter."""
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from .waits import Waiter, transfer_idle_s
+
+__all__ = ["Channel"]
+
+
+class Channel:
+    """Buffer sends and receives of headers, flat-buffer frames and arrays, and the few
+    small control objects, on ``comm``. Roles never call the communicator themselves: a new
+    transport replaces this class (and psframe.transport.paths), not the roles."""
+
+    def __init__(self, comm: MPI.Comm, layout: Any, waiter: Optional[Waiter] = None):
+        self.comm = comm
+        self.layout = layout
+        self.waiter = waiter if waiter is not None else Waiter()
+        self.mpi_dtype = MPI.DOUBLE if layout.dtype == np.float64 else MPI.FLOAT
+        largest = min(layout.size, layout.shard_elems) * layout.dtype.itemsize
+        self.idle_s = transfer_idle_s(largest)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    # -- waiting ----------------------------------------------------------------------------
+    def wait(self, request: MPI.Request, spin_s: Optional[float] = None) -> MPI.Status:
+        return self.waiter.wait(request, spin_s)
+
+    def wait_for_work(self, request: MPI.Request, expected_s: float) -> MPI.Status:
+        return self.waiter.wait_for_work(request, expected_s)
+
+    def wait_frames(self, requests: Sequence[MPI.Request]) -> None:
+        """Wait for frames in flight (see Waiter.wait_all), with this layout's frame budget."""
+        self.waiter.wait_all(requests, self.idle_s)
+
+    def each_frame(self, requests: Sequence[MPI.Request],
+                   frames: Sequence[Tuple[int, int]]) -> Iterator[Tuple[int, int]]:
+        """Yield each frame's (start, stop) as its request completes, in arrival order."""
+        for i in self.waiter.completed(requests, self.idle_s):
+            yield frames[i]
+
+    def progress(self, requests: Sequence[MPI.Request]) -> None:
+        """Move the transfers already posted along, without waiting for them."""
+        MPI.Request.Testall(requests)
+
+    def barrier(self) -> None:
+        """Every rank of the communicator, met without spinning a core."""
+        self.wait(self.comm.Ibarrier())
+
+    # -- headers ----------------------------------------------------------------------------
+    def send_header(self, header: np.ndarray, dest: int, tag: int) -> None:
+        self.wait(self.comm.Isend([header, MPI.INT64_T], dest=dest, tag=tag))
+
+    def recv_header(self, header: np.ndarray, source: int, tag: int) -> MPI.Status:
+        return self.wait(self.comm.Irecv([header, MPI.INT64_T], source=source, tag=tag))
+
+    def recv_request(self, header: np.ndarray, tag: int) -> int:
+        """The next header from any rank; returns the sender's rank."""
+        return self.recv_header(header, MPI.ANY_SOURCE, tag).Get_source()
+
+    def irecv_header(self, header: np.ndarray, source: int, tag: int) -> MPI.Request:
+        """A header's receive, posted now and waited later (a pull's reply)."""
+        return self.comm.Irecv([header, MPI.INT64_T], source=source, tag=tag)
+
+    # -- flat-buffer frames -----------------------------------------------------------------
+    def isend(self, flat: np.ndarray, a: int, b: int, dest: int, tag: int) -> MPI.Request:
+        """Send elements [a, b) of ``flat``: one frame."""
+        return self.comm.Isend([flat[a:b], self.mpi_dtype], dest=dest, tag=tag)
+
+    def isend_frames(self, flat: np.ndarray, lo: int, hi: int, dest: int,
+                     tag: int) -> List[MPI.Request]:
+        return [self.isend(flat, a, b, dest, tag) for a, b in self.layout.frames(lo, hi)]
+
+    def irecv_frames(self, flat: np.ndarray, lo: int, hi: int, source: int,
+                     tag: int) -> List[MPI.Request]:
+        return [
+            self.comm.Irecv([flat[a:b], self.mpi_dtype], source=source, tag=tag)
+            for a, b in self.layout.frames(lo, hi)
+        ]
+
+    # -- whole arrays (a pipeline's activations and their gradients) ------------------------
+    def isend_array(self, array: Any, dest: int, tag: int) -> MPI.Request:
+        return self.comm.Isend(array, dest=dest, tag=tag)
+
+    def recv_array(self, out: Any, source: int, tag: int) -> None:
+        self.wait(self.comm.Irecv(out, source=source, tag=tag))
+
+    # -- control: small pickled objects, never on the hot path ------------------------------
+    def send_object(self, obj: Any, dest: int, tag: int) -> None:
+        self.comm.send(obj, dest=dest, tag=tag)
+
+    def recv_object(self, source: int, tag: int) -> Any:
+        return self.comm.recv(source=source, tag=tag)

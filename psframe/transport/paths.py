@@ -1,0 +1,193 @@
+"""Payload paths: how one worker's gradients reach the server and its weights come back.
+
+Two paths, one interface. By message, every frame is an MPI message. Through the shared
+window (a worker on the server's node), the payload lies in shared memory and only the int64
+headers travel as messages. Both ends of a worker-server pair hold a path: the server one per
+worker (``open_server_paths``), each worker one to the server (``open_worker_path``). The
+roles call only these methods, so a new transport is a new path class, not a change to them.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import ProtocolError
+from .channel import Channel
+from .shm import SharedWindow, open_window
+from .waits import transfer_idle_s
+from .wire import Tag
+
+__all__ = ["PayloadPath", "MessagePath", "SharedPath", "open_server_paths", "open_worker_path"]
+
+Frame = Tuple[int, int]
+
+
+class PayloadPath:
+    """The payload between the server and one worker.
+
+    ``gradient`` is where the worker's gradient lies once pushed (the server end) or is packed
+    before a push (the worker end); ``weights`` where a pull's weights land (the worker end)
+    or the worker's own copy the server writes (the server end; None when nothing is written
+    for it). ``name`` is what ``stats["worker_transport"]`` reports.
+    """
+
+    name = "path"
+    reply_first = True  # the reply header goes before the weight frames
+
+    def __init__(self, channel: Channel, peer: int, gradient: Any, weights: Any):
+        self.channel = channel
+        self.peer = peer
+        self.gradient = gradient
+        self.weights = weights
+
+    # -- the server's end -------------------------------------------------------------------
+    def receive_gradient(self, lo: int, hi: int) -> Iterator[Frame]:
+        """Yield each frame (start, stop) of the pushed gradient once it is in ``gradient``."""
+        raise NotImplementedError
+
+    def send_frame(self, weights: np.ndarray, a: int, b: int, requests: List[Any]) -> None:
+        """Start sending elements [a, b) of the server's weights (requests to wait on go in
+        ``requests``)."""
+        raise NotImplementedError
+
+    def replies_ready(self) -> None:
+        """Before the reply headers of paths that reply last: their weights are visible."""
+
+    # -- the worker's end -------------------------------------------------------------------
+    def post_weights(self, lo: int, hi: int) -> List[Any]:
+        """Receives for a pull's weight frames, posted before the pull is asked for."""
+        raise NotImplementedError
+
+    def await_reply(self, reply: Any, lo: int, hi: int) -> None:
+        """Wait for the pull's reply header; the weights are readable once it is here (the
+        frames posted by post_weights may still be in flight on the message path)."""
+        raise NotImplementedError
+
+    def before_push(self) -> None:
+        """Before the push's header is sent."""
+
+    def push_frames(self, lo: int, hi: int) -> None:
+        """After the push's header: the gradient's frames, returning once MPI has them."""
+
+
+class MessagePath(PayloadPath):
+    """Every frame as an MPI message: workers on another node, or ``transport="mpi"``."""
+
+    name = "mpi"
+    reply_first = True
+
+    def receive_gradient(self, lo, hi):
+        requests = self.channel.irecv_frames(self.gradient, lo, hi, self.peer, Tag.PUSH)
+        yield from self.channel.each_frame(requests, self.channel.layout.frames(lo, hi))
+
+    def send_frame(self, weights, a, b, requests):
+        requests.append(self.channel.isend(weights, a, b, self.peer, Tag.WEIGHTS))
+
+    def post_weights(self, lo, hi):
+        return self.channel.irecv_frames(self.weights, lo, hi, self.peer, Tag.WEIGHTS)
+
+    def await_reply(self, reply, lo, hi):
+        self.channel.wait(reply)
+
+    def push_frames(self, lo, hi):
+        self.channel.wait_frames(
+            self.channel.isend_frames(self.gradient, lo, hi, self.peer, Tag.PUSH))
+
+
+class SharedPath(PayloadPath):
+    """The payload in the node's shared window; only headers are messages.
+
+    The worker's segment holds its gradient, then (unless it reads the server's weights in
+    place: "shared-read", safe only under a lockstep policy) its own copy of the weights,
+    which the server writes frame by frame as each is updated ("shared-copy").
+    """
+
+    reply_first = False  # the reply says the weights are all there
+
+    def __init__(self, channel, peer, gradient, weights, window: SharedWindow,
+                 server_writes: bool):
+        super().__init__(channel, peer, gradient, weights)
+        self.window = window
+        self.name = "shared-copy" if server_writes else "shared-read"
+
+    def receive_gradient(self, lo, hi):
+        self.window.fence()  # already in the worker's segment: read it where it lies
+        yield from self.channel.layout.frames(lo, hi)
+
+    def send_frame(self, weights, a, b, requests):
+        if self.weights is not None:  # copied while the frame is still in cache
+            np.copyto(self.weights[a:b], weights[a:b])
+
+    def replies_ready(self):
+        self.window.fence()
+
+    def post_weights(self, lo, hi):
+        return []  # the server writes them in place, then answers
+
+    def await_reply(self, reply, lo, hi):
+        # No transfer to keep moving: the reply comes when the server's update is done.
+        layout = self.channel.layout
+        start, stop = layout.shard_range(lo, hi)
+        self.channel.wait_for_work(reply, transfer_idle_s((stop - start) * layout.dtype.itemsize))
+        self.window.fence()  # the server's writes before the reply, seen before our reads
+
+    def before_push(self):
+        self.window.fence()  # the gradient is already in our segment: the header says so
+
+
+def open_server_paths(channel: Channel, layout: Any, weights: np.ndarray,
+                      worker_ranks: Sequence[int], transport: str):
+    """The server's end: (window, weights, paths). Collective with every worker's
+    open_worker_path. ``weights`` come back moved into the shared window where there is one,
+    so that workers on this node can read them.
+
+    A worker's segment says how it takes part: ``size`` elements, its gradient only (it reads
+    the server's weights in place); ``2 * size``, its gradient then its own copy of the
+    weights; none, the message path.
+    """
+    size = layout.size
+    window = open_window(channel, channel.rank, size, layout.dtype, transport)
+    if window.mine is not None:
+        window.mine[:] = weights  # the weights live in the window, where workers can read them
+        weights = window.mine
+    paths = []
+    for rank in worker_ranks:
+        seg = window.segment(rank)
+        if seg is None:
+            paths.append(MessagePath(channel, rank, layout.empty(), None))
+            continue
+        if len(seg) not in (size, 2 * size):
+            raise ProtocolError(f"rank {rank} shares {len(seg)} elements; expected "
+                                f"{size} or {2 * size}")
+        copy = seg[size:] if len(seg) == 2 * size else None
+        paths.append(SharedPath(channel, rank, seg[:size], copy, window,
+                                server_writes=copy is not None))
+    return window, weights, paths
+
+
+def open_worker_path(channel: Channel, layout: Any, server: int, transport: str,
+                     reads_in_place: bool, backend: Any, on_device: bool):
+    """A worker's end: (window, path, device weights). Collective with the server's
+    open_server_paths. The model computes on the device weights: the path's own weights on
+    NumPy (and on CUDA-aware MPI), a device copy of a pinned host buffer otherwise.
+
+    ``reads_in_place``: on the server's node, read its weights straight from its segment.
+    A GPU worker's buffers are pinned or device memory: it takes part with no segment.
+    """
+    size, dtype = layout.size, layout.dtype
+    wanted = 0 if on_device else size if reads_in_place else 2 * size
+    window = open_window(channel, server, wanted, dtype, transport)
+    segment = window.mine
+    if segment is None:
+        weights, weights_dev = backend.buffers(size, dtype)
+        gradient, _ = backend.buffers(size, dtype)
+        return window, MessagePath(channel, server, gradient, weights), weights_dev
+    if reads_in_place:
+        weights = window.segment(server).view()
+        weights.flags.writeable = False  # the server's weights: never the worker's to write
+    else:
+        weights = segment[size:]
+    path = SharedPath(channel, server, segment[:size], weights, window,
+                      server_writes=not reads_in_place)
+    return window, path, weights

@@ -1,0 +1,80 @@
+"""Wire protocol: message tags, operations, reply statuses and the fixed int64 header."""
+import enum
+import struct
+
+import numpy as np
+
+__all__ = ["Tag", "Op", "Field", "Status", "HEADER_LEN", "new_header", "fill_header",
+           "loss_bits", "loss_of"]
+
+
+class Tag(enum.IntEnum):
+    """MPI tags; one per kind of message so frames never match a header's receive."""
+
+    REQUEST = 11  # worker → server: header of a pull, push or done
+    PUSH = 12  # worker → server: gradient frames of a push
+    REPLY = 13  # server → worker: header answering a pull
+    WEIGHTS = 14  # server → worker: weight frames of a pull
+    CONTROL = 15  # either way: small pickled objects (final stats), never on the hot path
+    ACT = 16  # pipeline stage k → k+1: a micro-batch's activations
+    ACT_GRAD = 17  # pipeline stage k+1 → k: the gradient of those activations
+
+
+class Op(enum.IntEnum):
+    PULL = 1
+    PUSH = 2
+    DONE = 3
+    PUSH_PULL = 4  # a push, then the pull of the worker's next step: one request per step
+
+
+class Status(enum.IntEnum):
+    """Carried in a REPLY header: whether weights follow or the worker must stop."""
+
+    OK = 0
+    STOP = 1  # no more work for this worker (dynamic dispatch ran out of batches)
+    INTERRUPT = 2  # the run was interrupted (SIGINT/SIGTERM); in a PULL: please stop
+
+
+class Field(enum.IntEnum):
+    """Slots of the fixed int64 header; LOSS holds a float64 by bit pattern."""
+
+    OP = 0
+    WORKER = 1
+    CLOCK = 2  # steps this worker has completed (a push carries the clock it computed at)
+    SHARD_LO = 3
+    SHARD_HI = 4
+    COUNT = 5  # payload elements that follow, so the receiver can check the size
+    VERSION = 6  # server version the weights came from (pull reply) or were pulled at (push)
+    LOSS = 7
+    SAMPLES = 8
+    STATUS = 9
+    BATCH = 10  # dynamic dispatch: the batch a pull reply assigns, and a push trained on
+
+
+HEADER_LEN = len(Field)
+
+
+def new_header():
+    return np.zeros(HEADER_LEN, dtype=np.int64)
+
+
+def loss_bits(loss):
+    """The int64 that holds float64 ``loss`` bit for bit (the LOSS field)."""
+    return struct.unpack("=q", struct.pack("=d", loss))[0]
+
+
+def loss_of(bits):
+    """The float64 loss whose bits a LOSS field holds."""
+    return struct.unpack("=d", struct.pack("=q", bits))[0]
+
+
+def fill_header(header, op, worker, clock, lo, hi, count, version, loss, samples, status,
+                batch):
+    """Every field at once, in Field order: one write instead of eleven, on every step."""
+    header[:] = (op, worker, clock, lo, hi, count, version, loss_bits(loss), samples, status,
+                 batch)
+
+
+assert [f.name for f in Field] == ["OP", "WORKER", "CLOCK", "SHARD_LO", "SHARD_HI", "COUNT",
+                                   "VERSION", "LOSS", "SAMPLES", "STATUS", "BATCH"], \
+    "fill_header writes the fields in this order"

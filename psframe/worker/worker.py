@@ -1,0 +1,289 @@
+"""Data-parallel worker loop: pull the weights, compute a gradient on a batch, push it back."""
+import time
+
+import numpy as np
+
+from ..metrics import Stopwatch
+from ..transport import Channel, Field, Op, Status, Tag, fill_header, new_header, open_worker_path
+from ..transport.topology import node_local_index
+
+__all__ = ["Worker"]
+
+_NOT_YET = object()  # the worker's data has not been offered to the device yet
+
+
+class Worker:
+    """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
+
+    def __init__(self, channel, server_rank, index, layout, model, backend, X, y, stream, steps,
+                 delay=0.0, start_step=0, transport="mpi", read_master=False):
+        """``channel``: a psframe.transport.Channel (or a communicator, wrapped in one).
+        ``stream`` maps a step to rows (static data), or a BatchDispatcher maps the batch
+        each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None).
+
+        ``transport="auto"``: on the server's node, gradients and weights go through a shared
+        window (psframe.transport.shm), only headers as messages; ``read_master``: read the
+        weights straight from the server's segment, which is safe only when no update can
+        run while a worker computes (a lockstep policy)."""
+        if not isinstance(channel, Channel):
+            channel = Channel(channel, layout)
+        self.channel = channel
+        self.server = server_rank
+        self.index = index
+        self.layout = layout
+        self.model = model
+        # bind may hand back another backend ("auto" whose GPU failed its check: NumPy).
+        self.backend = backend.bind(node_local_index(channel.comm, server_rank))
+        self._device = self.backend.name != "numpy"
+        self.X, self.y = X, y
+        self.stream = stream
+        self.steps = steps
+        self.delay = float(delay)
+        self.start_step = int(start_step)  # > 0 when resuming from a checkpoint
+        self.interrupted = False
+        self._stop_requested = False
+        self._open_window(transport, read_master)
+        self.params = layout.views(self._weights_dev)
+        self.grad_views = layout.views(self.grad)
+        self._data = _NOT_YET  # (X, y) on the device once the first batch asks for them
+        self.version = 0
+        self.batch = -1
+        self._request = new_header()
+        self._reply = new_header()
+        self._batches = {}  # batch size -> preallocated (X, y) buffers
+        self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
+
+    def _open_window(self, transport, read_master):
+        """The payload path to the server, with the gradient and weight buffers it uses (see
+        psframe.transport.paths.open_worker_path)."""
+        self.window, self.path, self._weights_dev = open_worker_path(
+            self.channel, self.layout, self.server, transport, read_master, self.backend,
+            self._device)
+        self.grad, self.weights = self.path.gradient, self.path.weights
+        self._staged = self.weights is not self._weights_dev
+
+    def release(self):
+        """Free the shared window (collective with the server and this node's workers)."""
+        self.window.close()
+
+    def run(self):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        step = self.start_step
+        with self.backend.activate():  # the GPU path's kernels run on the worker's stream
+            more = self._has_step(step)
+            if more:
+                with self.waiting:
+                    more = self.pull(step)
+            ahead = None  # this step's (rows, xb, yb), gathered while the server was updating
+            while more:
+                with self.computing:
+                    loss, rows = self.compute(step, ahead)
+                    ahead = None
+                if self.delay:
+                    time.sleep(self.delay)  # a simulated straggler: slower, never wrong
+                step += 1
+                more = self._has_step(step)
+                if more:  # push this step's gradient and pull the next step's weights at once
+                    meanwhile = None
+                    if self.steps is not None:
+                        # Static data: the next rows do not depend on the reply, so gather them
+                        # while the server updates (the model has finished with this batch's
+                        # buffers, which the gather reuses).
+                        def meanwhile(next_step=step):
+                            nonlocal ahead
+                            ahead = self._batch_rows(next_step)
+                    more = self.push_pull(step - 1, float(loss), len(rows), meanwhile=meanwhile)
+                else:
+                    with self.pushing:
+                        self.push(step - 1, float(loss), len(rows))
+        self.finish(t0, cpu0, step)
+
+    def compute(self, step, gathered=None):
+        """Step ``step``'s gradient into the push buffer: gather its batch (unless
+        ``gathered`` holds its (rows, X, y) already), run the model, pack the gradients.
+        Returns (loss, rows)."""
+        rows, xb, yb = gathered if gathered is not None else self._batch_rows(step)
+        loss, grads = self.model.loss_and_grad(self.params, xb, yb)
+        self._pack(grads, step)
+        return loss, rows
+
+    def set_weights(self, flat=None):
+        """The weights as a pull leaves them, without a server: ``flat`` (default: what the
+        pull buffer holds) into the pull buffer, then on to the device the model computes on."""
+        if flat is not None:
+            self.weights[:] = flat
+        if self._staged:
+            for a, b in self.layout.frames():
+                self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
+
+    def _batch_rows(self, step):
+        """(rows, X, y) of a step: the rows the stream (or the dispatched batch) gives."""
+        rows = self.stream.rows(self.batch if self.steps is None else step)
+        return (rows, *self._gather(rows))
+
+    def _has_step(self, step):
+        """Whether step ``step`` is this worker's to take (always, under dynamic dispatch)."""
+        return self.steps is None or step < self.steps
+
+    def finish(self, t0, cpu0, steps, **extra):
+        """Tell the server this worker is done (``steps`` taken since wall time ``t0`` and CPU
+        time ``cpu0``), with its timing report; the last message a worker sends."""
+        self._send_header(Op.DONE, steps, 0, 0)
+        report = {
+            "steps": steps,
+            "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - cpu0,
+            "wait_s": self.waiting.total,
+            "compute_s": self.computing.total,
+            "push_s": self.pushing.total,
+            **self.backend.report(),  # backend, device, transfer: which data path ran
+            **extra,
+        }
+        self.channel.send_object(report, self.server, Tag.CONTROL)
+
+    def _gather(self, rows):
+        """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step."""
+        if self._device:
+            return self._gather_device(rows)
+        n = len(rows)
+        if n not in self._batches:
+            self._batches[n] = (np.empty((n,) + self.X.shape[1:], dtype=self.X.dtype),
+                                np.empty((n,) + self.y.shape[1:], dtype=self.y.dtype))
+        xb, yb = self._batches[n]
+        np.take(self.X, rows, axis=0, out=xb)
+        np.take(self.y, rows, axis=0, out=yb)
+        return xb, yb
+
+    def _device_data(self):
+        """(X, y) on the device, copied once at the first batch; None if they do not fit."""
+        if self._data is _NOT_YET:
+            self._data = self.backend.put_data(self.X, self.y)
+        return self._data
+
+    def _device_rows(self, rows):
+        """``rows`` as a device index array (preallocated per batch size)."""
+        key = ("rows", len(rows))
+        if key not in self._batches:
+            self._batches[key] = self.backend.pair(len(rows), np.int64)
+        host, dev = self._batches[key]
+        np.copyto(host, rows)
+        return self.backend.to_device(host, out=dev)
+
+    def _take(self, which, rows, out, slot=0):
+        """Rows of X (which=0) or y (which=1) into device array ``out``: gathered on the device
+        where the data lives there, else on the host into a pinned buffer (one per ``slot``,
+        so a pending copy is never overwritten) and copied over asynchronously."""
+        data = self._device_data()
+        if data is not None:
+            return self.backend.xp.take(data[which], rows, axis=0, out=out)
+        source = (self.X, self.y)[which]
+        key = ("host", which, slot, out.shape)
+        if key not in self._batches:
+            self._batches[key] = self.backend.pinned(out.shape, source.dtype)
+        host = np.take(source, rows, axis=0, out=self._batches[key])
+        return self.backend.to_device(host, out=out)
+
+    def _gather_device(self, rows):
+        n = len(rows)
+        if n not in self._batches:
+            self._batches[n] = [self.backend.empty((n,) + a.shape[1:], a.dtype)
+                                for a in (self.X, self.y)]
+        xb, yb = self._batches[n]
+        idx = self._device_rows(rows) if self._device_data() is not None else rows
+        return self._take(0, idx, xb), self._take(1, idx, yb)
+
+    def pull(self, clock, lo=0, hi=None):
+        """Fetch the weights; False when the server says the run is over for this worker."""
+        hi = self.layout.n_shards if hi is None else hi
+        reply, frames = self._post_pull(lo, hi)
+        self._send_header(Op.PULL, clock, lo, hi, status=self._pull_status())
+        return self._receive_weights(reply, frames, lo, hi)
+
+    def push_pull(self, clock, loss, samples, lo=0, hi=None, meanwhile=None):
+        """Push step ``clock``'s gradient and pull the weights of step ``clock + 1`` in one
+        request; False when the server says the run is over for this worker. ``meanwhile``
+        runs after the push has left, while the server updates (the next batch's gather)."""
+        hi = self.layout.n_shards if hi is None else hi
+        reply, frames = self._post_pull(lo, hi)  # the compute is done: safe to post now
+        with self.pushing:
+            self._send_gradient(Op.PUSH_PULL, clock, loss, samples, lo, hi, self._pull_status())
+        if meanwhile is not None:
+            with self.computing:
+                meanwhile()
+        with self.waiting:
+            return self._receive_weights(reply, frames, lo, hi)
+
+    def _pull_status(self):
+        return Status.INTERRUPT if self._stop_requested else Status.OK
+
+    def _post_pull(self, lo, hi):
+        """Post the receives of a pull's reply and weight frames, before asking for them, so
+        the weights land straight in the weight buffer."""
+        if self._device:
+            self.backend.synchronize()  # no kernel may still read a buffer MPI will write
+        reply = self.channel.irecv_header(self._reply, self.server, Tag.REPLY)
+        return reply, self.path.post_weights(lo, hi)
+
+    def _receive_weights(self, reply, frames, lo, hi):
+        self.path.await_reply(reply, lo, hi)
+        if self._reply[Field.STATUS] != Status.OK:
+            self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
+            for r in frames:
+                r.Cancel()
+            self.channel.wait_frames(frames)
+            return False
+        if self._staged:
+            self._land(frames, lo, hi)
+        else:
+            self.channel.wait_frames(frames)
+        self.version = int(self._reply[Field.VERSION])
+        self.batch = int(self._reply[Field.BATCH])
+        return True
+
+    def _land(self, frames, lo, hi):
+        """Each weight frame goes on to the device as soon as it arrives (async copy), so the
+        copy of one frame overlaps the receive of the next."""
+        for request, (a, b) in zip(frames, self.layout.frames(lo, hi)):
+            # In flight: keep MPI progressing.
+            self.channel.wait(request, spin_s=self.channel.idle_s)
+            self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
+
+    def push(self, clock, loss, samples, lo=0, hi=None):
+        hi = self.layout.n_shards if hi is None else hi
+        if self._device:
+            self.backend.synchronize()  # the gradient's copies must be done before MPI reads
+        self._send_gradient(Op.PUSH, clock, loss, samples, lo, hi)
+
+    def _send_gradient(self, op, clock, loss, samples, lo, hi, status=Status.OK):
+        """The request header, then the gradient's frames; returns once MPI has them all."""
+        start, stop = self.layout.shard_range(lo, hi)
+        self.path.before_push()
+        self._send_header(op, clock, lo, hi, count=stop - start, loss=loss, samples=samples,
+                          status=status)
+        self.path.push_frames(lo, hi)
+
+    def request_stop(self):
+        """Ask the server to stop the run (signal-safe: the next pull carries the request)."""
+        self._stop_requested = True
+
+    def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0, status=Status.OK):
+        fill_header(self._request, op, self.index, clock, lo, hi, count, self.version, loss,
+                    samples, status, self.batch)
+        self.channel.send_header(self._request, self.server, Tag.REQUEST)
+
+    def _pack(self, grads, step):
+        """Copy the model's gradients into the flat push buffer, checking names and shapes."""
+        if not isinstance(grads, dict) or grads.keys() != self.grad_views.keys():
+            got = sorted(grads) if isinstance(grads, dict) else type(grads).__name__
+            raise ValueError(
+                f"loss_and_grad must return a gradient for exactly the parameters "
+                f"{sorted(self.grad_views)}; got {got} at step {step}"
+            )
+        for name, view in self.grad_views.items():
+            g = grads[name]
+            if g.shape != view.shape:
+                raise ValueError(
+                    f"gradient {name!r} has shape {g.shape}, but the parameter is {view.shape}"
+                )
+            # Into the push buffer: host memory, or the device's where MPI is CUDA-aware.
+            self.backend.to_host(g, out=view)
