@@ -1,10 +1,15 @@
 """Layers for Sequential models: parameter init, forward and backward on NumPy or CuPy arrays."""
+from __future__ import annotations
+
 import math
 import numbers
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..backend import xp
+
+IntPair = Union[int, Tuple[int, int]]  # a size given once for both axes, or as (height, width)
 
 __all__ = ["Layer", "Dense", "ReLU", "Tanh", "Reshape", "Flatten", "Conv2D", "MaxPool2D",
            "Dropout"]
@@ -27,21 +32,22 @@ class Layer:
     # backward takes need_dx=False, so the first parameterised layer can skip dx.
     can_skip_dx = False
 
-    def param_shapes(self):
+    def param_shapes(self) -> Dict[str, Tuple[int, ...]]:
         return {}
 
-    def init_params(self, rng):
+    def init_params(self, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         return {}
 
-    def forward(self, params, x):
+    def forward(self, params: Dict[str, Any], x: Any) -> Tuple[Any, Any]:
         raise NotImplementedError(
             f"{type(self).__name__} must implement forward(params, x) -> (y, cache)"
         )
 
-    def infer(self, params, x):
+    def infer(self, params: Dict[str, Any], x: Any) -> Any:
         return self.forward(params, x)[0]
 
-    def backward(self, params, cache, dy):
+    def backward(self, params: Dict[str, Any], cache: Any,
+                 dy: Any) -> Tuple[Dict[str, Any], Any]:
         raise NotImplementedError(
             f"{type(self).__name__} must implement backward(params, cache, dy) -> (grads, dx)"
         )
@@ -103,7 +109,7 @@ class Dense(Layer):
     INITS = ("he", "glorot")
     can_skip_dx = True
 
-    def __init__(self, n_in, n_out, init="he"):
+    def __init__(self, n_in: int, n_out: int, init: str = "he"):
         self.n_in = _positive_int(n_in, "Dense n_in")
         self.n_out = _positive_int(n_out, "Dense n_out")
         if init not in self.INITS:
@@ -186,7 +192,7 @@ class Reshape(Layer):
 
     keeps_width = False
 
-    def __init__(self, shape):
+    def __init__(self, shape: Sequence[int]):
         shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
         self.shape = tuple(_positive_int(d, "Reshape dimension") for d in shape)
         if not self.shape:
@@ -239,8 +245,8 @@ class Conv2D(Layer):
     # infer works through a batch in pieces so that their windows take at most this much.
     INFER_BYTES = 64 << 20
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 init="torch"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair,
+                 stride: IntPair = 1, padding: IntPair = 0, init: str = "torch"):
         self.in_channels = _positive_int(in_channels, "Conv2D in_channels")
         self.out_channels = _positive_int(out_channels, "Conv2D out_channels")
         self.kernel_size = _pair(kernel_size, "Conv2D kernel_size")
@@ -435,7 +441,7 @@ class MaxPool2D(Layer):
 
     keeps_width = False
 
-    def __init__(self, kernel_size, stride=None):
+    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None):
         self.kernel_size = _pair(kernel_size, "MaxPool2D kernel_size")
         self.stride = self.kernel_size if stride is None else _pair(stride, "MaxPool2D stride")
 
@@ -502,7 +508,7 @@ class Dropout(Layer):
     draws masks of its own.
     """
 
-    def __init__(self, p=0.5, seed=0):
+    def __init__(self, p: float = 0.5, seed: int = 0):
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
             raise ValueError(f"Dropout p must be a probability in [0, 1), got {p!r}")
         self.p = float(p)

@@ -30,7 +30,9 @@ def load_spec(argv):
     if options["optimizer"] != "sgd":
         unsupported(f"optimizer {options['optimizer']!r}: the baselines implement sgd only")
     if options["lr"] is None:
-        options["lr"] = 0.1  # psframe's default for sgd
+        from psframe.nn.optim import SGD
+
+        options["lr"] = SGD.DEFAULT_LR  # psframe's default, from its one place
     delays = {int(w): float(s) for w, s in (cell.get("delay") or {}).items()}
     return options, int(cell.get("workers", 1)), delays, argv[2]
 
