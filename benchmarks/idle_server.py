@@ -9,8 +9,7 @@ from mpi4py import MPI
 import psframe as ps
 from psframe.training import abort_job
 from psframe.transport import Waiter
-
-wait = Waiter().wait  # an oversubscribed rank's wait, as ps.train makes on 2 cores
+from psframe.transport.topology import node_share
 
 
 class SleepyModel(ps.Model):
@@ -49,29 +48,29 @@ def psframe_run(comm, args):
             "workers": shares[1:]}
 
 
-def quiet_barrier(comm):
+def quiet_barrier(comm, waiter):
     """A barrier that sleeps while it waits, so only the rank under test may spin a core."""
-    wait(comm.Ibarrier())
+    waiter.wait(comm.Ibarrier())
 
 
-def blocking_recv(comm, seconds, yielding):
+def blocking_recv(comm, waiter, seconds, yielding):
     """Rank 0 receives one small message that rank 1 sends after ``seconds``; rank 0's share.
 
     yielding=False: plain blocking comm.Recv (what MPICH spins in).
     yielding=True: an Irecv finished by psframe's Waiter.wait (polling with backoff).
     """
     buf = np.zeros(8, dtype=np.int64)
-    quiet_barrier(comm)
+    quiet_barrier(comm, waiter)
     share = None
     if comm.Get_rank() == 0:
         if yielding:
-            share, _, _ = cpu_share(lambda: wait(comm.Irecv(buf, source=1, tag=7)))
+            share, _, _ = cpu_share(lambda: waiter.wait(comm.Irecv(buf, source=1, tag=7)))
         else:
             share, _, _ = cpu_share(lambda: comm.Recv(buf, source=1, tag=7))
     elif comm.Get_rank() == 1:
         time.sleep(seconds)
         comm.Send(buf, dest=0, tag=7)
-    quiet_barrier(comm)
+    quiet_barrier(comm, waiter)
     return share
 
 
@@ -89,14 +88,16 @@ def main():
             print("run with: mpiexec -n 3 python benchmarks/idle_server.py", file=sys.stderr)
         return 2
     comm = world.Dup()
+    local_ranks, cores = node_share(comm)
+    waiter = Waiter(oversubscribed=local_ranks > cores)  # the wait ps.train gives this rank
     root = comm.Get_rank() == 0
     t_start = time.perf_counter()
     runs, spin, yielding = [], [], []
     for _ in range(args.repeats):
         r = psframe_run(comm, args)
         duration = comm.bcast(r["server_wall"] if root else None, root=0)
-        spin.append(blocking_recv(comm, duration, yielding=False))
-        yielding.append(blocking_recv(comm, duration, yielding=True))
+        spin.append(blocking_recv(comm, waiter, duration, yielding=False))
+        yielding.append(blocking_recv(comm, waiter, duration, yielding=True))
         runs.append(r)
 
     if root:

@@ -37,7 +37,7 @@ def _setting(text):
 
 
 def add_arguments(p):
-    """The `bench` subcommand's flags (cli.py builds the subparser)."""
+    """The `bench` subcommand's flags (psframe.cli.app builds the subparser)."""
     p.add_argument("--config", metavar="FILE", help="grid spec (TOML), e.g. "
                    "benchmarks/configs/smoke.toml; without it, flags alone describe the grid")
     p.add_argument("--out", metavar="FILE", help="results JSONL to append to (default: the "
@@ -161,8 +161,8 @@ class Runner:
             record = self._skip(cell)
         elif script and not os.path.exists(script):
             record = self._base_record(cell)
-            record.update(status="failed", note=f"{script} not found: the baselines live in "
-                                                "a psframe checkout, beside the package")
+            record.update(status="failed", note=f"{script} not found: the baselines are "
+                                                "installed with psframe, in psframe/bench")
         else:
             directory = bench_cells.cell_dir(self.cells_root, cell)
             delays, failure = self.delays(cell)

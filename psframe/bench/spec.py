@@ -12,7 +12,7 @@ from ..policies import policy_from_spec
 __all__ = ["SYSTEMS", "Mode", "Straggler", "Cell", "load", "from_flags", "expand",
            "check_options", "samples_per_update"]
 
-# psframe itself, and the peers a user would pick instead (benchmarks/baselines/).
+# psframe itself, and the peers a user would pick instead (psframe/bench/baselines/).
 SYSTEMS = ("psframe", "serial", "allreduce", "torch_ddp", "torch_rpc_ps")
 BENCH_KEYS = {
     "name": str, "seeds": list, "timeout_s": (int, float), "target_accuracy": (int, float),

@@ -321,10 +321,11 @@ def _check_world(nprocs):
 
 def _optimizer(ps, o):
     if o["optimizer"] == "sgd":
-        return ps.SGD(lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+        return ps.SGD(lr=ps.SGD.DEFAULT_LR if o["lr"] is None else o["lr"],
+                      momentum=o["momentum"], weight_decay=o["weight_decay"],
                       nesterov=o["nesterov"])
-    return ps.Adam(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                   weight_decay=o["weight_decay"])
+    return ps.Adam(lr=ps.Adam.DEFAULT_LR if o["lr"] is None else o["lr"],
+                   betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
 
 
 def _init(path):

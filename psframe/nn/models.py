@@ -49,10 +49,28 @@ class Model:
     """
 
     can_pipeline = False
-    classification = False  # labels are class indices (integer labels are taken as such anyway)
+
+    @property
+    def classification(self) -> bool:
+        """Whether labels are class indices (integer labels are taken as such anyway). By
+        default what the model's ``loss`` says, as Sequential's losses and TorchModel's do;
+        a subclass may set it, as a class attribute or on the instance."""
+        given = self.__dict__.get("_classification")
+        if given is not None:
+            return given
+        return bool(getattr(getattr(self, "loss", None), "classification", False))
+
+    @classification.setter
+    def classification(self, value: bool) -> None:
+        self._classification = bool(value)
 
     def reseed(self, seed: int, worker: int) -> None:
-        """Give worker ``worker`` of a run seeded ``seed`` a random stream of its own."""
+        """Give worker ``worker`` of a run seeded ``seed`` random streams of its own: each of
+        the model's ``layers`` with a ``reseed`` (Dropout) gets (seed, worker)."""
+        for layer in getattr(self, "layers", ()):
+            reseed = getattr(layer, "reseed", None)
+            if reseed is not None:
+                reseed(seed, worker)
 
     def init_params(self, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         raise NotImplementedError(
@@ -104,17 +122,6 @@ class Sequential(Model):
     """A chain of layers followed by a loss; parameters are named ``"{i}.{name}"``."""
 
     can_pipeline = True
-
-    @property
-    def classification(self):
-        return bool(getattr(self.loss, "classification", False))
-
-    def reseed(self, seed, worker):
-        """Each layer with random draws (Dropout) gets a stream of (seed, worker)."""
-        for layer in self.layers:
-            reseed = getattr(layer, "reseed", None)
-            if reseed is not None:
-                reseed(seed, worker)
 
     def __init__(self, layers: Sequence[Layer], loss: Loss):
         layers = list(layers)

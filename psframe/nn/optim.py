@@ -109,9 +109,9 @@ class SGD(Optimizer):
     weight_rule = "lr x weight (linear scaling)"
     DEFAULT_LR = 0.1  # the one place SGD's default learning rate is set (train, CLI, docs)
 
-    def __init__(self, lr: float = None, momentum: float = 0.0, weight_decay: float = 0.0,
+    def __init__(self, lr: float = DEFAULT_LR, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False):
-        super().__init__(self.DEFAULT_LR if lr is None else lr)
+        super().__init__(lr)
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.nesterov = nesterov
@@ -174,9 +174,9 @@ class Adam(Optimizer):
     weight_rule = "lr x sqrt(weight) (square-root scaling)"
     DEFAULT_LR = 1e-3
 
-    def __init__(self, lr: float = None, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, lr: float = DEFAULT_LR, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        super().__init__(self.DEFAULT_LR if lr is None else lr)
+        super().__init__(lr)
         self.betas = tuple(betas)
         self.eps = eps
         self.weight_decay = weight_decay

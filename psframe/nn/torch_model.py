@@ -105,10 +105,6 @@ class TorchModel(Model):
         self._streams = {}  # CuPy stream pointer -> torch.cuda.ExternalStream
 
     # -- psframe's Model contract ---------------------------------------------------------------
-    @property
-    def classification(self):
-        return self.loss.classification
-
     def init_params(self, rng):
         """The module's own weights (``rng`` unused: torch initialised them when it was built)."""
         torch = self._torch

@@ -11,7 +11,7 @@ def _mixed_from_spec(arg, modifiers):
     then = then or "async"
     if modifiers:  # "mixed:100+raw": the modifiers belong to the phase after the switch
         then += "+" + "+".join(modifiers)
-    return Mixed(sync_steps=int(k), then=single_policy_from_spec(then))
+    return Mixed(sync_steps=int(k), then=then)  # Mixed reads the phase's spec
 
 
 def policy_from_spec(spec):

@@ -6,6 +6,8 @@ what a checkpoint holds and its files; dispatch: dynamic batches; group: workers
 """
 import importlib
 
+from ..errors import GradientError  # raised by the inbox; importable from here as before
+
 # Loaded on first use: `import psframe` must not start MPI (the `psframe train -n N`
 # launcher is a plain process), and the server's loop needs mpi4py.MPI, where checkpoints
 # and dispatch, which the run's checks use, do not.
@@ -17,7 +19,7 @@ _WHERE = {
     "write_atomic": "checkpoints",
 }
 
-__all__ = list(_WHERE)
+__all__ = list(_WHERE) + ["GradientError"]
 
 
 def __getattr__(name):

@@ -63,6 +63,9 @@ class ParameterServer:
         self.checkpointer = checkpointer
         self.finished = set()
         self._reply_headers = [new_header() for _ in range(n)]
+        # Whose pull awaits its reply: the wire's state, not the policy's, so that a policy
+        # releasing a worker that asked for nothing fails loudly instead of desynchronizing it.
+        self._awaiting = [False] * n
         if resume is not None:
             restore_server_state(*resume, self.engine, self.groups, self.recorder)
         self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push,
@@ -138,6 +141,7 @@ class ParameterServer:
         answered now, else [] and the policy holds it until a later decision releases it."""
         if header[Field.STATUS] == Status.INTERRUPT:  # a worker caught the signal
             self.stop.request()
+        self._awaiting[worker] = True
         return [(worker, clock)] if group.policy.pull(local, clock) else []
 
     def _on_push_pull(self, worker, header):
@@ -206,14 +210,20 @@ class ParameterServer:
         """Run ``update`` over the group's shards, sending the new weights to every answered
         pull frame by frame (UpdateEngine.update_and_send). Reply headers go first on the
         paths that reply first (messages); the others' once all their frames are there."""
+        for w, _ in pulls:
+            if not self._awaiting[w]:
+                raise ProtocolError(f"the policy released worker {w}'s pull, but it has none "
+                                    "waiting")
+            self._awaiting[w] = False
         answered = [(w, self.paths[w]) for w, clock in pulls if self._answer(w, group, clock)]
         for w, _ in pulls:
             if self.paths[w].reply_first:
                 self._send_reply(w)
         requests = self.engine.update_and_send(self.channel, group.shard_range, update, answered)
         last = [w for w, _ in pulls if not self.paths[w].reply_first]
+        for path in {self.paths[w].ready_key: self.paths[w] for w in last}.values():
+            path.replies_ready()  # once per window, however many workers share it
         for w in last:
-            self.paths[w].replies_ready()
             if w in group.pending:  # its reply would let it overwrite that gradient
                 raise ProtocolError(f"the policy answered worker {w}'s pull while its "
                                     "shared gradient still waits for an update")

@@ -60,7 +60,7 @@ _CLI_OPTIONS = {
 RUN_OPTIONS = tuple(f.name for f in cli_fields())
 
 OPTIONS = {**_CLI_OPTIONS, **{
-    f.name: Option(f.metadata["cli"], f.default, f.metadata["help"], f.metadata["choices"])
+    f.name: Option(f.metadata["cli"], f.default, f.metadata["cli_help"], f.metadata["choices"])
     for f in cli_fields()
 }}
 

@@ -24,13 +24,14 @@ DISPATCH = ("static", "dynamic")
 BAD_GRADIENT_ACTIONS = ("raise", "skip")
 
 
-def option(default: Any, help: str, *, cli: Any = None, choices: Optional[tuple] = None,
-           shown: bool = False) -> Any:
+def option(default: Any, help: str, *, cli: Any = None, cli_help: Optional[str] = None,
+           choices: Optional[tuple] = None, shown: bool = False) -> Any:
     """One run option. ``cli``: how a flag or config key spells it (int, float, str, bool,
-    "floats", "delays"), None when only Python can give it (a dataset, an optimizer object).
-    ``shown``: part of TrainResult.config (and so of the logs), as its plain value."""
+    "floats", "delays"), None when only Python can give it (a dataset, an optimizer object);
+    ``cli_help``: its help there, where the Python forms do not apply. ``shown``: part of
+    TrainResult.config (and so of the logs), as its plain value."""
     return field(default=default, metadata={"help": help, "cli": cli, "choices": choices,
-                                            "shown": shown})
+                                            "shown": shown, "cli_help": cli_help or help})
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,10 @@ class RunOptions:
     eval_data: Any = option(None, "a ps.data.ArrayDataset or (X, y) to evaluate on")
     mode: str = option("data", "data, model (a pipeline of stages) or hybrid", cli=str,
                        shown=True)
-    policy: Any = option("sync", "sync, sync:K (K backup workers), async, async:lr, ssp:S, "
-                                 "mixed:STEPS[:THEN]; modifiers +raw (unweighted pushes), "
-                                 "+scale=X, +dc[=LAMBDA] (delay compensation); or a ps.Policy",
-                         cli=str)
+    policy: Any = option("sync", "a ps.Policy, or a spec as the CLI takes it", cli=str,
+                         cli_help="sync, sync:K (K backup workers), async, async:lr, ssp:S, "
+                                  "mixed:STEPS[:THEN]; modifiers +raw (unweighted pushes), "
+                                  "+scale=X, +dc[=LAMBDA] (delay compensation)")
     optimizer: Any = option(None, "a psframe optimizer (default ps.SGD())")
     batch_size: int = option(32, "rows per worker step", cli=int, shown=True)
     epochs: int = option(1, "passes over the data", cli=int)
@@ -70,7 +71,8 @@ class RunOptions:
                                 cli=int, shown=True)
     stages: Union[None, int, List[List[int]]] = option(
         None, "pipeline stages (mode hybrid: stages per pipeline), or a list of each stage's "
-              "layer indices", cli=int)
+              "layer indices", cli=int,
+        cli_help="pipeline stages (mode hybrid: stages per pipeline)")
     checkpoint_dir: Optional[str] = option(None, "write atomic checkpoints here (and at the "
                                                  "end)", cli=str)
     checkpoint_every: Optional[int] = option(None, "a checkpoint every K steps (needs "

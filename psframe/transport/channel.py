@@ -19,7 +19,9 @@ class Channel:
     def __init__(self, comm: MPI.Comm, layout: Any, waiter: Optional[Waiter] = None):
         self.comm = comm
         self.layout = layout
-        self.waiter = waiter if waiter is not None else Waiter()
+        # Without one: short spins and no yielding, safe on any node before its census
+        # (train() gives each rank the Waiter its node calls for).
+        self.waiter = waiter if waiter is not None else Waiter(oversubscribed=True, yield_s=0.0)
         self.mpi_dtype = MPI.DOUBLE if layout.dtype == np.float64 else MPI.FLOAT
         largest = min(layout.size, layout.shard_elems) * layout.dtype.itemsize
         self.idle_s = transfer_idle_s(largest)

@@ -54,6 +54,11 @@ class PayloadPath:
     def replies_ready(self) -> None:
         """Before the reply headers of paths that reply last: their weights are visible."""
 
+    @property
+    def ready_key(self) -> Any:
+        """Paths with the same key are made ready by one replies_ready() call."""
+        return id(self)
+
     # -- the worker's end -------------------------------------------------------------------
     def post_weights(self, lo: int, hi: int) -> List[Any]:
         """Receives for a pull's weight frames, posted before the pull is asked for."""
@@ -121,6 +126,10 @@ class SharedPath(PayloadPath):
 
     def replies_ready(self):
         self.window.fence()
+
+    @property
+    def ready_key(self):
+        return id(self.window)  # one fence orders this rank's writes to the whole window
 
     def post_weights(self, lo, hi):
         return []  # the server writes them in place, then answers

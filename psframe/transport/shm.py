@@ -39,7 +39,7 @@ class SharedWindow:
 
     def __init__(self, comm, server_rank, n_elems, dtype, waiter=None):
         self.dtype = np.dtype(dtype)
-        self.waiter = waiter if waiter is not None else Waiter()
+        self.waiter = waiter if waiter is not None else Waiter(oversubscribed=True, yield_s=0.0)
         self.win = self.node = None
         self._segments = {}
         self.mine = None  # the calling rank's own segment

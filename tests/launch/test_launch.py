@@ -65,6 +65,12 @@ class TestLaunch:
         assert message in proc.stderr
         assert "UNREACHABLE" not in proc.stdout
 
+    def test_policy_releasing_a_pull_never_held_is_refused(self):
+        proc, _ = mpirun(2, os.path.join(SCRIPTS, "policy_releases_nobody.py"))
+        assert proc.returncode != 0
+        assert "released worker 0's pull, but it has none waiting" in proc.stderr
+        assert "UNREACHABLE" not in proc.stdout
+
     def test_wrong_size_push_is_refused(self):
         proc, _ = mpirun(2, "-m", "mpi4py", os.path.join(SCRIPTS, "bad_push_size.py"))
         assert proc.returncode != 0

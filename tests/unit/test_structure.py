@@ -111,3 +111,29 @@ def test_bench_baselines_are_installed_with_the_package():
     for system in cells.BASELINES:
         assert os.path.isfile(cells.baseline_script(system)), system
     assert os.path.dirname(cells.baselines_dir()) == os.path.dirname(cells.__file__)
+
+
+def test_a_mixed_phase_cannot_be_mixed_in_a_spec_either():
+    with pytest.raises(ValueError, match="Mixed phases cannot themselves be Mixed"):
+        ps.policies.policy_from_spec("mixed:100:mixed:5")
+
+
+def test_policies_written_before_count_push_was_public_still_count():
+    state = ps.Async().state(2)
+    state._count_push(1, 0)
+    assert state.clocks == [0, 1]
+
+
+def test_a_model_says_whether_its_labels_are_classes():
+    assert ps.models.MLP([3, 4, 2]).classification
+    assert not ps.models.LinearRegression(3).classification
+
+    class Custom(ps.Model):
+        def __init__(self):
+            self.classification = True
+
+    class Declared(ps.Model):
+        classification = True
+
+    assert Custom().classification and Declared().classification
+    assert not ps.Model().classification
