@@ -4,7 +4,7 @@ from .compensation import DelayCompensation
 from .on_arrival import SCALES, SSP, Async
 from .sync import Sync
 
-__all__ = ["single_policy_from_spec", "SINGLE_NAMES"]
+__all__ = ["single_policy_from_spec"]
 
 
 def _async_from_spec(arg, **options):
@@ -45,9 +45,6 @@ def _options_from(modifiers):
             raise ValueError(f"unknown modifier {mod!r}; use raw, scale=auto|staleness|none|X, "
                              "dc[=LAMBDA] (adaptive) or dc-c[=LAMBDA] (constant)")
     return options
-
-
-SINGLE_NAMES = tuple(_BY_NAME)
 
 
 def single_policy_from_spec(spec):

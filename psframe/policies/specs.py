@@ -1,7 +1,7 @@
 """Policies from CLI specs such as ``sync:1``, ``ssp:2+raw`` or ``mixed:100:async+dc``."""
 from .base import Policy
 from .mixed import Mixed
-from .single_spec import SINGLE_NAMES, single_policy_from_spec
+from .single_spec import single_policy_from_spec
 
 __all__ = ["policy_from_spec"]
 
