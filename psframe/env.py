@@ -5,9 +5,9 @@ import os
 import shlex
 from typing import Mapping, Optional
 
-__all__ = ["BACKEND", "CACHE", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "TTY", "YIELD_S",
-           "VARIABLES", "backend", "cache_dir", "launched", "mpiexec", "mpiexec_args",
-           "tty_columns", "yield_s"]
+__all__ = ["BACKEND", "CACHE", "CLUSTER_DIR", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "TTY",
+           "YIELD_S", "VARIABLES", "backend", "cache_dir", "cluster_dir", "launched", "mpiexec",
+           "mpiexec_args", "tty_columns", "yield_s"]
 
 BACKEND = "PSFRAME_BACKEND"  # the worker array backend when train(backend="auto")
 CACHE = "PSFRAME_CACHE"  # where downloaded datasets are kept
@@ -20,8 +20,9 @@ LAUNCHED = "PSFRAME_LAUNCHED"
 # a pipe to mpiexec, so they cannot see for themselves that a person is watching.
 TTY = "PSFRAME_TTY"
 YIELD_S = "PSFRAME_YIELD_S"  # oversubscribed waits: how long to sched_yield before sleeping
+CLUSTER_DIR = "PSFRAME_CLUSTER_DIR"  # where `psframe cluster` keeps its clusters' state
 
-VARIABLES = (BACKEND, CACHE, MPIEXEC, MPIEXEC_ARGS, LAUNCHED, TTY, YIELD_S)
+VARIABLES = (BACKEND, CACHE, MPIEXEC, MPIEXEC_ARGS, LAUNCHED, TTY, YIELD_S, CLUSTER_DIR)
 
 
 def _env(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
@@ -67,3 +68,9 @@ def yield_s(default: float, environ: Optional[Mapping[str, str]] = None) -> floa
     """$PSFRAME_YIELD_S in seconds, else ``default``."""
     value = _env(environ).get(YIELD_S)
     return float(value) if value else default
+
+
+def cluster_dir(environ: Optional[Mapping[str, str]] = None) -> str:
+    """$PSFRAME_CLUSTER_DIR, else /run/psframe/clusters (a tmpfs: gone at reboot, as the
+    namespaces it describes are)."""
+    return _env(environ).get(CLUSTER_DIR) or "/run/psframe/clusters"

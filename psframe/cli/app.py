@@ -9,6 +9,7 @@ import sys
 from .. import callbacks
 from ..bench import grid as bench
 from ..bench import report
+from ..cluster import commands as cluster_commands
 from ..errors import TrainingInterrupted
 from ..training import config, launch
 from . import progress
@@ -212,6 +213,12 @@ def build_parser():
                     "the JSON lines of psframe bench.",
     )
     report.add_arguments(r)
+    c = sub.add_parser(
+        "cluster", help="a simulated cluster on this machine",
+        description="Hosts as network namespaces on this machine (root and iproute2 needed), "
+                    "for trying and testing multi-node jobs: up, run, status, down.",
+    )
+    cluster_commands.add_arguments(c)
     return parser
 
 
@@ -249,9 +256,10 @@ def main(argv=None):
 
 
 def _tool(args):
-    """bench and report: one plain process each (bench starts its own jobs)."""
+    """bench, report and cluster: one plain process each (bench starts its own jobs)."""
     try:
-        return {"bench": bench.main, "report": report.main}[args.command](args)
+        return {"bench": bench.main, "report": report.main,
+                "cluster": cluster_commands.main}[args.command](args)
     except ValueError as exc:  # a bad spec or results file: one line, status 2
         print(f"psframe: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -47,7 +47,6 @@ class ParameterServer:
         self.window, weights, self.paths = open_server_paths(channel, layout, weights,
                                                              self.workers, transport)
         self.groups = list(groups)
-        self.index_of = {rank: i for i, rank in enumerate(self.workers)}
         self.group_of = {}
         for g in self.groups:
             for local, w in enumerate(g.workers):
@@ -101,21 +100,18 @@ class ParameterServer:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self):
-        header = new_header()
+        self.requests = self.channel.requests_from(self.workers, Tag.REQUEST)
         self.recorder.start()
         waiting, busy = Stopwatch(), Stopwatch()
         t0, cpu0 = time.perf_counter(), time.process_time()
         while len(self.finished) < len(self.workers):
             with waiting:
-                src = self.channel.recv_request(header, Tag.REQUEST)
+                worker, fields = self.requests.next()
             with busy:
-                worker = self.index_of.get(src)
-                if worker is None:
-                    raise ProtocolError(f"request from rank {src}, which is not a worker")
-                fields = header.tolist()  # plain ints: cheaper to read than the array
                 handler = self.handlers.get(fields[Field.OP])
                 if handler is None:
-                    raise ProtocolError(f"unknown op {fields[Field.OP]} from rank {src}")
+                    raise ProtocolError(f"unknown op {fields[Field.OP]} from rank "
+                                        f"{self.workers[worker]}")
                 handler(worker, fields)
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
@@ -172,6 +168,7 @@ class ParameterServer:
         self.recorder.reported(worker, self.channel.recv_object(self.workers[worker],
                                                                 Tag.CONTROL))
         self.finished.add(worker)
+        self.requests.close(worker)
         group, local = self.group_of[worker]
         self._carry_out(group.policy.finish(local), group, worker)
 

@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 from .waits import Waiter, transfer_idle_s
 
-__all__ = ["Channel"]
+__all__ = ["Channel", "RequestQueue"]
 
 
 class Channel:
@@ -62,9 +62,9 @@ class Channel:
     def recv_header(self, header: np.ndarray, source: int, tag: int) -> MPI.Status:
         return self.wait(self.comm.Irecv([header, MPI.INT64_T], source=source, tag=tag))
 
-    def recv_request(self, header: np.ndarray, tag: int) -> int:
-        """The next header from any rank; returns the sender's rank."""
-        return self.recv_header(header, MPI.ANY_SOURCE, tag).Get_source()
+    def requests_from(self, sources: Sequence[int], tag: int) -> "RequestQueue":
+        """The request headers ``sources`` send with ``tag``, one receive posted per source."""
+        return RequestQueue(self, sources, tag)
 
     def irecv_header(self, header: np.ndarray, source: int, tag: int) -> MPI.Request:
         """A header's receive, posted now and waited later (a pull's reply)."""
@@ -99,3 +99,45 @@ class Channel:
 
     def recv_object(self, source: int, tag: int) -> Any:
         return self.comm.recv(source=source, tag=tag)
+
+
+class RequestQueue:
+    """Request headers from a fixed set of peers: one receive posted per peer, answered in
+    the order they complete.
+
+    Never an MPI_ANY_SOURCE receive: under MPICH's UCX netmod, a receive from any source
+    while two or more peers on other hosts send messages above the eager size stalled for
+    good, while one receive per source ran (docs/operations.md#many-nodes). A peer has at
+    most one request outstanding (it waits for the reply), but may send DONE right after a
+    PUSH, so its receive is posted again as soon as a header is read.
+    """
+
+    def __init__(self, channel: Channel, sources: Sequence[int], tag: int):
+        from .wire import new_header
+
+        self.channel = channel
+        self.sources = list(sources)
+        self.tag = tag
+        self.headers = [new_header() for _ in self.sources]
+        self.requests = [channel.irecv_header(h, s, tag)
+                         for h, s in zip(self.headers, self.sources)]
+        self.ready: List[int] = []
+
+    def next(self) -> Tuple[int, List[int]]:
+        """(index of the peer, the header's fields) of the next request, waiting as
+        Waiter.wait does; the peer's next request is received into a fresh post."""
+        while not self.ready:
+            self.ready = sorted(self.channel.waiter.wait_some(self.requests))
+        i = self.ready.pop(0)
+        fields = self.headers[i].tolist()  # plain ints: cheaper to read than the array
+        self.requests[i] = self.channel.irecv_header(self.headers[i], self.sources[i],
+                                                      self.tag)
+        return i, fields
+
+    def close(self, i: int) -> None:
+        """Peer ``i`` sends no more requests: withdraw its posted receive."""
+        request = self.requests[i]
+        if request != MPI.REQUEST_NULL:
+            request.Cancel()
+            request.Wait()
+        self.requests[i] = MPI.REQUEST_NULL

@@ -10,16 +10,36 @@ __all__ = ["node_share", "node_local_index"]
 
 
 def node_share(comm: MPI.Comm) -> Tuple[int, int]:
-    """(ranks of ``comm`` on this node, cores this process may use): threads and waits follow
-    from it. Collective over ``comm``."""
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    local_ranks = node.Get_size()
-    node.Free()
+    """(ranks of ``comm`` on this machine's cores, cores this process may use): threads and
+    waits follow from it. Collective over ``comm``.
+
+    Ranks are counted by the kernel they run on (its boot id), not by MPI's node: hosts that
+    share one machine (network namespaces, containers) share its cores too. Measured on the
+    simulated cluster, 2 cores: counted per MPI node, each remote worker took 2 BLAS threads
+    and spun its waits, and a step of the MNIST MLP took 61 ms instead of 1.3 ms.
+    """
+    kernel = _kernel_id()
+    if kernel is not None:
+        ids = comm.allgather(kernel)
+        local_ranks = ids.count(kernel)
+    else:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_ranks = node.Get_size()
+        node.Free()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
     return local_ranks, cores
+
+
+def _kernel_id():
+    """This kernel's boot id (Linux), the same in every namespace and container it runs."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def node_local_index(comm: MPI.Comm, server_rank: int) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from mpi4py import MPI
 
@@ -65,19 +65,32 @@ class Waiter:
     def wait(self, request: MPI.Request, spin_s: Optional[float] = None) -> MPI.Status:
         """Wait for one request without burning a core; returns its MPI.Status."""
         status = MPI.Status()
+        self._until(lambda: request.Test(status), spin_s)
+        return status
+
+    def wait_some(self, requests: Sequence[MPI.Request]) -> List[int]:
+        """Wait as wait() does until some of ``requests`` complete; their indices."""
+        done: List[int] = []
+
+        def any_done():
+            done.extend(MPI.Request.Testsome(requests) or ())
+            return bool(done)
+
+        self._until(any_done, None)
+        return done
+
+    def _until(self, done: Callable[[], bool], spin_s: Optional[float]) -> None:
         start = time.perf_counter()
         deadline = start + (self.idle_spin_s if spin_s is None else spin_s)
         tests = 0
         while tests < self.spin_tests or time.perf_counter() < deadline:
-            if request.Test(status):
-                return status
+            if done():
+                return
             tests += 1
-        self._backoff(lambda: request.Test(status),
-                      yield_first=self.recent_wait_s < 4 * self.yield_s)
+        self._backoff(done, yield_first=self.recent_wait_s < 4 * self.yield_s)
         # Only waits that outlast the spin count: the many instant ones (a header's send)
         # would pull the average down and make an idle server yield, costing it its CPU share.
         self.recent_wait_s += 0.25 * (time.perf_counter() - start - self.recent_wait_s)
-        return status
 
     def wait_for_work(self, request: MPI.Request, expected_s: float) -> MPI.Status:
         """Wait for a reply that comes once a peer has done about ``expected_s`` of work (a
