@@ -171,7 +171,7 @@ def measure(comm, waiter, mb, shard_elems_list, args):
     for _ in range(args.rounds):
         for s, layout in layouts.items():
             variants = [("sgd", SGD(lr=1e-6), "messages"), ("noapply", NoApply(), "messages")]
-            if s == DEFAULT_SHARD_ELEMS:
+            if s == DEFAULT_SHARD_ELEMS and not args.messages_only:
                 variants += [(p, SGD(lr=1e-6), p) for p in ("shared", "shared-copy")]
             for name, optimizer, path in variants:
                 # A raw run before every psframe run: the machine's load drifts over seconds.
@@ -249,6 +249,8 @@ def main():
                         help="runs per variant, interleaved; medians pool all rounds")
     parser.add_argument("--spin", action="store_true",
                         help="diagnostic: make every psframe wait spin instead of sleeping")
+    parser.add_argument("--messages-only", action="store_true",
+                        help="only the message path (ranks on different hosts: no shared window)")
     parser.add_argument("--diagnose", action="store_true",
                         help="also time raw 1 MiB frames waited by MPI vs by psframe's Waiter")
     args = parser.parse_args()
@@ -307,21 +309,23 @@ def main():
             "copy, SGD apply).")
 
         out("")
-        out("(d) workers on the server's node: payload through the shared window, only "
-            "headers as messages (with SGD)")
         head = (f"{'size':>6} | {'raw ms':>7} | {'messages':>8} {'ratio':>6} | "
                 f"{'shared ms':>9} {'ratio':>6} | {'copy ms':>7} {'ratio':>6}")
-        out(head)
-        out("-" * len(head))
-        for mb in args.sizes:
+        if not args.messages_only:
+            out("(d) workers on the server's node: payload through the shared window, only "
+                "headers as messages (with SGD)")
+            out(head)
+            out("-" * len(head))
+        for mb in args.sizes if not args.messages_only else ():
             r = results[mb]
             raw, msg = r["raw"], r[("sgd", DEFAULT_SHARD_ELEMS)]
             shared, copy = r[("shared", DEFAULT_SHARD_ELEMS)], r[("shared-copy", DEFAULT_SHARD_ELEMS)]
             out(f"{mb:>4}MB | {raw * 1e3:7.2f} | {msg * 1e3:8.2f} {raw / msg:6.2f} | "
                 f"{shared * 1e3:9.2f} {raw / shared:6.2f} | {copy * 1e3:7.2f} {raw / copy:6.2f}")
-        out("shared: the worker reads the server's weights in place (plain Sync, what ps.train "
-            "does); copy: the server writes each frame into the worker's own segment (every "
-            "other policy). Both skip MPI's copies, so a ratio can pass 1.")
+        if not args.messages_only:
+            out("shared: the worker reads the server's weights in place (plain Sync, what "
+                "ps.train does); copy: the server writes each frame into the worker's own "
+                "segment (every other policy). Both skip MPI's copies, so a ratio can pass 1.")
 
         # -- shard-size sweep ---------------------------------------------------------------
         if args.sweep_sizes:

@@ -39,11 +39,11 @@ __all__ = ["Cluster", "ClusterError", "up", "find", "clusters", "remove", "down_
 _NAME = re.compile(r"psf-[a-z0-9]{1,8}")  # every namespace a cluster owns starts with psf-
 _OWNED_NS = re.compile(r"(?P<name>.+)-(sw|h\d+)")
 
-# MPI settings every job `run` starts gets (as -genv). None: MPICH's default netmod (UCX)
-# runs psframe across these hosts, and ran it faster than the ofi netmod (32k against 22k
-# samples/s, docs/operations.md#many-nodes), once psframe's server stopped receiving with
-# MPI_ANY_SOURCE, the pattern under which UCX stalled.
-MPI_ENV: Dict[str, str] = {}
+# MPI settings every job `run` starts gets (as -genv): MPICH's libfabric netmod. Its tcp
+# provider carries the hosts' traffic over their links. MPICH's default netmod, UCX, sees
+# one kernel and moves it through shared memory instead, past the links: a 100mbit link
+# then carried 35x what it can (docs/operations.md, "Many nodes").
+MPI_ENV: Dict[str, str] = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
 
 
 def _state_root() -> str:

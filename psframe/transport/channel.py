@@ -107,7 +107,7 @@ class RequestQueue:
 
     Never an MPI_ANY_SOURCE receive: under MPICH's UCX netmod, a receive from any source
     while two or more peers on other hosts send messages above the eager size stalled for
-    good, while one receive per source ran (docs/operations.md#many-nodes). A peer has at
+    good, while one receive per source ran (docs/operations.md, "Many nodes"). A peer has at
     most one request outstanding (it waits for the reply), but may send DONE right after a
     PUSH, so its receive is posted again as soon as a header is read.
     """
