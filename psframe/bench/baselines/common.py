@@ -155,12 +155,19 @@ def thread_limit(options, ranks_here):
 
 def rendezvous(comm):
     """(address, port) where torch.distributed's ranks meet: $MASTER_ADDR / $MASTER_PORT when
-    set, else 127.0.0.1 and a port that rank 0 found free (the job runs on one node). On the
-    loopback address, gloo and TensorPipe are told to use the loopback interface as well, so
-    they do not depend on how this host's name resolves."""
+    set; else, when every rank is on one host, 127.0.0.1, and across hosts the address rank 0's
+    hostname resolves to; and a port that rank 0 found free. On the loopback address, gloo and
+    TensorPipe are told to use the loopback interface as well, so they do not depend on how
+    this host's name resolves."""
     import socket
 
-    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    hosts = comm.allgather(socket.gethostname())
+    address = os.environ.get("MASTER_ADDR")
+    if address is None and len(set(hosts)) == 1:
+        address = "127.0.0.1"
+    elif address is None:  # several hosts: rank 0's address, as the others reach it
+        address = comm.bcast(socket.gethostbyname(hosts[0]) if comm.Get_rank() == 0 else None,
+                             root=0)
     port = os.environ.get("MASTER_PORT")
     if port is None:
         if comm.Get_rank() == 0:
