@@ -6,7 +6,7 @@ import shlex
 from typing import Mapping, Optional
 
 __all__ = ["BACKEND", "CACHE", "CLUSTER_DIR", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "TTY",
-           "YIELD_S", "VARIABLES", "backend", "cache_dir", "cluster_dir", "launched", "mpiexec",
+           "YIELD_S", "backend", "cache_dir", "cluster_dir", "launched", "mpiexec",
            "mpiexec_args", "tty_columns", "yield_s"]
 
 BACKEND = "PSFRAME_BACKEND"  # the worker array backend when train(backend="auto")
@@ -22,7 +22,6 @@ TTY = "PSFRAME_TTY"
 YIELD_S = "PSFRAME_YIELD_S"  # oversubscribed waits: how long to sched_yield before sleeping
 CLUSTER_DIR = "PSFRAME_CLUSTER_DIR"  # where `psframe cluster` keeps its clusters' state
 
-VARIABLES = (BACKEND, CACHE, MPIEXEC, MPIEXEC_ARGS, LAUNCHED, TTY, YIELD_S, CLUSTER_DIR)
 
 
 def _env(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:

@@ -23,6 +23,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 import zlib
@@ -111,11 +112,31 @@ class Cluster:
 
     def run(self, n_procs: int, program: Sequence[str], ppn: Optional[int] = None,
             env_extra: Optional[Dict[str, str]] = None, timeout: Optional[float] = None,
-            **kwargs) -> subprocess.CompletedProcess:
-        """Run a job across the hosts; its output and exit status are the job's."""
+            capture_output: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        """Run a job across the hosts; its output and exit status are the job's. Past
+        ``timeout`` the whole job (mpiexec, its proxies, every rank) is killed, then
+        subprocess.TimeoutExpired raised: a stalled job never outlives its caller's bound."""
         environ = dict(os.environ, **(env_extra or {}))
-        return subprocess.run(self.command(n_procs, program, ppn), env=environ,
-                              timeout=timeout, **kwargs)
+        if capture_output:
+            kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with subprocess.Popen(self.command(n_procs, program, ppn), env=environ,
+                              start_new_session=True, **kwargs) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_jobs()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.communicate()
+                raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def kill_jobs(self) -> None:
+        """SIGKILL every process running on the hosts (a job's ranks and proxies)."""
+        for host in self.hosts:
+            netns.kill_processes(host)
 
     # -- life cycle -------------------------------------------------------------------------
     def save(self) -> None:
@@ -125,10 +146,7 @@ class Cluster:
 
     def down(self) -> None:
         """Remove every namespace, file and directory ``up`` made; absent parts are fine."""
-        owned = [ns for ns in _listed_namespaces() if _owner_of(ns) == self.name]
-        for ns in sorted(set(owned) | {self.switch, *self.hosts}):
-            netns.delete_namespace(ns)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        remove(self.name)
 
     def alive(self) -> bool:
         """Whether the process that made it still runs (else it is a crashed run's leftover)."""
@@ -192,50 +210,34 @@ def find(name: Optional[str] = None) -> Cluster:
     return found[0]
 
 
-def sweep() -> List[str]:
-    """Remove crashed runs' leftovers: clusters whose maker has exited, and namespaces named
-    like a cluster's with no state left. Returns what was removed."""
-    removed = []
-    known = {}
-    for c in clusters():
-        if c.alive():
-            known[c.name] = c
-        else:
-            c.down()
-            removed.append(c.name)
-    for ns in _listed_namespaces():
-        owner = _owner_of(ns)
-        if owner is not None and owner not in known:
-            netns.delete_namespace(ns)
-            removed.append(ns)
-    return removed
+def _names_here() -> List[str]:
+    """Every cluster name with state or with a namespace (a crashed `up` may leave either)."""
+    return sorted({c.name for c in clusters()} | {
+        owner for owner in map(_owner_of, _listed_namespaces()) if owner is not None})
 
 
 def remove(name: str) -> bool:
-    """Remove cluster ``name``: its state and every namespace named after it, also when a
-    crashed `up` left no state. Returns whether anything was there."""
-    found = False
-    for c in clusters():
-        if c.name == name:
-            c.down()
-            found = True
-    for ns in _listed_namespaces():
-        if _owner_of(ns) == name:
-            netns.delete_namespace(ns)
-            found = True
+    """Remove cluster ``name``: the processes on its hosts, every namespace named after it
+    and its state. Returns whether anything was there."""
+    directory = os.path.join(_state_root(), name)
+    owned = [ns for ns in _listed_namespaces() if _owner_of(ns) == name]
+    for ns in owned:
+        netns.delete_namespace(ns)
+    found = bool(owned) or os.path.isdir(directory)
+    shutil.rmtree(directory, ignore_errors=True)
     return found
 
 
+def sweep() -> List[str]:
+    """Remove crashed runs' leftovers: clusters whose maker has exited, and namespaces named
+    like a cluster's with no state left. Returns their names."""
+    alive = {c.name for c in clusters() if c.alive()}
+    return [name for name in _names_here() if name not in alive and remove(name)]
+
+
 def down_all() -> List[str]:
-    """Remove every cluster and every leftover; returns the names removed."""
-    names = []
-    for c in clusters():
-        c.down()
-        names.append(c.name)
-    for ns in _listed_namespaces():
-        if _owner_of(ns) is not None:
-            netns.delete_namespace(ns)
-    return names
+    """Remove every cluster and every leftover; returns their names."""
+    return [name for name in _names_here() if remove(name)]
 
 
 def _ssh_standin(cluster: Cluster) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from typing import List, Optional, Sequence
 
 __all__ = ["ClusterError", "require", "ip", "namespaces", "add_namespace", "delete_namespace",
-           "shape", "rate_bytes"]
+           "kill_processes", "shape", "rate_bytes"]
 
 
 class ClusterError(RuntimeError):
@@ -53,8 +54,19 @@ def add_namespace(name: str) -> None:
     ip("link", "set", "lo", "up", ns=name)
 
 
+def kill_processes(name: str) -> None:
+    """SIGKILL every process in namespace ``name`` (absent is fine)."""
+    for pid in ip("netns", "pids", name, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
 def delete_namespace(name: str) -> None:
-    """Remove a namespace and what it holds (its veth ends go with it); absent is fine."""
+    """Remove a namespace and what it holds: its processes (a namespace lives on while any
+    process is in it), its veth ends; absent is fine."""
+    kill_processes(name)
     ip("netns", "delete", name, check=False)
     shutil.rmtree(os.path.join("/etc/netns", name), ignore_errors=True)
 

@@ -5,7 +5,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 from .base import Policy, PushDecision
 from .on_arrival import Async
-from .single_spec import single_policy_from_spec
+from .single_spec import single_policy_from_spec, spec_name
 from .sync import Sync
 
 __all__ = ["Mixed", "MixedState"]
@@ -107,6 +107,6 @@ class MixedState:
 
 def _phase_policy(p):
     """A phase's Policy, from an instance or a spec of one policy."""
-    if isinstance(p, str) and p.strip().lower().split("+")[0].partition(":")[0] == "mixed":
+    if isinstance(p, str) and spec_name(p) == "mixed":
         raise ValueError("Mixed phases cannot themselves be Mixed")
     return single_policy_from_spec(p)

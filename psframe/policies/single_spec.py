@@ -4,7 +4,7 @@ from .compensation import DelayCompensation
 from .on_arrival import SCALES, SSP, Async
 from .sync import Sync
 
-__all__ = ["single_policy_from_spec"]
+__all__ = ["single_policy_from_spec", "spec_name"]
 
 
 def _async_from_spec(arg, **options):
@@ -45,6 +45,11 @@ def _options_from(modifiers):
             raise ValueError(f"unknown modifier {mod!r}; use raw, scale=auto|staleness|none|X, "
                              "dc[=LAMBDA] (adaptive) or dc-c[=LAMBDA] (constant)")
     return options
+
+
+def spec_name(spec: str) -> str:
+    """The policy a spec names: "ssp" for "SSP:2+raw"."""
+    return spec.strip().lower().split("+")[0].partition(":")[0]
 
 
 def single_policy_from_spec(spec):

@@ -1,7 +1,7 @@
 """Policies from CLI specs such as ``sync:1``, ``ssp:2+raw`` or ``mixed:100:async+dc``."""
 from .base import Policy
 from .mixed import Mixed
-from .single_spec import single_policy_from_spec
+from .single_spec import single_policy_from_spec, spec_name
 
 __all__ = ["policy_from_spec"]
 
@@ -25,10 +25,10 @@ def policy_from_spec(spec):
     """
     if isinstance(spec, Policy) or not isinstance(spec, str):
         return single_policy_from_spec(spec)
-    head, *modifiers = spec.strip().lower().split("+")
-    name, _, arg = head.partition(":")
-    if name != "mixed":
+    if spec_name(spec) != "mixed":
         return single_policy_from_spec(spec)
+    head, *modifiers = spec.strip().lower().split("+")
+    arg = head.partition(":")[2]
     try:
         return _mixed_from_spec(arg, modifiers)
     except (ValueError, TypeError) as exc:

@@ -59,9 +59,6 @@ class Channel:
     def send_header(self, header: np.ndarray, dest: int, tag: int) -> None:
         self.wait(self.comm.Isend([header, MPI.INT64_T], dest=dest, tag=tag))
 
-    def recv_header(self, header: np.ndarray, source: int, tag: int) -> MPI.Status:
-        return self.wait(self.comm.Irecv([header, MPI.INT64_T], source=source, tag=tag))
-
     def requests_from(self, sources: Sequence[int], tag: int) -> "RequestQueue":
         """The request headers ``sources`` send with ``tag``, one receive posted per source."""
         return RequestQueue(self, sources, tag)

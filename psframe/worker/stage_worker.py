@@ -115,6 +115,15 @@ class StageWorker(Worker):
         self.backend.synchronize()
         return out
 
+    def _receive(self, host, device, source, tag):
+        """A neighbour's activations (or their gradient) into ``host``, then on to ``device``
+        where the layers read it (the same array unless a GPU is host-staged)."""
+        with self.idle:
+            self.channel.recv_array(host, source, tag)
+        if self._staged:
+            self.backend.to_device(host, out=device)
+        return device
+
     def _rows_for_device(self, rows):
         """The step's rows where the device gathers them: on the device if the data is."""
         if not self._device or not (self.first or self.last):
@@ -131,11 +140,7 @@ class StageWorker(Worker):
                 # A buffer per micro-batch: layers cache their input until the backward.
                 h = np.take(self.X, rows[mb], axis=0, out=self.act_in[i])
             else:
-                with self.idle:
-                    self.channel.recv_array(self.act_in[i], self.prev_rank, Tag.ACT)
-                if self._staged:
-                    self.backend.to_device(self.act_in[i], out=self.act_dev[i])
-                h = self.act_dev[i]
+                h = self._receive(self.act_in[i], self.act_dev[i], self.prev_rank, Tag.ACT)
             layer_caches = []
             for j in self.layer_ids:
                 h, cache = self.model.layers[j].forward(self._params_of(j), h)
@@ -164,11 +169,8 @@ class StageWorker(Worker):
             if self.last:
                 d = douts[i]
             else:
-                with self.idle:
-                    self.channel.recv_array(self.grad_in[i], self.next_rank, Tag.ACT_GRAD)
-                if self._staged:
-                    self.backend.to_device(self.grad_in[i], out=self.grad_dev[i])
-                d = self.grad_dev[i]
+                d = self._receive(self.grad_in[i], self.grad_dev[i], self.next_rank,
+                                  Tag.ACT_GRAD)
             for pos in reversed(range(len(self.layer_ids))):
                 j = self.layer_ids[pos]
                 if self.first and j < self.model.first_trained:
