@@ -1,7 +1,7 @@
 """Parameter layout: every tensor at an offset in one flat buffer, cut into shards and frames."""
 import numpy as np
 
-__all__ = ["ParamLayout", "DEFAULT_SHARD_ELEMS"]
+__all__ = ["ParamLayout", "DEFAULT_SHARD_ELEMS", "server_ranges", "overlap"]
 
 # 256 Ki elements (1 MiB in float32), measured by benchmarks/transport.py on MPICH shared
 # memory. Since the server updates frame by frame and sends each frame as soon as it is
@@ -138,3 +138,36 @@ class ParamLayout:
             f"ParamLayout({len(self.names)} tensors, {self.size} elements, {self.dtype}, "
             f"{self.n_shards} shards)"
         )
+
+
+def server_ranges(layout, n_servers):
+    """Shard ranges [lo, hi) of ``n_servers`` servers, contiguous, in order, covering every
+    shard, each non-empty, and balanced by elements: the cut before server s is the shard
+    bound nearest s/S of the elements (one tensor may span servers, if it has several
+    shards). Raises ValueError when the layout has fewer shards than servers."""
+    n = int(n_servers)
+    if n < 1:
+        raise ValueError(f"servers must be >= 1, got {n_servers!r}")
+    if layout.n_shards < n:
+        raise ValueError(
+            f"the model has {layout.n_shards} shards ({layout.size} weights), too few to give "
+            f"each of {n} servers one; use fewer servers or a smaller shard_elems"
+        )
+    bounds = layout.shard_bounds
+    cuts = [0]
+    for s in range(1, n):
+        target = layout.size * s / n
+        k = int(np.argmin(np.abs(bounds - target)))
+        # Every server keeps at least one shard, before and after this cut.
+        k = min(max(k, cuts[-1] + 1), layout.n_shards - (n - s))
+        cuts.append(k)
+    cuts.append(layout.n_shards)
+    return [(cuts[s], cuts[s + 1]) for s in range(n)]
+
+
+def overlap(a, b):
+    """The shard range both ranges cover; empty as (lo, lo) with lo inside ``a``."""
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    if hi <= lo:
+        lo = hi = min(max(b[0], a[0]), a[1])
+    return lo, hi

@@ -1,8 +1,10 @@
 """The parameter server: its request loop and the parts it carries decisions out with.
 
-parameter_server: the loop; inbox: pushed gradients; updates: the weights and optimizer;
-stopping: clean stops; recorder: stats, history, result; checkpoint_state and checkpoints:
-what a checkpoint holds and its files; dispatch: dynamic batches; group: workers per range.
+parameter_server: the loop (rank 0's, which runs the policy); shard_server: another
+server's, which follows rank 0's orders (orders, followers) on its own range; inbox: pushed
+gradients; updates: the weights and optimizer; stopping: clean stops; recorder: stats,
+history, result; checkpoint_state and checkpoints: what a checkpoint holds and its files;
+dispatch: dynamic batches; group: workers per range.
 """
 import importlib
 
@@ -12,7 +14,8 @@ from ..errors import GradientError  # raised by the inbox; importable from here 
 # launcher is a plain process), and the server's loop needs mpi4py.MPI, where checkpoints
 # and dispatch, which the run's checks use, do not.
 _WHERE = {
-    "ParameterServer": "parameter_server", "Group": "group", "GradientInbox": "inbox",
+    "ParameterServer": "parameter_server", "ShardServer": "shard_server",
+    "Followers": "followers", "Group": "group", "GradientInbox": "inbox",
     "UpdateEngine": "updates", "StopControl": "stopping", "Recorder": "recorder",
     "BatchDispatcher": "dispatch", "Checkpointer": "checkpoints",
     "CheckpointError": "checkpoints", "load_checkpoint": "checkpoints",

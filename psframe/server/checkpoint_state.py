@@ -1,31 +1,45 @@
 """What a server checkpoint holds: weights, optimizer state, policy clocks, samples, history."""
 from __future__ import annotations
 
-__all__ = ["save_server_state", "restore_server_state"]
+__all__ = ["save_server_state", "restore_server_state", "range_arrays"]
 
 
-def save_server_state(checkpointer, version, engine, groups, recorder):
-    """Write one checkpoint of this server's state for step ``version``; returns its path."""
-    arrays = {"weights": engine.weights, "shard_updates": engine.shard_updates}
+def range_arrays(engine, own_shards):
+    """The arrays of one server's range: its weights, optimizer state and shard counts."""
+    lo, hi = own_shards
+    start, stop = engine.layout.shard_range(lo, hi)
+    arrays = {"weights": engine.weights[start:stop], "shard_updates": engine.shard_updates[lo:hi]}
     for key, value in engine.opt_state.items():
         if not key.startswith("_"):  # scratch buffers carry no state
-            arrays[f"opt.{key}"] = value
+            arrays[f"opt.{key}"] = value[start:stop]
+    return arrays
+
+
+def save_server_state(checkpointer, version, engine, groups, recorder, own_shards=None,
+                      parts=None):
+    """Write one checkpoint of the run's state for step ``version``; returns its path.
+    ``parts``: what the other servers wrote of their ranges (one manifest names them all)."""
+    own_shards = own_shards if own_shards is not None else (0, engine.layout.n_shards)
     state = {
         "groups": [{"version": g.policy.version, "clocks": list(g.policy.clocks)}
                    for g in groups],
         "samples": recorder.stats.samples,
         "history": recorder.history,
     }
-    return checkpointer.save(version, arrays, state)
+    return checkpointer.save(version, range_arrays(engine, own_shards), state, parts)
 
 
-def restore_server_state(manifest, arrays, engine, groups, recorder):
-    """Continue from a checkpoint: weights, optimizer state, clocks, data position, history."""
-    engine.weights[:] = arrays["weights"]
-    engine.shard_updates[:] = arrays["shard_updates"]
+def restore_server_state(manifest, arrays, engine, groups, recorder, own_shards=None):
+    """Continue from a checkpoint: weights and optimizer state of this server's range (the
+    others' may lie in the same shared buffer: never write them), clocks, data position,
+    history."""
+    lo, hi = own_shards if own_shards is not None else (0, engine.layout.n_shards)
+    start, stop = engine.layout.shard_range(lo, hi)
+    engine.weights[start:stop] = arrays["weights"][start:stop]
+    engine.shard_updates[lo:hi] = arrays["shard_updates"][lo:hi]
     for key in engine.opt_state:
         if not key.startswith("_"):
-            engine.opt_state[key][:] = arrays[f"opt.{key}"]
+            engine.opt_state[key][start:stop] = arrays[f"opt.{key}"][start:stop]
     for g, saved in zip(groups, manifest["groups"]):
         g.policy.restore(saved["version"], saved["clocks"])
     version = min(g.policy.version for g in groups)

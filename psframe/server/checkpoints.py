@@ -71,8 +71,10 @@ class Checkpointer:
     def due(self, version):
         return bool(self.every) and version > 0 and version % self.every == 0
 
-    def save(self, version, arrays, state):
-        """``arrays``: name -> ndarray; ``state``: JSON-able clocks, samples, history."""
+    def save(self, version, arrays, state, parts=None):
+        """``arrays``: name -> ndarray; ``state``: JSON-able clocks, samples, history;
+        ``parts``: what the other servers wrote of this version (save_part), in server order.
+        The manifest goes last: a checkpoint exists once its manifest does."""
         os.makedirs(self.directory, exist_ok=True)
         stem = os.path.join(self.directory, f"ckpt-{version:08d}")
         write_atomic(stem + ".npz", lambda f: np.savez(f, **arrays))
@@ -86,6 +88,8 @@ class Checkpointer:
             **self.meta,
             **state,
         }
+        if parts is not None:  # the other servers' ranges, each a file of its own
+            manifest["parts"] = list(parts)
         write_atomic(stem + ".json",
                       lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         _fsync_dir(self.directory)
@@ -93,9 +97,18 @@ class Checkpointer:
         self._prune()
         return self.last_path
 
+    def save_part(self, version, server, arrays):
+        """Another server's range of checkpoint ``version``: its file, for the manifest."""
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"ckpt-{version:08d}.server{server}.npz")
+        write_atomic(path, lambda f: np.savez(f, **arrays))
+        return {"file": os.path.basename(path), "sha256": _sha256(path),
+                "bytes": os.path.getsize(path)}
+
     def _prune(self):
         for manifest in _manifests(self.directory)[self.keep:]:
-            for path in (manifest, manifest[: -len(".json")] + ".npz"):
+            stem = manifest[: -len(".json")]
+            for path in [manifest, stem + ".npz"] + glob.glob(stem + ".server*.npz"):
                 try:
                     os.remove(path)
                 except FileNotFoundError:
@@ -117,16 +130,28 @@ def _read(manifest_path):
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path} has format {manifest.get('format')}, "
                               f"this psframe reads format {FORMAT}")
-    npz = os.path.join(os.path.dirname(manifest_path), manifest["file"])
+    directory = os.path.dirname(manifest_path)
+    # Server 0's range, then each other server's: consecutive ranges, joined in order.
+    pieces = [_read_part(directory, manifest)]
+    pieces += [_read_part(directory, part) for part in manifest.get("parts", ())]
+    if len(pieces) == 1:
+        return manifest, pieces[0]
+    if any(p.keys() != pieces[0].keys() for p in pieces):
+        raise CheckpointError(f"the servers' parts of {manifest_path} hold different arrays")
+    return manifest, {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def _read_part(directory, entry):
+    """The arrays of one file a manifest names, checked against its SHA-256."""
+    npz = os.path.join(directory, entry["file"])
     if not os.path.exists(npz):
         raise CheckpointError(f"checkpoint data {npz} is missing")
-    if _sha256(npz) != manifest["sha256"]:
+    if _sha256(npz) != entry["sha256"]:
         raise CheckpointError(
             f"checkpoint {npz} is corrupt or truncated: its SHA-256 does not match the manifest"
         )
     with np.load(npz, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    return manifest, arrays
+        return {k: data[k] for k in data.files}
 
 
 def load_checkpoint(path):

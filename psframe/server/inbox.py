@@ -1,12 +1,11 @@
 """GradientInbox: receives each push through its worker's path and checks it frame by frame."""
 from __future__ import annotations
 
-import math
 import sys
 
-import numpy as np
-
 from ..errors import GradientError
+from ..finite import frame_finite
+from ..transport.wire import Flag
 
 __all__ = ["GradientInbox"]
 
@@ -25,9 +24,12 @@ class GradientInbox:
         """Where worker's latest gradient lies: its landing slot or its shared segment."""
         return self.paths[worker].gradient
 
-    def receive(self, worker, lo, hi, count, clock):
+    def receive(self, worker, lo, hi, count, clock, flags=0):
         """Land worker's push of shards [lo, hi) for step ``clock``; True if it is usable.
-        Raises GradientError for a wrong size, and for a non-finite one under "raise"."""
+        Raises GradientError for a wrong size, and for a non-finite one under "raise".
+        ``flags`` with Flag.NON_FINITE: the worker found the whole gradient non-finite (with
+        several servers, so that every server refuses it, not only the one whose range
+        holds the NaN)."""
         start, stop = self.layout.shard_range(lo, hi)
         if count != stop - start:
             raise GradientError(
@@ -36,7 +38,7 @@ class GradientInbox:
                 "parameters"
             )
         grad = self.gradient(worker)
-        finite = True
+        finite = not flags & Flag.NON_FINITE
         # Check each frame as it lands, while the next ones are still arriving.
         for a, b in self.paths[worker].receive_gradient(lo, hi):
             finite = frame_finite(grad[a:b]) and finite
@@ -54,13 +56,3 @@ class GradientInbox:
                                 "on_bad_gradient='skip' to drop such gradients and go on.")
         print(f"psframe: warning: {message}", file=sys.stderr, flush=True)
         return False
-
-
-def frame_finite(grad):
-    """Whether every element of ``grad`` is finite."""
-    # One BLAS pass, no temporaries: g·g is finite whenever every element is (unless the
-    # sum of squares overflows, for absurdly large but finite gradients: the exact,
-    # slower check settles that rare case, so no finite gradient is refused).
-    with np.errstate(over="ignore", invalid="ignore"):
-        squares = float(np.dot(grad, grad))
-    return math.isfinite(squares) or bool(np.isfinite(grad).all())

@@ -30,22 +30,27 @@ class ParameterServer:
     - ``recorder``: stats, history, evaluations, callbacks and the result;
     - checkpoints through ``checkpointer`` (psframe.server.checkpoint_state says what is kept).
 
-    It serves the shard ranges of its ``groups`` to ``worker_ranks``; nothing in it assumes
-    that it is the only server rank.
+    It serves the shard ranges of its ``groups`` to ``worker_ranks``. With several servers,
+    it updates only ``own_shards``, and ``followers`` (psframe.server.followers) carry out
+    each of its decisions on the other ranges; it gathers their ranges to evaluate, and
+    their parts of each checkpoint under its manifest.
     """
 
     def __init__(self, channel, layout, weights, *, optimizer, groups, worker_ranks,
                  recorder=None, model=None, dispatcher=None, on_bad_gradient="raise",
                  checkpointer=None, resume=None, stop_units=None, transport="mpi",
-                 keep_sent_weights=False):
+                 keep_sent_weights=False, owner=0, own_shards=None, followers=None):
         if not isinstance(channel, Channel):  # a communicator: the default channel over it
             channel = Channel(channel, layout)
         self.channel = channel
         self.layout = layout
         self.workers = list(worker_ranks)  # worker index i is rank self.workers[i]
         n = len(self.workers)
-        self.window, weights, self.paths = open_server_paths(channel, layout, weights,
-                                                             self.workers, transport)
+        self.own_shards = tuple(own_shards) if own_shards is not None else (0, layout.n_shards)
+        self.own = layout.shard_range(*self.own_shards)  # the elements this server updates
+        self.followers = followers
+        self.window, weights, self.paths = open_server_paths(
+            channel, layout, weights, self.workers, transport, owner=owner, own=self.own)
         self.groups = list(groups)
         self.group_of = {}
         for g in self.groups:
@@ -66,7 +71,12 @@ class ParameterServer:
         # releasing a worker that asked for nothing fails loudly instead of desynchronizing it.
         self._awaiting = [False] * n
         if resume is not None:
-            restore_server_state(*resume, self.engine, self.groups, self.recorder)
+            restore_server_state(*resume, self.engine, self.groups, self.recorder,
+                                 self.own_shards)
+        self.recorder.own_shards, self.recorder.own_params = self.own_shards, self.own[1] - self.own[0]
+        if followers is not None:
+            followers.share(self.window)
+            self.recorder.before_read = self._gather
         self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push,
                          Op.PUSH_PULL: self._on_push_pull, Op.DONE: self._on_done}
         # Decision flag -> method; "apply" and "complete" return the per-frame update to run
@@ -108,6 +118,7 @@ class ParameterServer:
             with waiting:
                 worker, fields = self.requests.next()
             with busy:
+                self._event = (worker, fields[Field.OP])  # what an order to the others names
                 handler = self.handlers.get(fields[Field.OP])
                 if handler is None:
                     raise ProtocolError(f"unknown op {fields[Field.OP]} from rank "
@@ -119,6 +130,9 @@ class ParameterServer:
             self.recorder.record(self.version, self.weights)
         if self.checkpointer is not None:
             self._checkpoint()  # the final state, also when a signal stopped the run
+        if self.followers is not None:
+            self._gather()
+            self.recorder.merge_servers(self.followers.end(self.stopping))
         if self.stopping:
             where = f"; last checkpoint: {self.checkpointer.last_path}" if self.checkpointer else ""
             raise TrainingInterrupted(f"run interrupted at step {self.version}{where}")
@@ -130,7 +144,7 @@ class ParameterServer:
         group, local = self.group_of[worker]
         self._check_shards(worker, header, group)
         self._update_and_send(group, None, self._register_pull(worker, header, group, local,
-                                                               int(header[Field.CLOCK])))
+                                                               int(header[Field.CLOCK])), None)
 
     def _register_pull(self, worker, header, group, local, clock):
         """Hand worker's pull for ``clock`` to the policy: [(worker, clock)] if it may be
@@ -155,7 +169,7 @@ class ParameterServer:
             # is a policy bug; refusing it keeps the pending gradient from being overwritten.
             raise ProtocolError(f"worker {worker} pushed step {clock} before its previous "
                                 "gradient was applied or dropped")
-        accepted = self.inbox.receive(worker, lo, hi, count, clock)
+        accepted = self.inbox.receive(worker, lo, hi, count, clock, int(header[Field.FLAGS]))
         self.recorder.pushed(worker, count * self.layout.dtype.itemsize, accepted,
                              int(header[Field.SAMPLES]), loss_of(header[Field.LOSS]),
                              int(header[Field.BATCH]))
@@ -181,7 +195,7 @@ class ParameterServer:
                 update = action(decision, group, worker) or update
         # A released pull is for the step its worker's clock is at: it could not push since.
         pulls = [(group.workers[local], group.policy.clocks[local]) for local in decision.release]
-        self._update_and_send(group, update, pulls + list(serve))
+        self._update_and_send(group, update, pulls + list(serve), decision)
         if update is not None:
             self._updated(decision.staleness, decision.weight)
 
@@ -203,16 +217,23 @@ class ParameterServer:
         return self.engine.one(self.inbox.gradient(worker), worker, decision.weight,
                                decision.compensation)
 
-    def _update_and_send(self, group, update, pulls):
+    def _update_and_send(self, group, update, pulls, decision):
         """Run ``update`` over the group's shards, sending the new weights to every answered
         pull frame by frame (UpdateEngine.update_and_send). Reply headers go first on the
-        paths that reply first (messages); the others' once all their frames are there."""
+        paths that reply first (messages); the others' once all their frames are there.
+        The other servers get the order for this request (``decision`` and the replies)
+        before this one starts on its own range."""
         for w, _ in pulls:
             if not self._awaiting[w]:
                 raise ProtocolError(f"the policy released worker {w}'s pull, but it has none "
                                     "waiting")
             self._awaiting[w] = False
         answered = [(w, self.paths[w]) for w, clock in pulls if self._answer(w, group, clock)]
+        if self.followers is not None:
+            replies = [(w, *(int(self._reply_headers[w][f])
+                             for f in (Field.STATUS, Field.VERSION, Field.BATCH)))
+                       for w, _ in pulls]
+            self.followers.request(*self._event, decision, replies)
         for w, _ in pulls:
             if self.paths[w].reply_first:
                 self._send_reply(w)
@@ -268,5 +289,11 @@ class ParameterServer:
         return lo, hi
 
     def _checkpoint(self):
-        return save_server_state(self.checkpointer, self.version, self.engine, self.groups,
-                                 self.recorder)
+        version = self.version
+        parts = self.followers.checkpoint(version) if self.followers is not None else None
+        return save_server_state(self.checkpointer, version, self.engine, self.groups,
+                                 self.recorder, self.own_shards, parts)
+
+    def _gather(self):
+        """The other servers' ranges into ``weights``, as of now (before reading them all)."""
+        self.followers.snapshot(self.weights)

@@ -44,6 +44,11 @@ class Recorder:
         self._last_epoch = 0
         self._seen_version = 0
         self.t0 = time.perf_counter()
+        # Called before the weights are read whole: with several servers, it gathers the
+        # other servers' ranges into them (ParameterServer._gather).
+        self.before_read = lambda: None
+        self.servers = None  # each server's load, with several servers (merge_servers)
+        self.own_shards, self.own_params = (0, layout.n_shards), layout.size  # rank 0's range
 
     def _hook(self, name, *args):
         if self.callbacks is not None:
@@ -115,6 +120,7 @@ class Recorder:
         self._loss_sum, self._loss_n = 0.0, 0
         if self.eval_data is not None:
             X, y = self.eval_data
+            self.before_read()
             scores = self.model.evaluate(self.layout.views(weights), X, y)
             row["eval_loss"] = float(scores["loss"])
             acc = scores.get("accuracy")
@@ -129,9 +135,33 @@ class Recorder:
         self._seen_version = self.last_logged = version
         self._last_epoch = int(self.stats.samples // self.epoch_samples)
 
+    def load(self, rank, shards, n_elems, wall, cpu):
+        """This server's share of the work, as ``stats["servers"]`` lists it per server."""
+        s = self.stats
+        return {"rank": rank, "shards": list(shards), "params": int(n_elems),
+                "bytes_pushed": int(s.bytes_pushed), "bytes_pulled": int(s.bytes_pulled),
+                "updates": int(s.updates_applied), "cpu_s": cpu,
+                "cpu_share": cpu / wall if wall > 0 else 0.0,
+                "bytes_pushed_by": list(self.bytes_pushed_by),
+                "bytes_pulled_by": list(self.bytes_pulled_by)}
+
+    def merge_servers(self, loads):
+        """The other servers' loads (their bytes count toward the run's totals)."""
+        self.servers = list(loads)
+
     # -- the result -------------------------------------------------------------------------
     def result(self, weights, groups, transports, wall, cpu, wait_s, busy_s):
         stats = self.stats.as_dict()
+        own = self.load(0, self.own_shards, self.own_params, wall, cpu)
+        servers = [own] + list(self.servers or [])
+        for key in ("bytes_pushed", "bytes_pulled"):
+            stats[key] = sum(s[key] for s in servers)
+        self.bytes_pushed_by = [sum(s["bytes_pushed_by"][w] for s in servers)
+                                for w in range(self.n_workers)]
+        self.bytes_pulled_by = [sum(s["bytes_pulled_by"][w] for s in servers)
+                                for w in range(self.n_workers)]
+        stats["servers"] = [{k: v for k, v in s.items() if not k.endswith("_by")}
+                            for s in servers]
         reports = [self.worker_reports.get(i, {}) for i in range(self.n_workers)]
         worker_wait = [r.get("wait_s", 0.0) for r in reports]
         worker_wall = [r.get("wall_s", 0.0) for r in reports]

@@ -10,7 +10,7 @@ from ..backend import select_backend
 from ..data import ArrayDataset, block_range, steps_per_epoch
 from ..nn.models import Model
 from ..nn.optim import SGD, Optimizer
-from ..params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout
+from ..params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, server_ranges
 from ..policies import policy_from_spec
 from ..server.checkpoints import CheckpointError, Checkpointer, load_checkpoint
 from ..server.dispatch import BatchDispatcher
@@ -67,18 +67,26 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
             f"psframe needs at least 2 MPI ranks (1 server + 1 worker), got {size}; "
             "launch with e.g. `mpiexec -n 4 python train.py`"
         )
-    n_workers = size - 1
+    _check_int("servers", o.servers)
+    n_servers = int(o.servers)
+    if n_servers >= size:
+        raise ValueError(
+            f"servers={n_servers} leaves no worker among {size} MPI ranks: ranks "
+            f"0..{n_servers - 1} serve and the rest are workers; launch more ranks or use fewer "
+            "servers"
+        )
+    n_workers = size - n_servers
     policy.validate(n_workers)
     if o.dispatch not in DISPATCH:
         raise ValueError(f"dispatch must be one of {DISPATCH}, got {o.dispatch!r}")
     delay = _check_delay(o.delay, n_workers)
 
     train_set = _as_dataset(data, "data")
-    _check_data(world, model, train_set, "training data", readers="workers")
+    _check_data(world, model, train_set, "training data", n_servers, readers="workers")
     eval_data = o.eval_data
     if eval_data is not None:
         eval_data = _as_dataset(eval_data, "eval_data")
-        _check_data(world, model, eval_data, "eval data", readers="server")
+        _check_data(world, model, eval_data, "eval data", n_servers, readers="server")
 
     params = model.init_params(np.random.default_rng(o.seed))
     layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
@@ -91,6 +99,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
             raise ValueError("init has non-finite values")
     weights = layout.flatten(params, out=layout.empty())
     _probe(model, layout, weights, train_set)
+    server_shards = server_ranges(layout, n_servers)  # or: too few shards for the servers
     parallel = plan_parallel(o.mode, model, layout, n_workers, o.stages, o.micro_batches,
                              o.batch_size, o.dispatch)
     n_replicas = parallel.replicas  # workers (data) or pipelines (model, hybrid)
@@ -99,7 +108,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
 
     meta = {"layout": _jsonable(layout.signature()), "n_workers": n_workers, "mode": o.mode,
             "n_stages": parallel.n_stages, "optimizer": repr(optimizer),
-            "policy": repr(policy), "batch_size": int(o.batch_size)}
+            "policy": repr(policy), "batch_size": int(o.batch_size), "servers": n_servers}
     resumed = None
     if o.resume is not None:
         resumed = _load_resume(o.resume, meta, optimizer, layout)
@@ -127,6 +136,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
         steps=steps, epoch_samples=epoch_samples, dispatcher=dispatcher, delay=delay,
         expected_updates=None if per_round is None else int(round(rounds * per_round)),
         backend=backend, n_workers=n_workers, parallel=parallel, resume=resumed,
+        server_shards=server_shards,
         checkpointer=None if o.checkpoint_dir is None else Checkpointer(
             o.checkpoint_dir, o.checkpoint_every, o.checkpoint_keep, meta),
     )
@@ -140,7 +150,7 @@ def _as_dataset(data, what):
     raise TypeError(f"{what} must be a ps.data.ArrayDataset or an (X, y) pair, got {type(data)}")
 
 
-def _check_data(world, model, dataset, what, readers):
+def _check_data(world, model, dataset, what, n_servers, readers):
     """Finite, numeric, fitting the model. A dataset in memory is checked whole on every rank
     (each holds it anyway); a lazy one (ps.data.NpyDataset) in chunks, by its readers only:
     training data by the workers, worker w its block w, eval data by the server."""
@@ -149,11 +159,11 @@ def _check_data(world, model, dataset, what, readers):
         return
     n, head = len(dataset), min(len(dataset), _HEAD_ROWS)
     dataset.check(model, what, (0, head))
-    rank, n_workers = world.Get_rank(), world.Get_size() - 1
+    rank, n_workers = world.Get_rank(), world.Get_size() - n_servers
     if readers == "server" and rank == 0:
         dataset.check(model, what, (head, n))
-    elif readers == "workers" and rank > 0:
-        lo, hi = block_range(n, n_workers, rank - 1)
+    elif readers == "workers" and rank >= n_servers:
+        lo, hi = block_range(n, n_workers, rank - n_servers)
         dataset.check(model, what, (max(lo, head), hi))
 
 
@@ -171,13 +181,13 @@ def _jsonable(value):
 def _load_resume(path, meta, optimizer, layout):
     """The checkpoint to continue from, refused unless it fits this run exactly."""
     manifest, arrays = load_checkpoint(path)
-    for key in ("layout", "n_workers", "mode", "n_stages"):
-        if manifest.get(key) != meta[key]:
+    for key in ("layout", "n_workers", "mode", "n_stages", "servers"):
+        if manifest.get(key, 1 if key == "servers" else None) != meta[key]:
             what = {"layout": "model layout or dtype"}.get(key, key.replace("_", " "))
             raise CheckpointError(
                 f"checkpoint {path} was written for a different {what} "
                 f"({manifest.get(key)!r}, this run has {meta[key]!r}); resume needs the same "
-                "model, dtype, mode and worker count"
+                "model, dtype, mode, worker count and servers (resharding is not built)"
             )
     wanted = {f"opt.{k}" for k in optimizer.init_state(1, layout.dtype) if not k.startswith("_")}
     saved = {k for k in arrays if k.startswith("opt.")}

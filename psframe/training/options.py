@@ -85,6 +85,8 @@ class RunOptions:
     transport: str = option("auto", "auto: shared memory with workers on the server's node; "
                                     "mpi: every payload as a message", cli=str,
                             choices=TRANSPORTS)
+    servers: int = option(1, "server ranks (0..S-1), each updating its range of the weights "
+                             "with its own optimizer state", cli=int, shown=True)
 
     @classmethod
     def from_keywords(cls, options: Dict[str, Any]) -> "RunOptions":

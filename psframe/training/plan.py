@@ -47,6 +47,11 @@ class RunPlan:
     parallel: ParallelPlan
     resume: Optional[Tuple[dict, dict]]
     checkpointer: Any
+    server_shards: List[Tuple[int, int]]  # each server's shard range; rank s is server s
+
+    @property
+    def n_servers(self) -> int:
+        return len(self.server_shards)
 
     @property
     def read_in_place(self) -> bool:
@@ -71,6 +76,7 @@ class RunPlan:
             dispatch="dynamic" if self.dispatcher is not None else "static",
             n_stages=par.n_stages, micro_batches=par.micro_batches,
             stage_layers=par.stage_layers, threads=threads,
+            server_shards=[list(r) for r in self.server_shards],
         )
 
 

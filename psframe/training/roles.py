@@ -1,19 +1,22 @@
-"""The roles of a planned run: rank 0 the parameter server, every other rank a worker."""
+"""The roles of a planned run: ranks 0..S-1 the servers (rank 0 runs the policy), the rest
+workers."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..callbacks import CallbackList, PrintProgress
 from ..data import BatchStream, block_range
-from ..server import Group, ParameterServer, Recorder
+from ..params import overlap
+from ..server import Followers, Group, ParameterServer, Recorder, ShardServer
 from ..worker import StageWorker, Worker
 from .plan import RunPlan
 
-__all__ = ["build_server", "build_worker", "groups_of", "labels_for"]
+__all__ = ["build_server", "build_shard_server", "build_worker", "groups_of", "labels_for"]
 
 
 def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
-    """The ParameterServer of ``plan`` on ``channel`` (whose rank 0 it is)."""
+    """The ParameterServer of ``plan`` on ``channel`` (whose rank 0 it is): the policy, the
+    first range of the weights, and the coordination of the other servers."""
     hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
     eval_data = None
     if plan.eval is not None:
@@ -29,21 +32,46 @@ def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
                    f"{plan.optimizer.name} steps by {plan.optimizer.weight_rule}"),
         total_batches=plan.dispatcher.total_batches if plan.dispatcher else None,
     )
+    followers = None
+    if plan.n_servers > 1:
+        followers = Followers(channel, range(1, plan.n_servers), plan.server_shards[1:],
+                              n_workers)
     return ParameterServer(
-        channel, plan.layout, plan.weights, optimizer=plan.optimizer, groups=groups_of(plan),
-        worker_ranks=range(1, n_workers + 1), recorder=recorder, dispatcher=plan.dispatcher,
+        channel, plan.layout, plan.weights, optimizer=plan.optimizer, groups=groups_of(plan, 0),
+        worker_ranks=_worker_ranks(plan), recorder=recorder, dispatcher=plan.dispatcher,
         on_bad_gradient=plan.options.on_bad_gradient, checkpointer=plan.checkpointer,
         resume=plan.resume, stop_units=plan.stop_units(), transport=plan.options.transport,
-        keep_sent_weights=plan.policy.keeps_sent_weights(),
+        keep_sent_weights=plan.policy.keeps_sent_weights(), own_shards=plan.server_shards[0],
+        followers=followers,
     )
 
 
-def groups_of(plan: RunPlan):
-    """One group per stage: worker p*P + k is stage k of pipeline p (data mode: P = 1)."""
+def build_shard_server(channel, plan: RunPlan):
+    """Server ``channel.rank`` (> 0) of ``plan``: its range, as rank 0 orders."""
+    index = channel.rank
+    return ShardServer(
+        channel, plan.layout, plan.weights, optimizer=plan.optimizer,
+        groups=groups_of(plan, index), worker_ranks=_worker_ranks(plan),
+        recorder=Recorder(plan.model, plan.layout, plan.n_workers),
+        on_bad_gradient=plan.options.on_bad_gradient, checkpointer=plan.checkpointer,
+        resume=plan.resume, transport=plan.options.transport,
+        keep_sent_weights=plan.policy.keeps_sent_weights(),
+        own_shards=plan.server_shards[index], leader=0, index=index,
+    )
+
+
+def _worker_ranks(plan: RunPlan):
+    return range(plan.n_servers, plan.n_servers + plan.n_workers)
+
+
+def groups_of(plan: RunPlan, server: int = 0):
+    """One group per stage: worker p*P + k is stage k of pipeline p (data mode: P = 1), with
+    the part of that stage's shards that server ``server`` holds (maybe none)."""
     par = plan.parallel
+    own = plan.server_shards[server]
     return [
         Group(plan.policy.state(par.replicas), [p * par.n_stages + k for p in range(par.replicas)],
-              par.stage_shards[k])
+              overlap(own, par.stage_shards[k]))
         for k in range(par.n_stages)
     ]
 
@@ -51,7 +79,7 @@ def groups_of(plan: RunPlan):
 def build_worker(channel, plan: RunPlan):
     """The worker (or pipeline stage) of ``plan`` that ``channel``'s rank runs."""
     rank = channel.rank
-    index = rank - 1
+    index = rank - plan.n_servers
     par = plan.parallel
     o = plan.options
     replica, stage = divmod(index, par.n_stages)  # data mode: replica = index, stage 0
@@ -71,7 +99,8 @@ def build_worker(channel, plan: RunPlan):
     plan.model.reseed(o.seed, index)
     X = np.ascontiguousarray(plan.train.X[rows], dtype=plan.dtype)
     y = np.ascontiguousarray(labels_for(plan.model, plan.train.y[rows], plan.dtype))
-    common = (channel, 0, index, plan.layout, plan.model, plan.backend, X, y, stream, steps)
+    servers = list(enumerate(plan.server_shards))  # server s is rank s
+    common = (channel, servers, index, plan.layout, plan.model, plan.backend, X, y, stream, steps)
     options = dict(delay=plan.delay.get(index, 0.0), start_step=start_step,
                    transport=o.transport, read_master=plan.read_in_place)
     if par.stage_layers is None:

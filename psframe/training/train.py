@@ -17,8 +17,8 @@ def train(model: Any, data: Any, *, verbose: bool = False,
           **options: Any) -> Optional[TrainResult]:
     """Train ``model`` on ``data`` with a parameter server; call it on every rank.
 
-    Rank 0 of ``comm`` (default COMM_WORLD) serves the weights and returns a TrainResult;
-    the other ranks are workers and return None. The options are psframe.training.RunOptions'
+    Ranks 0..servers-1 of ``comm`` (default COMM_WORLD) serve the weights, rank 0 returns a
+    TrainResult; the other ranks (the workers, and the other servers) return None. The options are psframe.training.RunOptions'
     fields (see README.md); an unknown one is a TypeError, and a bad value a ConfigError
     raised on every rank before any work.
     """
@@ -29,7 +29,7 @@ def train(model: Any, data: Any, *, verbose: bool = False,
 
     from ..transport import Channel, Waiter
     from ..transport.topology import node_share
-    from .roles import build_server, build_worker
+    from .roles import build_server, build_shard_server, build_worker
 
     run_options = RunOptions.from_keywords(options)
     world = MPI.COMM_WORLD if comm is None else comm
@@ -48,6 +48,8 @@ def train(model: Any, data: Any, *, verbose: bool = False,
     try:
         if channel.rank == 0:
             role = build_server(channel, plan, verbose, callbacks, n_threads)
+        elif channel.rank < plan.n_servers:
+            role = build_shard_server(channel, plan)
         else:
             role = build_worker(channel, plan)
         # Every rank leaves together, inside the signal handlers' scope: a worker done early
@@ -64,7 +66,7 @@ def train(model: Any, data: Any, *, verbose: bool = False,
             role.recorder.callbacks.on_end(result)
             return result
         if role.interrupted:
-            raise TrainingInterrupted("run interrupted by a signal; the server wrote the "
+            raise TrainingInterrupted("run interrupted by a signal; the servers wrote the "
                                       "checkpoint")
         return None
     except TrainingInterrupted:

@@ -131,6 +131,18 @@ class RequestQueue:
                                                       self.tag)
         return i, fields
 
+    def take(self, i: int) -> List[int]:
+        """The next request of peer ``i`` itself, waiting for it (a server that follows rank
+        0's order of requests); its receive is posted again as next() does."""
+        if i in self.ready:
+            self.ready.remove(i)
+        else:
+            self.channel.wait(self.requests[i])
+        fields = self.headers[i].tolist()
+        self.requests[i] = self.channel.irecv_header(self.headers[i], self.sources[i],
+                                                      self.tag)
+        return fields
+
     def close(self, i: int) -> None:
         """Peer ``i`` sends no more requests: withdraw its posted receive."""
         request = self.requests[i]

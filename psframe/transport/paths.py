@@ -8,13 +8,13 @@ roles call only these methods, so a new transport is a new path class, not a cha
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import ProtocolError
 from .channel import Channel
-from .shm import SharedWindow, open_window
+from .shm import SharedWindow, node_ids, open_window
 from .waits import transfer_idle_s
 from .wire import Tag
 
@@ -74,6 +74,12 @@ class PayloadPath:
 
     def push_frames(self, lo: int, hi: int) -> None:
         """After the push's header: the gradient's frames, returning once MPI has them."""
+        self.channel.wait_frames(self.post_frames(lo, hi))
+
+    def post_frames(self, lo: int, hi: int) -> List[Any]:
+        """After the push's header: start sending the gradient's frames; the requests to
+        wait on (a worker pushing to several servers waits for them all at once)."""
+        return []
 
 
 class MessagePath(PayloadPath):
@@ -95,9 +101,8 @@ class MessagePath(PayloadPath):
     def await_reply(self, reply, lo, hi):
         self.channel.wait(reply)
 
-    def push_frames(self, lo, hi):
-        self.channel.wait_frames(
-            self.channel.isend_frames(self.gradient, lo, hi, self.peer, Tag.PUSH))
+    def post_frames(self, lo, hi):
+        return self.channel.isend_frames(self.gradient, lo, hi, self.peer, Tag.PUSH)
 
 
 class SharedPath(PayloadPath):
@@ -146,20 +151,30 @@ class SharedPath(PayloadPath):
 
 
 def open_server_paths(channel: Channel, layout: Any, weights: np.ndarray,
-                      worker_ranks: Sequence[int], transport: str):
-    """The server's end: (window, weights, paths). Collective with every worker's
-    open_worker_path. ``weights`` come back moved into the shared window where there is one,
-    so that workers on this node can read them.
+                      worker_ranks: Sequence[int], transport: str, owner: int = 0,
+                      own: Optional[Tuple[int, int]] = None):
+    """A server's end: (window, weights, paths). Collective with every other server's
+    open_server_paths and every worker's open_worker_path. ``weights`` come back moved into
+    the shared window where there is one, so that workers on this node can read them.
+
+    Rank ``owner`` (the first server) holds the weights' segment; other servers on its node
+    update their range of that same buffer. Each server copies in only ``own``, the element
+    range it updates (default: all), so that no server overwrites another's.
 
     A worker's segment says how it takes part: ``size`` elements, its gradient only (it reads
-    the server's weights in place); ``2 * size``, its gradient then its own copy of the
-    weights; none, the message path.
+    the weights in place); ``2 * size``, its gradient then its own copy of the weights;
+    none, the message path.
     """
     size = layout.size
-    window = open_window(channel, channel.rank, size, layout.dtype, transport)
-    if window.mine is not None:
-        window.mine[:] = weights  # the weights live in the window, where workers can read them
-        weights = window.mine
+    if transport != "mpi":
+        node_ids(channel.comm)  # collective with the workers' (see open_worker_path)
+    mine = channel.rank == owner
+    window = open_window(channel, owner, size if mine else 0, layout.dtype, transport)
+    shared = window.mine if mine else window.segment(owner)
+    if shared is not None:
+        start, stop = own if own is not None else (0, size)
+        shared[start:stop] = weights[start:stop]  # the weights live where workers read them
+        weights = shared
     paths = []
     for rank in worker_ranks:
         seg = window.segment(rank)
@@ -175,28 +190,37 @@ def open_server_paths(channel: Channel, layout: Any, weights: np.ndarray,
     return window, weights, paths
 
 
-def open_worker_path(channel: Channel, layout: Any, server: int, transport: str,
+def open_worker_path(channel: Channel, layout: Any, servers: Sequence[int], transport: str,
                      reads_in_place: bool, backend: Any, on_device: bool):
-    """A worker's end: (window, path, device weights). Collective with the server's
-    open_server_paths. The model computes on the device weights: the path's own weights on
-    NumPy (and on CUDA-aware MPI), a device copy of a pinned host buffer otherwise.
+    """A worker's end: (window, one path per server, device weights). Collective with the
+    servers' open_server_paths. The model computes on the device weights: the paths' own
+    weights on NumPy (and on CUDA-aware MPI), a device copy of a pinned host buffer otherwise.
 
-    ``reads_in_place``: on the server's node, read its weights straight from its segment.
-    A GPU worker's buffers are pinned or device memory: it takes part with no segment.
+    Every path shares one gradient buffer and one weight buffer: each server reads and writes
+    its own range of them. ``reads_in_place``: read the weights straight from the first
+    server's segment, when every server is on this node (a remote server's frames need a
+    buffer of the worker's own). A GPU worker's buffers are pinned or device memory: it takes
+    part with no segment.
     """
+    servers = list(servers)
     size, dtype = layout.size, layout.dtype
+    if transport != "mpi":
+        nodes = node_ids(channel.comm)
+        reads_in_place = reads_in_place and all(nodes[s] == nodes[channel.rank]
+                                                for s in servers)
     wanted = 0 if on_device else size if reads_in_place else 2 * size
-    window = open_window(channel, server, wanted, dtype, transport)
+    window = open_window(channel, servers[0], wanted, dtype, transport)
     segment = window.mine
     if segment is None:
         weights, weights_dev = backend.buffers(size, dtype)
         gradient, _ = backend.buffers(size, dtype)
-        return window, MessagePath(channel, server, gradient, weights), weights_dev
+        return window, [MessagePath(channel, s, gradient, weights) for s in servers], weights_dev
     if reads_in_place:
-        weights = window.segment(server).view()
-        weights.flags.writeable = False  # the server's weights: never the worker's to write
+        weights = window.segment(servers[0]).view()
+        weights.flags.writeable = False  # the servers' weights: never the worker's to write
     else:
         weights = segment[size:]
-    path = SharedPath(channel, server, segment[:size], weights, window,
-                      server_writes=not reads_in_place)
-    return window, path, weights
+    gradient = segment[:size]
+    paths = [SharedPath(channel, s, gradient, weights, window, server_writes=not reads_in_place)
+             if window.has(s) else MessagePath(channel, s, gradient, weights) for s in servers]
+    return window, paths, weights

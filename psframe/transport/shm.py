@@ -6,7 +6,7 @@ from mpi4py import MPI
 
 from .waits import Waiter
 
-__all__ = ["SharedWindow", "open_window"]
+__all__ = ["SharedWindow", "open_window", "node_ids"]
 
 # Use at most this share of the free space of /dev/shm, where MPICH maps shared windows, so a
 # full tmpfs means the message path, not a failed allocation on one rank and a hung collective.
@@ -42,6 +42,7 @@ class SharedWindow:
         self.waiter = waiter if waiter is not None else Waiter(oversubscribed=True, yield_s=0.0)
         self.win = self.node = None
         self._segments = {}
+        self._on_node = set()
         self.mine = None  # the calling rank's own segment
         if comm is None:  # the message path (transport="mpi"): no window, no segments
             return
@@ -55,6 +56,7 @@ class SharedWindow:
             node.Free()
             return
         self.node = node
+        self._on_node = {r for r, nr in enumerate(as_node) if nr != MPI.UNDEFINED}
         lengths = node.allgather(int(n_elems))  # elements each node rank asked for
         nbytes = -(-int(n_elems) * self.dtype.itemsize // _PAGE_BYTES) * _PAGE_BYTES
         total = node.allreduce(nbytes)
@@ -78,6 +80,10 @@ class SharedWindow:
                 buf, _ = self.win.Shared_query(node_rank)
                 self._segments[rank] = np.frombuffer(buf, dtype=self.dtype, count=n)
         self.mine = self._segments.get(comm.Get_rank())
+
+    def has(self, rank):
+        """Whether ``rank`` is on this window's node (and so can reach its segments)."""
+        return self.node is not None and rank in self._on_node
 
     def segment(self, rank):
         """Rank ``rank``'s segment (a flat writable array of exactly the elements it asked
@@ -110,3 +116,15 @@ def open_window(channel, server_rank, n_elems, dtype, transport):
     payload a message)."""
     comm = None if transport == "mpi" else channel.comm
     return SharedWindow(comm, server_rank, n_elems, dtype, waiter=channel.waiter)
+
+
+def node_ids(comm):
+    """For each rank of ``comm``, the lowest rank on its shared-memory node (collective):
+    ranks with equal ids can share a window. MPI's view, not the kernel's: the hosts of a
+    simulated cluster share one kernel but are separate nodes to MPI."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        first = node.allreduce(comm.Get_rank(), op=MPI.MIN)
+    finally:
+        node.Free()
+    return comm.allgather(first)

@@ -42,18 +42,20 @@ def _kernel_id():
         return None
 
 
-def node_local_index(comm: MPI.Comm, server_rank: int) -> int:
+def node_local_index(comm: MPI.Comm, server_ranks) -> int:
     """This worker's place among the workers on its node, for picking its GPU.
 
-    Collective over the workers only (MPI_Comm_create_group), because the server never
-    takes part in building workers; leaving it out also keeps it from using up a device slot.
+    Collective over the workers only (MPI_Comm_create_group), because the servers (a rank,
+    or a list of them) never take part in building workers; leaving them out also keeps
+    them from using up a device slot.
     Every worker calls it, whatever its backend, so a node without a GPU cannot leave the
     others waiting.
     """
+    servers = [server_ranks] if isinstance(server_ranks, int) else list(server_ranks)
     everyone = comm.Get_group()
-    workers = everyone.Excl([server_rank])
+    workers = everyone.Excl(servers)
     everyone.Free()
-    if comm.Get_rank() == server_rank or workers.Get_size() == 0:
+    if comm.Get_rank() in servers or workers.Get_size() == 0:
         workers.Free()
         return 0
     sub = comm.Create_group(workers)

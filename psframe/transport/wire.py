@@ -4,7 +4,7 @@ import struct
 
 import numpy as np
 
-__all__ = ["Tag", "Op", "Field", "Status", "HEADER_LEN", "new_header", "fill_header",
+__all__ = ["Tag", "Op", "Field", "Flag", "Status", "HEADER_LEN", "new_header", "fill_header",
            "loss_bits", "loss_of"]
 
 
@@ -18,6 +18,8 @@ class Tag(enum.IntEnum):
     CONTROL = 15  # either way: small pickled objects (final stats), never on the hot path
     ACT = 16  # pipeline stage k → k+1: a micro-batch's activations
     ACT_GRAD = 17  # pipeline stage k+1 → k: the gradient of those activations
+    ORDER = 18  # rank 0 → the other servers: what to do with the next request (orders.py)
+    RANGE = 19  # another server → rank 0: its range of the weights (evaluation, the result)
 
 
 class Op(enum.IntEnum):
@@ -49,6 +51,13 @@ class Field(enum.IntEnum):
     SAMPLES = 8
     STATUS = 9
     BATCH = 10  # dynamic dispatch: the batch a pull reply assigns, and a push trained on
+    FLAGS = 11  # a push's Flag bits
+
+
+class Flag(enum.IntFlag):
+    """Bits of a push's FLAGS field."""
+
+    NON_FINITE = 1  # the worker found its whole gradient non-finite (set with several servers)
 
 
 HEADER_LEN = len(Field)
@@ -69,12 +78,12 @@ def loss_of(bits):
 
 
 def fill_header(header, op, worker, clock, lo, hi, count, version, loss, samples, status,
-                batch):
-    """Every field at once, in Field order: one write instead of eleven, on every step."""
+                batch, flags=0):
+    """Every field at once, in Field order: one write instead of twelve, on every step."""
     header[:] = (op, worker, clock, lo, hi, count, version, loss_bits(loss), samples, status,
-                 batch)
+                 batch, flags)
 
 
 assert [f.name for f in Field] == ["OP", "WORKER", "CLOCK", "SHARD_LO", "SHARD_HI", "COUNT",
-                                   "VERSION", "LOSS", "SAMPLES", "STATUS", "BATCH"], \
+                                   "VERSION", "LOSS", "SAMPLES", "STATUS", "BATCH", "FLAGS"], \
     "fill_header writes the fields in this order"

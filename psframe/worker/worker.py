@@ -4,8 +4,11 @@ import time
 import numpy as np
 
 from ..metrics import Stopwatch
-from ..transport import Channel, Field, Op, Status, Tag, fill_header, new_header, open_worker_path
+from ..transport import (Channel, Field, Flag, Op, Status, Tag, fill_header, new_header,
+                         open_worker_path)
 from ..transport.topology import node_local_index
+from ..params import overlap
+from ..finite import frame_finite
 
 __all__ = ["Worker"]
 
@@ -15,9 +18,11 @@ _NOT_YET = object()  # the worker's data has not been offered to the device yet
 class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
-    def __init__(self, channel, server_rank, index, layout, model, backend, X, y, stream, steps,
+    def __init__(self, channel, servers, index, layout, model, backend, X, y, stream, steps,
                  delay=0.0, start_step=0, transport="mpi", read_master=False):
         """``channel``: a psframe.transport.Channel (or a communicator, wrapped in one).
+        ``servers``: the server's rank, or (rank, shard range) of every server, the first
+        being rank 0's: each step pushes to and pulls from all of them at once.
         ``stream`` maps a step to rows (static data), or a BatchDispatcher maps the batch
         each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None).
 
@@ -28,12 +33,15 @@ class Worker:
         if not isinstance(channel, Channel):
             channel = Channel(channel, layout)
         self.channel = channel
-        self.server = server_rank
+        if isinstance(servers, (int, np.integer)):
+            servers = [(int(servers), (0, layout.n_shards))]
+        self.servers = [(int(r), tuple(shards)) for r, shards in servers]
+        self.server = self.servers[0][0]  # rank 0's: its reply carries the status and batch
         self.index = index
         self.layout = layout
         self.model = model
         # bind may hand back another backend ("auto" whose GPU failed its check: NumPy).
-        self.backend = backend.bind(node_local_index(channel.comm, server_rank))
+        self.backend = backend.bind(node_local_index(channel.comm, [r for r, _ in self.servers]))
         self._device = self.backend.name != "numpy"
         self.X, self.y = X, y
         self.stream = stream
@@ -49,16 +57,20 @@ class Worker:
         self.version = 0
         self.batch = -1
         self._request = new_header()
-        self._reply = new_header()
+        self._replies = [new_header() for _ in self.servers]
+        self._reply = self._replies[0]
+        # Several servers must agree on whether a push is usable: the worker checks it whole.
+        self._check_finite = len(self.servers) > 1
         self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
 
     def _open_window(self, transport, read_master):
-        """The payload path to the server, with the gradient and weight buffers it uses (see
-        psframe.transport.paths.open_worker_path)."""
-        self.window, self.path, self._weights_dev = open_worker_path(
-            self.channel, self.layout, self.server, transport, read_master, self.backend,
-            self._device)
+        """The payload path to each server, with the gradient and weight buffers they share
+        (see psframe.transport.paths.open_worker_path)."""
+        self.window, self.paths, self._weights_dev = open_worker_path(
+            self.channel, self.layout, [r for r, _ in self.servers], transport, read_master,
+            self.backend, self._device)
+        self.path = self.paths[0]
         self.grad, self.weights = self.path.gradient, self.path.weights
         self._staged = self.weights is not self._weights_dev
 
@@ -128,7 +140,8 @@ class Worker:
     def finish(self, t0, cpu0, steps, **extra):
         """Tell the server this worker is done (``steps`` taken since wall time ``t0`` and CPU
         time ``cpu0``), with its timing report; the last message a worker sends."""
-        self._send_header(Op.DONE, steps, 0, 0)
+        for i, (lo, hi) in self._parts(0, self.layout.n_shards):
+            self._send_header(Op.DONE, steps, lo, hi, to=i)
         report = {
             "steps": steps,
             "wall_s": time.perf_counter() - t0,
@@ -192,50 +205,71 @@ class Worker:
         idx = self._device_rows(rows) if self._device_data() is not None else rows
         return self._take(0, idx, xb), self._take(1, idx, yb)
 
+    def _parts(self, lo, hi):
+        """(server index, shard range) of each server that takes part in shards [lo, hi):
+        rank 0 always (it runs the policy: it hears every request, if empty), the others
+        where their range meets [lo, hi)."""
+        parts = []
+        for i, (_, own) in enumerate(self.servers):
+            part = overlap(own, (lo, hi))
+            if i == 0 or part[0] < part[1]:
+                parts.append((i, part))
+        return parts
+
     def pull(self, clock, lo=0, hi=None):
         """Fetch the weights; False when the server says the run is over for this worker."""
         hi = self.layout.n_shards if hi is None else hi
-        reply, frames = self._post_pull(lo, hi)
-        self._send_header(Op.PULL, clock, lo, hi, status=self._pull_status())
-        return self._receive_weights(reply, frames, lo, hi)
+        posted = self._post_pull(lo, hi)
+        status = self._pull_status()
+        for i, (a, b), _, _ in posted:
+            self._send_header(Op.PULL, clock, a, b, status=status, to=i)
+        return self._receive_weights(posted)
 
     def push_pull(self, clock, loss, samples, lo=0, hi=None, meanwhile=None):
         """Push step ``clock``'s gradient and pull the weights of step ``clock + 1`` in one
         request; False when the server says the run is over for this worker. ``meanwhile``
         runs after the push has left, while the server updates (the next batch's gather)."""
         hi = self.layout.n_shards if hi is None else hi
-        reply, frames = self._post_pull(lo, hi)  # the compute is done: safe to post now
+        posted = self._post_pull(lo, hi)  # the compute is done: safe to post now
         with self.pushing:
             self._send_gradient(Op.PUSH_PULL, clock, loss, samples, lo, hi, self._pull_status())
         if meanwhile is not None:
             with self.computing:
                 meanwhile()
         with self.waiting:
-            return self._receive_weights(reply, frames, lo, hi)
+            return self._receive_weights(posted)
 
     def _pull_status(self):
         return Status.INTERRUPT if self._stop_requested else Status.OK
 
     def _post_pull(self, lo, hi):
-        """Post the receives of a pull's reply and weight frames, before asking for them, so
-        the weights land straight in the weight buffer."""
+        """Post the receives of each server's reply and weight frames, before asking for
+        them, so the weights land straight in the weight buffer.
+        Returns [(server index, its shard range, reply request, frame requests)]."""
         if self._device:
             self.backend.synchronize()  # no kernel may still read a buffer MPI will write
-        reply = self.channel.irecv_header(self._reply, self.server, Tag.REPLY)
-        return reply, self.path.post_weights(lo, hi)
+        posted = []
+        for i, (a, b) in self._parts(lo, hi):
+            reply = self.channel.irecv_header(self._replies[i], self.servers[i][0], Tag.REPLY)
+            posted.append((i, (a, b), reply, self.paths[i].post_weights(a, b)))
+        return posted
 
-    def _receive_weights(self, reply, frames, lo, hi):
-        self.path.await_reply(reply, lo, hi)
+    def _receive_weights(self, posted):
+        # Every server answers with rank 0's status: each follows rank 0's decisions.
+        for i, (a, b), reply, _ in posted:
+            self.paths[i].await_reply(reply, a, b)
         if self._reply[Field.STATUS] != Status.OK:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
-            for r in frames:
-                r.Cancel()
-            self.channel.wait_frames(frames)
+            for *_, frames in posted:
+                for r in frames:
+                    r.Cancel()
+                self.channel.wait_frames(frames)
             return False
-        if self._staged:
-            self._land(frames, lo, hi)
-        else:
-            self.channel.wait_frames(frames)
+        for i, (a, b), _, frames in posted:
+            if self._staged:
+                self._land(frames, a, b)
+            else:
+                self.channel.wait_frames(frames)
         self.version = int(self._reply[Field.VERSION])
         self.batch = int(self._reply[Field.BATCH])
         return True
@@ -255,21 +289,31 @@ class Worker:
         self._send_gradient(Op.PUSH, clock, loss, samples, lo, hi)
 
     def _send_gradient(self, op, clock, loss, samples, lo, hi, status=Status.OK):
-        """The request header, then the gradient's frames; returns once MPI has them all."""
-        start, stop = self.layout.shard_range(lo, hi)
-        self.path.before_push()
-        self._send_header(op, clock, lo, hi, count=stop - start, loss=loss, samples=samples,
-                          status=status)
-        self.path.push_frames(lo, hi)
+        """Each server's request header, then its range of the gradient's frames, all in
+        flight at once; returns once MPI has them all."""
+        flags = 0
+        if self._check_finite:
+            start, stop = self.layout.shard_range(lo, hi)
+            if not frame_finite(self.grad[start:stop]):
+                flags = Flag.NON_FINITE
+        sends = []
+        self.path.before_push()  # the paths share one gradient buffer: one fence does
+        for i, (a, b) in self._parts(lo, hi):
+            start, stop = self.layout.shard_range(a, b)
+            self._send_header(op, clock, a, b, count=stop - start, loss=loss, samples=samples,
+                              status=status, flags=flags, to=i)
+            sends += self.paths[i].post_frames(a, b)
+        self.channel.wait_frames(sends)
 
     def request_stop(self):
         """Ask the server to stop the run (signal-safe: the next pull carries the request)."""
         self._stop_requested = True
 
-    def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0, status=Status.OK):
+    def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0, status=Status.OK,
+                     flags=0, to=0):
         fill_header(self._request, op, self.index, clock, lo, hi, count, self.version, loss,
-                    samples, status, self.batch)
-        self.channel.send_header(self._request, self.server, Tag.REQUEST)
+                    samples, status, self.batch, flags)
+        self.channel.send_header(self._request, self.servers[to][0], Tag.REQUEST)
 
     def _pack(self, grads, step):
         """Copy the model's gradients into the flat push buffer, checking names and shapes."""

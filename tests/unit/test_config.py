@@ -107,7 +107,8 @@ TRAIN_KEYWORDS = {
     "stages": "stages", "micro_batches": "micro_batches",
     "checkpoint_dir": "checkpoint_dir", "checkpoint_every": "checkpoint_every",
     "checkpoint_keep": "checkpoint_keep", "resume": "resume",
-    "on_bad_gradient": "on_bad_gradient", "transport": "transport", "verbose": "quiet",
+    "on_bad_gradient": "on_bad_gradient", "transport": "transport", "servers": "servers",
+    "verbose": "quiet",
 }
 NOT_CONFIGURABLE = {"callbacks", "comm"}  # Python objects, not settings
 

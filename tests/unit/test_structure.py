@@ -40,7 +40,7 @@ def test_every_cli_run_option_is_a_flag_a_config_key_and_passed_to_train():
 
 def test_options_marked_shown_reach_the_result_config_keys():
     shown = set(RunOptions().shown())
-    assert shown == {"mode", "batch_size", "shuffle", "seed", "dtype", "micro_batches"}
+    assert shown == {"mode", "batch_size", "shuffle", "seed", "dtype", "micro_batches", "servers"}
 
 
 def test_an_unknown_option_names_the_known_ones():

@@ -1,0 +1,129 @@
+"""ShardServer: a server other than rank 0; it carries out rank 0's orders on its own range."""
+from __future__ import annotations
+
+import time
+
+from ..errors import ProtocolError
+from ..transport import Field, Op, Status, Tag, fill_header
+from .checkpoint_state import range_arrays
+from .orders import Kind, OrderReader
+from .parameter_server import ParameterServer
+
+__all__ = ["ShardServer"]
+
+
+class ShardServer(ParameterServer):
+    """Updates shards ``own_shards`` with its own optimizer state, as rank 0 orders.
+
+    It runs no policy: rank 0 does, and sends one order per request it handles, before
+    doing its own part (psframe.server.orders). For each, this server takes that worker's
+    request (the workers send one to every server whose range their shards meet), lands
+    its range of the gradient, carries out the decision (gather, step with the mean, apply
+    alone, drop) and answers the pulls the order answers, with rank 0's status. Orders come
+    in the order rank 0 decided them, so every server applies the same updates in the same
+    order: Sync's steps, a backup's drops, SSP's bound and a stop agree on every range.
+    """
+
+    def __init__(self, channel, layout, weights, *, leader=0, index=1, **kwargs):
+        super().__init__(channel, layout, weights, owner=leader, **kwargs)
+        self.leader = leader
+        self.index = index  # this server's place among the servers, for its checkpoint file
+        self.interrupted = False
+        self._replies = {}
+        # The workers whose shards meet this range: they send it requests; the others never.
+        self.serves = [w for w in range(len(self.workers))
+                       if self._meets(self.group_of[w][0])]
+        self._queue_index = {w: i for i, w in enumerate(self.serves)}
+        # Weights in rank 0's own buffer (the node's shared window): a snapshot is a word.
+        self.shares_weights = self.window.segment(leader) is not None
+
+    @staticmethod
+    def _meets(group):
+        lo, hi = group.shard_range
+        return hi > lo
+
+    def request_stop(self):
+        """A signal here changes nothing: rank 0 decides the stop, and orders it."""
+
+    def run(self):
+        self.requests = self.channel.requests_from([self.workers[w] for w in self.serves],
+                                                   Tag.REQUEST)
+        orders = OrderReader(self.channel, self.leader, len(self.workers))
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        while True:
+            order = orders.next()
+            if order.kind == Kind.REQUEST:
+                self._follow(order)
+            elif order.kind == Kind.SNAPSHOT:
+                self._send_range()
+            elif order.kind == Kind.CHECKPOINT:
+                part = self.checkpointer.save_part(order.version, self.index,
+                                                   range_arrays(self.engine, self.own_shards))
+                self.channel.send_object(part, self.leader, Tag.CONTROL)
+            else:  # END
+                self.interrupted = order.interrupted
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                load = self.recorder.load(self.channel.rank, self.own_shards,
+                                          self.own[1] - self.own[0], wall, cpu)
+                self.channel.send_object(load, self.leader, Tag.CONTROL)
+                return None
+
+    def _follow(self, order):
+        worker, op = order.worker, order.op
+        group, _ = self.group_of[worker]
+        if not self._meets(group):
+            return  # none of this worker's shards are here
+        fields = self.requests.take(self._queue_index[worker])
+        if fields[Field.OP] != op:
+            raise ProtocolError(f"worker {worker} sent server {self.index} op "
+                                f"{fields[Field.OP]} where rank 0 had op {op}")
+        if op in (Op.PUSH, Op.PUSH_PULL):
+            self._land(worker, fields, group)
+        if op in (Op.PULL, Op.PUSH_PULL):
+            self._check_shards(worker, fields, group)
+            self._awaiting[worker] = True
+        if op == Op.DONE:
+            self.requests.close(self._queue_index[worker])
+        self._replies = {w: (status, version, batch)
+                         for w, status, version, batch in order.replies}
+        decision = order.decision
+        update = None
+        for flag, action in self.actions:
+            if getattr(decision, flag):
+                update = action(decision, group, worker) or update
+        self._update_and_send(group, update, [(w, None) for w in self._replies], None)
+        if update is not None:
+            self.recorder.stats.record_update(decision.staleness, decision.weight)
+
+    def _land(self, worker, fields, group):
+        lo, hi = self._check_shards(worker, fields, group)
+        if worker in group.pending:
+            raise ProtocolError(f"worker {worker} pushed before its previous gradient was "
+                                "applied or dropped")
+        count = int(fields[Field.COUNT])
+        accepted = self.inbox.receive(worker, lo, hi, count, int(fields[Field.CLOCK]),
+                                      int(fields[Field.FLAGS]))
+        self.recorder.stats.bytes_pushed += count * self.layout.dtype.itemsize
+        self.recorder.bytes_pushed_by[worker] += count * self.layout.dtype.itemsize
+        return accepted
+
+    def _answer(self, worker, group, clock):
+        """Rank 0's reply to this pull, for this server's range of it."""
+        status, version, batch = self._replies[worker]
+        lo, hi, count = 0, 0, 0
+        if status == Status.OK:
+            lo, hi = group.shard_range
+            start, stop = self.layout.shard_range(lo, hi)
+            count = stop - start
+            self.recorder.pulled(worker, count * self.layout.dtype.itemsize)
+        fill_header(self._reply_headers[worker], 0, 0, 0, lo, hi, count, version, 0.0, 0,
+                    status, batch)
+        return status == Status.OK
+
+    def _send_range(self):
+        """This range of the weights to rank 0 (unless it lies in rank 0's buffer already),
+        then the word that it is there."""
+        if not self.shares_weights:
+            self.channel.wait_frames(self.channel.isend_frames(
+                self.weights, *self.own_shards, self.leader, Tag.RANGE))
+        self.channel.send_object(True, self.leader, Tag.CONTROL)
