@@ -110,6 +110,13 @@ class TrainResult:
             ("worker wait share", f"{s.get('worker_wait_share', 0.0):.1%}"),
             ("server CPU share", f"{s.get('server_cpu_share', 0.0):.1%}"),
         ]
+        servers = s.get("servers") or []
+        if len(servers) > 1:  # each server's share: weights, bytes in and out, CPU
+            rows.append(("servers", len(servers)))
+            rows += [(f"  server {v['rank']}",
+                      f"{v['params']:,} weights, {_fmt_bytes(v['bytes_pushed'])} in, "
+                      f"{_fmt_bytes(v['bytes_pulled'])} out, {v['updates']} updates, "
+                      f"CPU {v['cpu_share']:.0%}") for v in servers]
         width = max(len(k) for k, _ in rows)
         lines = ["psframe run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
         return "\n".join(lines)

@@ -37,6 +37,7 @@ class Worker:
             servers = [(int(servers), (0, layout.n_shards))]
         self.servers = [(int(r), tuple(shards)) for r, shards in servers]
         self.server = self.servers[0][0]  # rank 0's: its reply carries the status and batch
+        self.shards = (0, layout.n_shards)  # what it pulls and pushes (a stage: its layers')
         self.index = index
         self.layout = layout
         self.model = model
@@ -140,7 +141,7 @@ class Worker:
     def finish(self, t0, cpu0, steps, **extra):
         """Tell the server this worker is done (``steps`` taken since wall time ``t0`` and CPU
         time ``cpu0``), with its timing report; the last message a worker sends."""
-        for i, (lo, hi) in self._parts(0, self.layout.n_shards):
+        for i, (lo, hi) in self._parts(*self.shards):  # every server that serves it
             self._send_header(Op.DONE, steps, lo, hi, to=i)
         report = {
             "steps": steps,

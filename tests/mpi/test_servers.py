@@ -1,0 +1,191 @@
+"""Several servers (servers=S): Sync equals serial SGD in every mode, resume is bitwise exact,
+the policies mean what they mean with one server, and bad values are refused."""
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import psframe as ps
+from serial_reference import (SerialAdam, SerialSGD, mlp_init, mlp_loss_and_grad,
+                              serial_sync)
+
+pytestmark = pytest.mark.mpi(min_size=3)
+
+WORLD = MPI.COMM_WORLD
+SIZE = WORLD.Get_size()
+SIZES = [6, 9, 8, 7, 3]  # four Dense layers: up to four pipeline stages
+# Small shards, so that the servers' cuts fall inside tensors: one tensor spans two servers.
+SHARD_ELEMS = 16
+
+
+def blobs(n_rows=61, seed=1):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n_rows)
+    return rng.normal(size=(3, 6))[y] + 0.7 * rng.normal(size=(n_rows, 6)), y
+
+
+def servers_for(n):
+    if SIZE <= n:
+        pytest.skip(f"servers={n} needs more than {n} ranks")
+    return n
+
+
+def sync_run(servers, mode="data", n_pipelines=None, optimizer="sgd", shuffle=True, **kw):
+    """A Sync run with ``servers`` servers against serial SGD (or Adam) on rank 0."""
+    X, y = blobs()
+    init = mlp_init(SIZES, np.random.default_rng(3))
+    steps, batch = 9, 6
+    make = {"sgd": (lambda: ps.SGD(lr=0.2, momentum=0.9), lambda: SerialSGD(0.2, 0.9)),
+            "adam": (lambda: ps.Adam(lr=0.01), lambda: SerialAdam(0.01))}[optimizer]
+    result = ps.train(ps.models.MLP(SIZES), (X, y), mode=mode, optimizer=make[0](),
+                      batch_size=batch, steps=steps, shuffle=shuffle, seed=5, dtype="float64",
+                      init=init, servers=servers, shard_elems=SHARD_ELEMS, **kw)
+    if WORLD.Get_rank():
+        assert result is None
+        return None
+    n_workers = SIZE - servers
+    expected = serial_sync(lambda p, a, b: mlp_loss_and_grad(p, a, b, len(SIZES) - 1), init,
+                           X, y, n_pipelines or n_workers, batch, steps, make[1](),
+                           shuffle=shuffle, seed=5)
+    for k in expected:
+        np.testing.assert_allclose(result.params[k], expected[k], rtol=1e-10, atol=1e-10,
+                                   err_msg=k)
+    return result
+
+
+@pytest.mark.parametrize("transport", ["auto", "mpi"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("servers", [2, 3])
+def test_data_mode_sync_equals_serial(servers, optimizer, transport):
+    result = sync_run(servers_for(servers), optimizer=optimizer, transport=transport)
+    if result is None:
+        return
+    per_server = result.stats["servers"]
+    assert [s["rank"] for s in per_server] == list(range(servers))
+    # The ranges are contiguous, cover every shard and are balanced by elements.
+    shards = [tuple(s["shards"]) for s in per_server]
+    assert shards[0][0] == 0 and shards[-1][1] == result.stats["n_shards"]
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+    sizes = [s["params"] for s in per_server]
+    assert sum(sizes) == result.stats["n_params"]
+    assert max(sizes) - min(sizes) <= 2 * SHARD_ELEMS
+    # Every server took each step once, and moved its share of every push and pull.
+    assert {s["updates"] for s in per_server} == {9}
+    steps = sum(result.stats["steps_per_worker"])
+    assert result.stats["bytes_pushed"] == steps * result.stats["n_params"] * 8
+    for s in per_server:
+        assert s["bytes_pushed"] == steps * s["params"] * 8
+    assert "servers" in result.summary()
+
+
+def test_model_mode_sync_equals_serial():
+    servers = servers_for(2)
+    if not 2 <= SIZE - servers <= len(SIZES) - 1:
+        pytest.skip("model mode here needs 2 to 4 workers")
+    sync_run(servers, mode="model", n_pipelines=1, micro_batches=2)
+
+
+def test_hybrid_mode_sync_equals_serial():
+    servers = servers_for(2)
+    if SIZE - servers != 4:
+        pytest.skip("hybrid 2x2 needs exactly 4 workers")
+    sync_run(servers, mode="hybrid", n_pipelines=2, stages=2)
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    return WORLD.bcast(str(tmp_path) if WORLD.Get_rank() == 0 else None)
+
+
+@pytest.mark.parametrize("optimizer", [ps.SGD(lr=0.1, momentum=0.9), ps.Adam(lr=0.01)],
+                         ids=["sgd", "adam"])
+def test_resume_with_two_servers_is_bitwise_exact(shared_dir, optimizer):
+    servers = servers_for(2)
+    X, y = blobs(90)
+
+    def run(**kw):
+        return ps.train(ps.models.MLP([6, 12, 3]), (X, y), batch_size=4, steps=10, seed=3,
+                        dtype="float64", optimizer=optimizer, servers=servers,
+                        shard_elems=SHARD_ELEMS, **kw)
+
+    full = run(checkpoint_dir=shared_dir, checkpoint_every=4, checkpoint_keep=5)
+    first = os.path.join(shared_dir, "ckpt-00000004.json")
+    WORLD.Barrier()
+    resumed = run(resume=first)
+    if WORLD.Get_rank() == 0:
+        for k in full.params:
+            np.testing.assert_array_equal(resumed.params[k], full.params[k], err_msg=k)
+        assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
+        # Server 1 wrote its own range, named by the one manifest.
+        names = sorted(os.listdir(shared_dir))
+        assert "ckpt-00000004.server1.npz" in names
+    WORLD.Barrier()
+    with pytest.raises(ps.ConfigError, match="servers"):
+        ps.train(ps.models.MLP([6, 12, 3]), (X, y), batch_size=4, steps=10, seed=3,
+                 dtype="float64", optimizer=optimizer, servers=1, shard_elems=SHARD_ELEMS,
+                 resume=first)
+    WORLD.Barrier()
+
+
+STRAGGLER = {0: 0.004}
+
+
+def straggler_run(servers, policy, **kw):
+    train, test = ps.data.digits(seed=0)
+    return ps.train(ps.models.MLP([64, 48, 10]), train, eval_data=test,
+                    optimizer=ps.SGD(lr=0.1, momentum=0.9), batch_size=16, epochs=6, seed=1,
+                    delay=STRAGGLER, policy=policy, servers=servers, **kw)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_ssp_bound_holds_across_servers_and_async_exceeds_it():
+    servers = servers_for(2)
+    ssp = straggler_run(servers, ps.SSP(1))
+    free = straggler_run(servers, ps.Async())
+    if WORLD.Get_rank():
+        return
+    assert ssp.stats["max_clock_gap"] <= 1
+    assert free.stats["max_clock_gap"] > 1
+    for run in (ssp, free):
+        assert len({s["updates"] for s in run.stats["servers"]}) == 1
+        assert run.history[-1]["eval_accuracy"] >= 0.85
+
+
+@pytest.mark.mpi(min_size=4)
+def test_backup_and_mixed_agree_on_every_server():
+    servers = servers_for(2)
+    backup = straggler_run(servers, ps.Sync(backup=1))
+    mixed = straggler_run(servers, ps.Mixed(sync_steps=20, then=ps.Async()))
+    if WORLD.Get_rank():
+        return
+    s = backup.stats
+    assert s["updates_dropped"] > 0
+    assert s["pushes_received"] == sum(s["steps_per_worker"])
+    # The same late gradients are dropped everywhere: every server took the same steps.
+    assert len({srv["updates"] for srv in s["servers"]}) == 1
+    assert mixed.stats["policy_switches"] == [20]
+    assert len({srv["updates"] for srv in mixed.stats["servers"]}) == 1
+    for run in (backup, mixed):
+        assert run.history[-1]["eval_accuracy"] >= 0.85
+
+
+def expect_error(match, model=None, **kw):
+    with pytest.raises(ps.ConfigError, match=match):
+        ps.train(model or ps.models.MLP([6, 8, 3]), blobs(), steps=2, **kw)
+    WORLD.Barrier()  # every rank raised: nobody is left in training
+
+
+@pytest.mark.parametrize("servers, match", [
+    (0, "servers must be an integer >= 1"), (-1, "servers must be an integer >= 1"),
+    (SIZE, "leaves no worker"), (SIZE + 3, "leaves no worker"),
+    (1.5, "servers must be an integer"), (True, "servers must be an integer"),
+])
+def test_bad_servers_are_refused(servers, match):
+    expect_error(match, servers=servers)
+
+
+def test_a_model_too_small_for_the_servers_is_refused():
+    servers = servers_for(3)
+    # One Dense layer: two tensors, two shards, and three servers to give them to.
+    expect_error("too few to give each", model=ps.models.MLP([6, 3]), servers=servers)
