@@ -23,7 +23,9 @@ class ParamLayout:
     layout, so frame sizes never travel on the wire.
     """
 
-    def __init__(self, shapes, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS):
+    def __init__(self, shapes, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS, cuts=()):
+        """``cuts``: element offsets that must also be shard bounds (where one server's range
+        ends and the next one's begins, inside a tensor if need be)."""
         if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
         if int(shard_elems) < 1:
@@ -48,6 +50,9 @@ class ParamLayout:
                 bounds.append(cut)
             if stop > bounds[-1]:
                 bounds.append(stop)
+        self.cuts = tuple(sorted({int(c) for c in cuts if 0 < int(c) < self.size}))
+        if self.cuts:
+            bounds = sorted(set(bounds) | set(self.cuts))
         # shard_bounds[k]..shard_bounds[k+1] is shard k, contiguous and in order.
         self.shard_bounds = np.asarray(bounds, dtype=np.int64)
         self.n_shards = len(bounds) - 1
@@ -63,7 +68,23 @@ class ParamLayout:
 
     def signature(self):
         """A hashable description; ranks compare it to agree on one layout."""
-        return (str(self.dtype), self.shard_elems, tuple((n, self.shapes[n]) for n in self.names))
+        sig = (str(self.dtype), self.shard_elems, tuple((n, self.shapes[n]) for n in self.names))
+        return sig + (self.cuts,) if self.cuts else sig
+
+    def cut_for(self, n_servers):
+        """This layout with its shards also cut where each of ``n_servers`` servers' equal
+        share of the elements ends (a tensor may span servers). ValueError when there are
+        fewer weights than servers."""
+        n = int(n_servers)
+        if n < 1:
+            raise ValueError(f"servers must be >= 1, got {n_servers!r}")
+        if self.size < n:
+            raise ValueError(f"the model has {self.size} weights, too few to give each of {n} "
+                             "servers a shard; use fewer servers")
+        if n == 1:
+            return self
+        return ParamLayout(self.shapes, self.dtype, self.shard_elems,
+                           cuts=[self.size * s // n for s in range(1, n)])
 
     # -- ranges -----------------------------------------------------------------------------
     def shard_range(self, lo, hi):
@@ -141,26 +162,11 @@ class ParamLayout:
 
 
 def server_ranges(layout, n_servers):
-    """Shard ranges [lo, hi) of ``n_servers`` servers, contiguous, in order, covering every
-    shard, each non-empty, and balanced by elements: the cut before server s is the shard
-    bound nearest s/S of the elements (one tensor may span servers, if it has several
-    shards). Raises ValueError when the layout has fewer shards than servers."""
+    """Shard ranges [lo, hi) of ``n_servers`` servers: contiguous, in order, covering every
+    shard, each one the shards up to the next of the layout's cuts (see cut_for), so each
+    server holds an equal share of the elements, to one element."""
     n = int(n_servers)
-    if n < 1:
-        raise ValueError(f"servers must be >= 1, got {n_servers!r}")
-    if layout.n_shards < n:
-        raise ValueError(
-            f"the model has {layout.n_shards} shards ({layout.size} weights), too few to give "
-            f"each of {n} servers one; use fewer servers or a smaller shard_elems"
-        )
-    bounds = layout.shard_bounds
-    cuts = [0]
-    for s in range(1, n):
-        target = layout.size * s / n
-        k = int(np.argmin(np.abs(bounds - target)))
-        # Every server keeps at least one shard, before and after this cut.
-        k = min(max(k, cuts[-1] + 1), layout.n_shards - (n - s))
-        cuts.append(k)
+    cuts = [0] + [layout.shards_of_range(0, layout.size * s // n)[1] for s in range(1, n)]
     cuts.append(layout.n_shards)
     return [(cuts[s], cuts[s + 1]) for s in range(n)]
 

@@ -90,6 +90,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
 
     params = model.init_params(np.random.default_rng(o.seed))
     layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
+    layout = layout.cut_for(n_servers)  # or: fewer weights than servers
     if o.init is not None:
         if not isinstance(o.init, dict):
             raise TypeError(f"init must be a dict name -> array, got {type(o.init).__name__}")
@@ -99,7 +100,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
             raise ValueError("init has non-finite values")
     weights = layout.flatten(params, out=layout.empty())
     _probe(model, layout, weights, train_set)
-    server_shards = server_ranges(layout, n_servers)  # or: too few shards for the servers
+    server_shards = server_ranges(layout, n_servers)
     parallel = plan_parallel(o.mode, model, layout, n_workers, o.stages, o.micro_batches,
                              o.batch_size, o.dispatch)
     n_replicas = parallel.replicas  # workers (data) or pipelines (model, hybrid)
@@ -181,7 +182,7 @@ def _jsonable(value):
 def _load_resume(path, meta, optimizer, layout):
     """The checkpoint to continue from, refused unless it fits this run exactly."""
     manifest, arrays = load_checkpoint(path)
-    for key in ("layout", "n_workers", "mode", "n_stages", "servers"):
+    for key in ("servers", "layout", "n_workers", "mode", "n_stages"):
         if manifest.get(key, 1 if key == "servers" else None) != meta[key]:
             what = {"layout": "model layout or dtype"}.get(key, key.replace("_", " "))
             raise CheckpointError(

@@ -69,7 +69,7 @@ def test_data_mode_sync_equals_serial(servers, optimizer, transport):
     assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
     sizes = [s["params"] for s in per_server]
     assert sum(sizes) == result.stats["n_params"]
-    assert max(sizes) - min(sizes) <= 2 * SHARD_ELEMS
+    assert max(sizes) - min(sizes) <= 1
     # Every server took each step once, and moved its share of every push and pull.
     assert {s["updates"] for s in per_server} == {9}
     steps = sum(result.stats["steps_per_worker"])
@@ -170,9 +170,9 @@ def test_backup_and_mixed_agree_on_every_server():
         assert run.history[-1]["eval_accuracy"] >= 0.85
 
 
-def expect_error(match, model=None, **kw):
+def expect_error(match, model=None, train_data=None, **kw):
     with pytest.raises(ps.ConfigError, match=match):
-        ps.train(model or ps.models.MLP([6, 8, 3]), blobs(), steps=2, **kw)
+        ps.train(model or ps.models.MLP([6, 8, 3]), train_data or blobs(), steps=2, **kw)
     WORLD.Barrier()  # every rank raised: nobody is left in training
 
 
@@ -187,5 +187,57 @@ def test_bad_servers_are_refused(servers, match):
 
 def test_a_model_too_small_for_the_servers_is_refused():
     servers = servers_for(3)
-    # One Dense layer: two tensors, two shards, and three servers to give them to.
-    expect_error("too few to give each", model=ps.models.MLP([6, 3]), servers=servers)
+    # Least squares on one feature: two weights, and three servers to give them to.
+    rng = np.random.default_rng(0)
+    expect_error("too few to give each", model=ps.models.LinearRegression(1),
+                 train_data=(rng.normal(size=(8, 1)), rng.normal(size=(8, 1))),
+                 servers=servers)
+
+
+def test_each_server_holds_an_equal_share_with_default_shards():
+    servers = servers_for(2)
+    train, _ = ps.data.digits(seed=0)
+    result = ps.train(ps.models.MLP([64, 48, 10]), train, steps=2, servers=servers)
+    if WORLD.Get_rank() == 0:  # 3,610 weights in four tensors: the cut falls inside 0.W
+        sizes = [v["params"] for v in result.stats["servers"]]
+        assert sum(sizes) == 3610 and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("policy", [ps.Async(), ps.Async(compensation="dc"), ps.SSP(0)],
+                         ids=["async", "dc", "ssp0"])
+def test_on_arrival_updates_with_one_worker_equal_serial(policy):
+    """With one worker, Async, delay compensation (staleness 0: no correction) and SSP apply
+    each gradient in turn: serial SGD, on every server's range."""
+    servers = servers_for(SIZE - 1)
+    X, y = blobs()
+    init = mlp_init(SIZES, np.random.default_rng(3))
+    result = ps.train(ps.models.MLP(SIZES), (X, y), policy=policy,
+                      optimizer=ps.SGD(lr=0.2, momentum=0.9), batch_size=6, steps=9, seed=5,
+                      dtype="float64", init=init, servers=servers, shard_elems=SHARD_ELEMS)
+    if WORLD.Get_rank():
+        return
+    expected = serial_sync(lambda p, a, b: mlp_loss_and_grad(p, a, b, len(SIZES) - 1), init,
+                           X, y, 1, 6, 9, SerialSGD(0.2, 0.9), shuffle=True, seed=5)
+    for k in expected:
+        np.testing.assert_allclose(result.params[k], expected[k], rtol=1e-10, atol=1e-10,
+                                   err_msg=k)
+
+
+def test_dynamic_dispatch_keeps_one_dispatcher():
+    servers = servers_for(2)
+    X, y = blobs()
+    result = ps.train(ps.models.MLP(SIZES), (X, y), policy=ps.Async(), dispatch="dynamic",
+                      batch_size=6, epochs=2, seed=5, servers=servers, shard_elems=SHARD_ELEMS)
+    if WORLD.Get_rank():
+        return
+    s = result.stats
+    assert len(s["batch_counts"]) == 2 * int(np.ceil(len(X) / 6))
+    assert set(s["batch_counts"]) == {1}  # every batch handed out once, by rank 0 alone
+    assert {v["updates"] for v in s["servers"]} == {len(s["batch_counts"])}
+
+
+def test_servers_on_one_node_share_the_weights_workers_read_in_place():
+    servers = servers_for(2)
+    result = sync_run(servers, transport="auto")
+    if result is not None:
+        assert set(result.stats["worker_transport"]) == {"shared-read"}

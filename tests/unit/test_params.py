@@ -70,3 +70,32 @@ def test_bad_dtype_and_shard_size():
 def test_signature_identifies_layout():
     assert ParamLayout(SHAPES).signature() == ParamLayout(dict(SHAPES)).signature()
     assert ParamLayout(SHAPES).signature() != ParamLayout(SHAPES, "float64").signature()
+
+
+def test_cuts_for_servers_balance_elements_and_split_tensors():
+    from psframe.params import server_ranges
+
+    layout = ParamLayout({"W": (64, 48), "b": (48,), "V": (48, 10), "c": (10,)})
+    assert layout.n_shards == 4 and layout.size == 3610
+    for n in (1, 2, 3, 4, 7):
+        cut = layout.cut_for(n)
+        ranges = server_ranges(cut, n)
+        assert ranges[0][0] == 0 and ranges[-1][1] == cut.n_shards
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+        sizes = [cut.shard_range(*r)[1] - cut.shard_range(*r)[0] for r in ranges]
+        assert sum(sizes) == 3610 and max(sizes) - min(sizes) <= 1
+        # The tensors are where they were: only the shard bounds changed.
+        assert cut.offsets == layout.offsets and cut.size == layout.size
+    assert layout.cut_for(1) is layout
+    assert layout.cut_for(2).signature() != layout.signature()  # a resume must match it
+    with pytest.raises(ValueError, match="too few"):
+        ParamLayout({"w": (2,)}).cut_for(3)
+
+
+def test_overlap_of_shard_ranges():
+    from psframe.params import overlap
+
+    assert overlap((0, 5), (3, 9)) == (3, 5)
+    assert overlap((3, 9), (0, 5)) == (3, 5)
+    lo, hi = overlap((0, 3), (5, 9))
+    assert lo == hi and 0 <= lo <= 3
