@@ -107,6 +107,18 @@ class ParamLayout:
             self._frames[key] = self._plan_frames(lo, hi)
         return self._frames[key]
 
+    def layer_frames(self, part, layer_shards):
+        """The frames of shard range ``part`` layer by layer, last layer first: the order in
+        which a layer-wise push sends them as backward makes each layer's gradient.
+        ``layer_shards``: each layer's shard range, in forward order, covering ``part``."""
+        key = ("layers", tuple(part), tuple(layer_shards))
+        if key not in self._frames:
+            frames = []
+            for shards in reversed(layer_shards):
+                frames += self.frames(*overlap(part, shards))
+            self._frames[key] = frames
+        return self._frames[key]
+
     def _plan_frames(self, lo, hi):
         if hi <= lo:
             return []

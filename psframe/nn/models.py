@@ -207,11 +207,13 @@ class Sequential(Model):
     def _layer_params(self, params, i):
         return {local: params[full] for local, full in self._names[i]}
 
-    def _forward(self, params, X):
+    def _forward(self, params, X, hooks=None):
         """The training forward: outputs and every layer's cache."""
         caches = []
         h = X
         for i, layer in enumerate(self.layers):
+            if hooks is not None:
+                hooks.before_layer(i)
             h, cache = layer.forward(self._layer_params(params, i), h)
             caches.append(cache)
         return h, caches
@@ -223,9 +225,16 @@ class Sequential(Model):
             h = layer.infer(self._layer_params(params, i), h)
         return h
 
-    def loss_and_grad(self, params, X, y):
-        out, caches = self._forward(params, X)
+    def loss_and_grad(self, params, X, y, hooks=None):
+        """(loss, gradients). ``hooks`` (layer-wise overlap, psframe.worker.layerwise) sees
+        the passes layer by layer: ``before_layer(i)`` before layer i's forward (its weights
+        may still be arriving), ``after_forward(loss)``, and ``after_backward(i, grads)``
+        with layer i's gradients by full name as soon as its backward has made them, last
+        layer first."""
+        out, caches = self._forward(params, X, hooks)
         loss, loss_cache = self.loss.forward(out, y)
+        if hooks is not None:
+            hooks.after_forward(float(loss))
         d = self.loss.backward(loss_cache)
         grads = {}
         for i in range(len(self.layers) - 1, self.first_trained - 1, -1):
@@ -237,6 +246,8 @@ class Sequential(Model):
                 g, d = layer.backward(lp, caches[i], d)
             for local, full in self._names[i]:
                 grads[full] = g[local]
+            if hooks is not None and self._names[i]:
+                hooks.after_backward(i, {full: g[local] for local, full in self._names[i]})
         return float(loss), grads
 
     def predict(self, params, X):

@@ -14,8 +14,10 @@ class GradientInbox:
     """Lands a pushed gradient and says whether it may be used: sized as its shards and
     finite. ``on_bad_gradient`` says what a non-finite one does: "raise" or "skip"."""
 
-    def __init__(self, layout, paths, stats, on_bad_gradient="raise"):
+    def __init__(self, layout, paths, stats, on_bad_gradient="raise", layer_shards=None):
         self.layout = layout
+        # Layer-wise pushes send each layer's frames as backward makes them, last layer first.
+        self.layer_shards = layer_shards
         self.paths = paths  # worker index -> its PayloadPath
         self.stats = stats  # counts the rejected pushes
         self.on_bad_gradient = on_bad_gradient
@@ -40,7 +42,9 @@ class GradientInbox:
         grad = self.gradient(worker)
         finite = not flags & Flag.NON_FINITE
         # Check each frame as it lands, while the next ones are still arriving.
-        for a, b in self.paths[worker].receive_gradient(lo, hi):
+        frames = (None if self.layer_shards is None
+                  else self.layout.layer_frames((lo, hi), self.layer_shards))
+        for a, b in self.paths[worker].receive_gradient(lo, hi, frames):
             finite = frame_finite(grad[a:b]) and finite
         return finite or self._reject(worker, clock)
 

@@ -39,7 +39,8 @@ class ParameterServer:
     def __init__(self, channel, layout, weights, *, optimizer, groups, worker_ranks,
                  recorder=None, model=None, dispatcher=None, on_bad_gradient="raise",
                  checkpointer=None, resume=None, stop_units=None, transport="mpi",
-                 keep_sent_weights=False, owner=0, own_shards=None, followers=None):
+                 keep_sent_weights=False, owner=0, own_shards=None, followers=None,
+                 layer_shards=None):
         if not isinstance(channel, Channel):  # a communicator: the default channel over it
             channel = Channel(channel, layout)
         self.channel = channel
@@ -61,7 +62,8 @@ class ParameterServer:
         self.recorder = recorder if recorder is not None else Recorder(
             model, layout, n, total_batches=dispatcher.total_batches if dispatcher else None)
         self.engine = UpdateEngine(layout, weights, optimizer, n, keep_sent_weights)
-        self.inbox = GradientInbox(layout, self.paths, self.recorder.stats, on_bad_gradient)
+        self.inbox = GradientInbox(layout, self.paths, self.recorder.stats, on_bad_gradient,
+                                   layer_shards)
         self.stop = StopControl(n, stop_units)
         self.dispatcher = dispatcher
         self.checkpointer = checkpointer

@@ -8,13 +8,14 @@ import numpy as np
 
 from ..backend import select_backend
 from ..data import ArrayDataset, block_range, steps_per_epoch
-from ..nn.models import Model
+from ..nn.models import Model, Sequential
 from ..nn.optim import SGD, Optimizer
 from ..params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, server_ranges
 from ..policies import policy_from_spec
 from ..server.checkpoints import CheckpointError, Checkpointer, load_checkpoint
 from ..server.dispatch import BatchDispatcher
 from .options import BAD_GRADIENT_ACTIONS, DISPATCH, MODES, TRANSPORTS, RunOptions
+from ..worker.stages import layer_shard_ranges
 from .plan import RunPlan, plan_parallel
 
 __all__ = ["check_run"]
@@ -101,6 +102,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     weights = layout.flatten(params, out=layout.empty())
     _probe(model, layout, weights, train_set)
     server_shards = server_ranges(layout, n_servers)
+    layer_shards = _check_overlap(o, model, layout, policy, n_servers)
     parallel = plan_parallel(o.mode, model, layout, n_workers, o.stages, o.micro_batches,
                              o.batch_size, o.dispatch)
     n_replicas = parallel.replicas  # workers (data) or pipelines (model, hybrid)
@@ -137,10 +139,34 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
         steps=steps, epoch_samples=epoch_samples, dispatcher=dispatcher, delay=delay,
         expected_updates=None if per_round is None else int(round(rounds * per_round)),
         backend=backend, n_workers=n_workers, parallel=parallel, resume=resumed,
-        server_shards=server_shards,
+        server_shards=server_shards, layer_shards=layer_shards,
         checkpointer=None if o.checkpoint_dir is None else Checkpointer(
             o.checkpoint_dir, o.checkpoint_every, o.checkpoint_keep, meta),
     )
+
+
+def _check_overlap(o, model, layout, policy, n_servers):
+    """Each trained layer's shards under overlap=True (None without), or why it cannot run."""
+    if not isinstance(o.overlap, bool):
+        raise ValueError(f"overlap must be True or False, got {o.overlap!r}")
+    if not o.overlap:
+        return None
+    if o.mode != "data":
+        raise ValueError("overlap=True needs mode='data'; a pipeline's stages already "
+                         "overlap each other")
+    if not isinstance(model, Sequential):
+        raise ValueError("overlap=True needs a ps.Sequential model: it pushes and pulls "
+                         "layer by layer")
+    if not policy.lockstep:
+        # The server lands a push frame by frame as the worker's backward makes them: under
+        # an on-arrival policy it would wait for one worker's backward instead of applying
+        # the others' pushes.
+        raise ValueError(f"overlap=True needs Sync without backup workers, not {policy!r}")
+    if n_servers > 1 and o.on_bad_gradient == "skip":
+        raise ValueError("overlap=True with several servers cannot skip non-finite "
+                         "gradients (the header leaves before the gradient is whole, so the "
+                         "servers could not agree which to skip); use on_bad_gradient='raise'")
+    return layer_shard_ranges(model, layout)
 
 
 def _as_dataset(data, what):

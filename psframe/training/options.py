@@ -85,6 +85,10 @@ class RunOptions:
     transport: str = option("auto", "auto: shared memory with workers on the server's node; "
                                     "mpi: every payload as a message", cli=str,
                             choices=TRANSPORTS)
+    overlap: bool = option(False, "layer-wise overlap (P3): each layer's gradient leaves as "
+                                  "backward makes it, and the next forward starts when the "
+                                  "first layer's weights arrive (mode data, Sync, a "
+                                  "Sequential model)", cli=bool)
     servers: int = option(1, "server ranks (0..S-1), each updating its range of the weights "
                              "with its own optimizer state", cli=int, shown=True)
 

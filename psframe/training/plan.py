@@ -48,6 +48,7 @@ class RunPlan:
     resume: Optional[Tuple[dict, dict]]
     checkpointer: Any
     server_shards: List[Tuple[int, int]]  # each server's shard range; rank s is server s
+    layer_shards: Optional[List[Tuple[int, int]]]  # per trained layer, under overlap=True
 
     @property
     def n_servers(self) -> int:

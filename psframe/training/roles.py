@@ -8,7 +8,7 @@ from ..callbacks import CallbackList, PrintProgress
 from ..data import BatchStream, block_range
 from ..params import overlap
 from ..server import Followers, Group, ParameterServer, Recorder, ShardServer
-from ..worker import StageWorker, Worker
+from ..worker import LayerwiseWorker, StageWorker, Worker
 from .plan import RunPlan
 
 __all__ = ["build_server", "build_shard_server", "build_worker", "groups_of", "labels_for"]
@@ -42,7 +42,7 @@ def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
         on_bad_gradient=plan.options.on_bad_gradient, checkpointer=plan.checkpointer,
         resume=plan.resume, stop_units=plan.stop_units(), transport=plan.options.transport,
         keep_sent_weights=plan.policy.keeps_sent_weights(), own_shards=plan.server_shards[0],
-        followers=followers,
+        followers=followers, layer_shards=plan.layer_shards,
     )
 
 
@@ -57,6 +57,7 @@ def build_shard_server(channel, plan: RunPlan):
         resume=plan.resume, transport=plan.options.transport,
         keep_sent_weights=plan.policy.keeps_sent_weights(),
         own_shards=plan.server_shards[index], leader=0, index=index,
+        layer_shards=plan.layer_shards,
     )
 
 
@@ -104,6 +105,8 @@ def build_worker(channel, plan: RunPlan):
     options = dict(delay=plan.delay.get(index, 0.0), start_step=start_step,
                    transport=o.transport, read_master=plan.read_in_place)
     if par.stage_layers is None:
+        if plan.layer_shards is not None:
+            return LayerwiseWorker(*common, layer_shards=plan.layer_shards, **options)
         return Worker(*common, **options)
     return StageWorker(*common, layer_ids=par.stage_layers[stage], stage=stage,
                        n_stages=par.n_stages, prev_rank=rank - 1 if stage else None,

@@ -72,16 +72,18 @@ class Channel:
         """Send elements [a, b) of ``flat``: one frame."""
         return self.comm.Isend([flat[a:b], self.mpi_dtype], dest=dest, tag=tag)
 
-    def isend_frames(self, flat: np.ndarray, lo: int, hi: int, dest: int,
-                     tag: int) -> List[MPI.Request]:
-        return [self.isend(flat, a, b, dest, tag) for a, b in self.layout.frames(lo, hi)]
+    def isend_frames(self, flat: np.ndarray, lo: int, hi: int, dest: int, tag: int,
+                     frames: Optional[Sequence[Tuple[int, int]]] = None) -> List[MPI.Request]:
+        """Shards [lo, hi) of ``flat``, one message per frame: the layout's frames, or
+        ``frames`` (the same elements in another order: a layer-wise push)."""
+        frames = self.layout.frames(lo, hi) if frames is None else frames
+        return [self.isend(flat, a, b, dest, tag) for a, b in frames]
 
-    def irecv_frames(self, flat: np.ndarray, lo: int, hi: int, source: int,
-                     tag: int) -> List[MPI.Request]:
-        return [
-            self.comm.Irecv([flat[a:b], self.mpi_dtype], source=source, tag=tag)
-            for a, b in self.layout.frames(lo, hi)
-        ]
+    def irecv_frames(self, flat: np.ndarray, lo: int, hi: int, source: int, tag: int,
+                     frames: Optional[Sequence[Tuple[int, int]]] = None) -> List[MPI.Request]:
+        frames = self.layout.frames(lo, hi) if frames is None else frames
+        return [self.comm.Irecv([flat[a:b], self.mpi_dtype], source=source, tag=tag)
+                for a, b in frames]
 
     # -- whole arrays (a pipeline's activations and their gradients) ------------------------
     def isend_array(self, array: Any, dest: int, tag: int) -> MPI.Request:

@@ -42,8 +42,10 @@ class PayloadPath:
         self.weights = weights
 
     # -- the server's end -------------------------------------------------------------------
-    def receive_gradient(self, lo: int, hi: int) -> Iterator[Frame]:
-        """Yield each frame (start, stop) of the pushed gradient once it is in ``gradient``."""
+    def receive_gradient(self, lo: int, hi: int,
+                         frames: Optional[Sequence[Frame]] = None) -> Iterator[Frame]:
+        """Yield each frame (start, stop) of the pushed gradient once it is in ``gradient``;
+        ``frames``: the order the worker sends them in (default: the layout's)."""
         raise NotImplementedError
 
     def send_frame(self, weights: np.ndarray, a: int, b: int, requests: List[Any]) -> None:
@@ -76,9 +78,11 @@ class PayloadPath:
         """After the push's header: the gradient's frames, returning once MPI has them."""
         self.channel.wait_frames(self.post_frames(lo, hi))
 
-    def post_frames(self, lo: int, hi: int) -> List[Any]:
-        """After the push's header: start sending the gradient's frames; the requests to
-        wait on (a worker pushing to several servers waits for them all at once)."""
+    def post_frames(self, lo: int, hi: int,
+                    frames: Optional[Sequence[Frame]] = None) -> List[Any]:
+        """After the push's header: start sending the gradient's frames (``frames``: in this
+        order); the requests to wait on (a worker pushing to several servers waits for them
+        all at once)."""
         return []
 
 
@@ -88,9 +92,10 @@ class MessagePath(PayloadPath):
     name = "mpi"
     reply_first = True
 
-    def receive_gradient(self, lo, hi):
-        requests = self.channel.irecv_frames(self.gradient, lo, hi, self.peer, Tag.PUSH)
-        yield from self.channel.each_frame(requests, self.channel.layout.frames(lo, hi))
+    def receive_gradient(self, lo, hi, frames=None):
+        frames = self.channel.layout.frames(lo, hi) if frames is None else frames
+        requests = self.channel.irecv_frames(self.gradient, lo, hi, self.peer, Tag.PUSH, frames)
+        yield from self.channel.each_frame(requests, frames)
 
     def send_frame(self, weights, a, b, requests):
         requests.append(self.channel.isend(weights, a, b, self.peer, Tag.WEIGHTS))
@@ -101,8 +106,8 @@ class MessagePath(PayloadPath):
     def await_reply(self, reply, lo, hi):
         self.channel.wait(reply)
 
-    def post_frames(self, lo, hi):
-        return self.channel.isend_frames(self.gradient, lo, hi, self.peer, Tag.PUSH)
+    def post_frames(self, lo, hi, frames=None):
+        return self.channel.isend_frames(self.gradient, lo, hi, self.peer, Tag.PUSH, frames)
 
 
 class SharedPath(PayloadPath):
@@ -121,7 +126,7 @@ class SharedPath(PayloadPath):
         self.window = window
         self.name = "shared-copy" if server_writes else "shared-read"
 
-    def receive_gradient(self, lo, hi):
+    def receive_gradient(self, lo, hi, frames=None):
         self.window.fence()  # already in the worker's segment: read it where it lies
         yield from self.channel.layout.frames(lo, hi)
 

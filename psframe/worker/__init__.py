@@ -3,7 +3,8 @@ of where a model is cut into stages."""
 import importlib
 
 # Loaded on first use, as in psframe.server: the loops need mpi4py.MPI, the stage plan does not.
-_WHERE = {"Worker": "worker", "StageWorker": "stage_worker", "plan_stages": "stages",
+_WHERE = {"Worker": "worker", "StageWorker": "stage_worker", "LayerwiseWorker": "layerwise",
+          "plan_stages": "stages", "layer_shard_ranges": "stages",
           "stage_shard_range": "stages", "gpipe_bubble": "stages"}
 
 __all__ = list(_WHERE)

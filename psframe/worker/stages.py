@@ -89,6 +89,12 @@ def _check_manual(stages, n_stages, n_layers, has_params):
     return stages
 
 
+def layer_shard_ranges(model, layout):
+    """Each trained layer's shard range, in forward order (a layer-wise push's units)."""
+    return [stage_shard_range(model, layout, [i]) for i in range(len(model.layers))
+            if model.layer_param_names(i)]
+
+
 def stage_shard_range(model, layout, layer_ids):
     """Shards [lo, hi) holding exactly the parameters of these layers."""
     names = [n for i in layer_ids for n in model.layer_param_names(i)]

@@ -19,7 +19,7 @@ class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
     def __init__(self, channel, servers, index, layout, model, backend, X, y, stream, steps,
-                 delay=0.0, start_step=0, transport="mpi", read_master=False):
+                 delay=0.0, start_step=0, transport="mpi", read_master=False, layer_shards=None):
         """``channel``: a psframe.transport.Channel (or a communicator, wrapped in one).
         ``servers``: the server's rank, or (rank, shard range) of every server, the first
         being rank 0's: each step pushes to and pulls from all of them at once.
@@ -38,6 +38,8 @@ class Worker:
         self.servers = [(int(r), tuple(shards)) for r, shards in servers]
         self.server = self.servers[0][0]  # rank 0's: its reply carries the status and batch
         self.shards = (0, layout.n_shards)  # what it pulls and pushes (a stage: its layers')
+        # Layer-wise overlap: each layer's shard range, forward order; pushes go last layer first.
+        self.layer_shards = layer_shards
         self.index = index
         self.layout = layout
         self.model = model
@@ -255,7 +257,9 @@ class Worker:
             posted.append((i, (a, b), reply, self.paths[i].post_weights(a, b)))
         return posted
 
-    def _receive_weights(self, posted):
+    def _receive_weights(self, posted, wait_frames=True):
+        """Wait for each server's reply; then, with ``wait_frames``, for the weights (else
+        the caller waits for them: a layer-wise worker, layer by layer)."""
         # Every server answers with rank 0's status: each follows rank 0's decisions.
         for i, (a, b), reply, _ in posted:
             self.paths[i].await_reply(reply, a, b)
@@ -266,13 +270,15 @@ class Worker:
                     r.Cancel()
                 self.channel.wait_frames(frames)
             return False
+        self.version = int(self._reply[Field.VERSION])
+        self.batch = int(self._reply[Field.BATCH])
+        if not wait_frames:
+            return True
         for i, (a, b), _, frames in posted:
             if self._staged:
                 self._land(frames, a, b)
             else:
                 self.channel.wait_frames(frames)
-        self.version = int(self._reply[Field.VERSION])
-        self.batch = int(self._reply[Field.BATCH])
         return True
 
     def _land(self, frames, lo, hi):
@@ -303,8 +309,14 @@ class Worker:
             start, stop = self.layout.shard_range(a, b)
             self._send_header(op, clock, a, b, count=stop - start, loss=loss, samples=samples,
                               status=status, flags=flags, to=i)
-            sends += self.paths[i].post_frames(a, b)
+            sends += self.paths[i].post_frames(a, b, self._push_order(a, b))
         self.channel.wait_frames(sends)
+
+    def _push_order(self, lo, hi):
+        """The frames of a push of shards [lo, hi) in the order the servers expect them."""
+        if self.layer_shards is None:
+            return None
+        return self.layout.layer_frames((lo, hi), self.layer_shards)
 
     def request_stop(self):
         """Ask the server to stop the run (signal-safe: the next pull carries the request)."""

@@ -108,6 +108,7 @@ TRAIN_KEYWORDS = {
     "checkpoint_dir": "checkpoint_dir", "checkpoint_every": "checkpoint_every",
     "checkpoint_keep": "checkpoint_keep", "resume": "resume",
     "on_bad_gradient": "on_bad_gradient", "transport": "transport", "servers": "servers",
+    "overlap": "overlap",
     "verbose": "quiet",
 }
 NOT_CONFIGURABLE = {"callbacks", "comm"}  # Python objects, not settings

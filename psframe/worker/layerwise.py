@@ -1,0 +1,147 @@
+"""LayerwiseWorker: P3-style overlap of each layer's transfers with the other layers' compute."""
+import time
+
+from ..params import overlap
+from ..transport import MessagePath, Op, Status
+from .worker import Worker
+
+__all__ = ["LayerwiseWorker"]
+
+
+class LayerwiseWorker(Worker):
+    """A data-parallel worker that overlaps its transfers with its passes, layer by layer
+    (P3, Jayarajan et al. 2019): the model calls it back through ``loss_and_grad(...,
+    hooks=self)``.
+
+    - Its request header leaves as soon as the forward has the loss; each layer's gradient
+      goes to the servers as soon as backward has made it, last layer first.
+    - The next step's weights arrive frame by frame in forward order while the server
+      updates (psframe.server.updates sends each frame once it is updated): the forward of
+      layer i waits only for layer i's frames, so it starts once the first layer is in.
+
+    The arithmetic is the same as Worker's, so Sync stays exact. Only the message path moves
+    anything early: through the shared window the weights and gradient lie in place, and
+    the header there still follows the whole backward. A GPU worker stages through host
+    buffers and takes Worker's path, with its push in the same layer order.
+    """
+
+    def run(self):
+        if self._staged:  # device copies are per pull: Worker's loop, frames in layer order
+            return super().run()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        step = self.start_step
+        self._pending = []  # (request, (start, stop)) of weight frames still arriving
+        more = self._has_step(step)
+        if more:
+            with self.waiting:
+                more = self._start_pull(Op.PULL, step)
+        while more:
+            with self.computing:
+                self._step = step
+                self._next = self._has_step(step + 1)
+                self._sends, self._posted = [], None
+                rows, xb, yb = self._batch_rows(step)
+                self._samples = len(rows)
+                self._reported = set()
+                self.model.loss_and_grad(self.params, xb, yb, hooks=self)
+                self._check_reported(step)
+            with self.pushing:
+                self._finish_push()
+            if self.delay:
+                time.sleep(self.delay)
+            step += 1
+            more = self._next and self._await_replies()
+        self.finish(t0, cpu0, step)
+
+    # -- the model's hooks ------------------------------------------------------------------
+    def before_layer(self, i):
+        """Layer i computes on its weights: wait for their frames, not for the later ones."""
+        names = self.model.layer_param_names(i)
+        if not names or not self._pending:
+            return
+        start = self.layout.offsets[names[0]]
+        stop = self.layout.offsets[names[-1]] + self.layout.sizes[names[-1]]
+        waiting = [r for r, (a, b) in self._pending if a < stop and b > start]
+        if waiting:
+            self.channel.wait_frames(waiting)  # counted as compute: it overlaps it
+            self._pending = [(r, f) for r, f in self._pending if not (f[0] < stop and f[1] > start)]
+
+    def after_forward(self, loss):
+        """Every frame of this step's weights is in (each layer waited for its own): post the
+        next step's receives, then tell the servers on messages that a push is coming."""
+        if self._pending:
+            self.channel.wait_frames([r for r, _ in self._pending])
+            self._pending = []
+        self._loss = loss
+        op = Op.PUSH_PULL if self._next else Op.PUSH
+        if self._next:
+            # Safe before backward has read the weights: no server answers this pull until
+            # it holds this whole push, whose last frame leaves after backward is done.
+            self._posted = self._post_pull(*self.shards)
+        for i, (a, b) in self._parts(*self.shards):
+            if isinstance(self.paths[i], MessagePath):
+                self._header(op, i, a, b)
+
+    def after_backward(self, i, grads):
+        """Layer i's gradient into the push buffer, and at once on to the servers."""
+        for name, g in grads.items():
+            view = self.grad_views.get(name)
+            if view is None or g.shape != view.shape:
+                raise ValueError(f"gradient {name!r} does not match the parameter's shape "
+                                 f"{None if view is None else view.shape}")
+            self.backend.to_host(g, out=view)
+            self._reported.add(name)
+        layer = self.layer_shards[self._layer_slot(i)]
+        for s, (a, b) in self._parts(*self.shards):
+            path = self.paths[s]
+            if isinstance(path, MessagePath):
+                lo, hi = overlap((a, b), layer)
+                self._sends += path.post_frames(lo, hi)
+
+    # -- the rest of a step -----------------------------------------------------------------
+    def _finish_push(self):
+        """The shared-window servers' headers (the gradient is whole now), then every send
+        done; a lone gradient check decides nothing here (see the flags in Worker)."""
+        op = Op.PUSH_PULL if self._next else Op.PUSH
+        shared = [(i, part) for i, part in self._parts(*self.shards)
+                  if not isinstance(self.paths[i], MessagePath)]
+        if shared:
+            self.path.before_push()
+            for i, (a, b) in shared:
+                self._header(op, i, a, b)
+        self.channel.wait_frames(self._sends)
+        self._sends = []
+
+    def _header(self, op, i, a, b):
+        start, stop = self.layout.shard_range(a, b)
+        status = self._pull_status() if op == Op.PUSH_PULL else Status.OK
+        self._send_header(op, self._step, a, b, count=stop - start, loss=self._loss,
+                          samples=self._samples, status=status, to=i)
+
+    def _start_pull(self, op, clock):
+        posted = self._post_pull(*self.shards)
+        for i, (a, b), _, _ in posted:
+            self._send_header(op, clock, a, b, status=self._pull_status(), to=i)
+        self._posted = posted
+        return self._await_replies()
+
+    def _await_replies(self):
+        """The servers' replies to this step's pull: the weights may still be arriving."""
+        with self.waiting:
+            ok = self._receive_weights(self._posted, wait_frames=False)
+        if ok:
+            self._pending = [(r, f) for _, (a, b), _, frames in self._posted
+                             for r, f in zip(frames, self.layout.frames(a, b))]
+        return ok
+
+    def _layer_slot(self, i):
+        if not hasattr(self, "_slots"):
+            trained = [j for j in range(len(self.model.layers))
+                       if self.model.layer_param_names(j)]
+            self._slots = {j: k for k, j in enumerate(trained)}
+        return self._slots[i]
+
+    def _check_reported(self, step):
+        if self._reported != set(self.grad_views):
+            missing = sorted(set(self.grad_views) - self._reported)
+            raise ValueError(f"loss_and_grad gave no gradient for {missing} at step {step}")
