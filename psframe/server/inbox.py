@@ -26,7 +26,20 @@ class GradientInbox:
         """Where worker's latest gradient lies: its landing slot or its shared segment."""
         return self.paths[worker].gradient
 
-    def receive(self, worker, lo, hi, count, clock, flags=0):
+    def post(self, worker, lo, hi, count):
+        """Start landing worker's push of shards [lo, hi) now (its header is here); None when
+        its size is wrong (receive then says so) or its path has nothing to post."""
+        start, stop = self.layout.shard_range(lo, hi)
+        if count != stop - start:
+            return None
+        return self.paths[worker].post_gradient(lo, hi, self._frames(lo, hi))
+
+    def _frames(self, lo, hi):
+        if self.layer_shards is None:
+            return None
+        return self.layout.layer_frames((lo, hi), self.layer_shards)
+
+    def receive(self, worker, lo, hi, count, clock, flags=0, posted=None):
         """Land worker's push of shards [lo, hi) for step ``clock``; True if it is usable.
         Raises GradientError for a wrong size, and for a non-finite one under "raise".
         ``flags`` with Flag.NON_FINITE: the worker found the whole gradient non-finite (with
@@ -42,9 +55,7 @@ class GradientInbox:
         grad = self.gradient(worker)
         finite = not flags & Flag.NON_FINITE
         # Check each frame as it lands, while the next ones are still arriving.
-        frames = (None if self.layer_shards is None
-                  else self.layout.layer_frames((lo, hi), self.layer_shards))
-        for a, b in self.paths[worker].receive_gradient(lo, hi, frames):
+        for a, b in self.paths[worker].receive_gradient(lo, hi, self._frames(lo, hi), posted):
             finite = frame_finite(grad[a:b]) and finite
         return finite or self._reject(worker, clock)
 

@@ -128,10 +128,19 @@ class OrderReader:
         self.leader = leader
         self.buffer = np.zeros(HEAD_LEN + REPLY_LEN * n_workers, dtype=np.int64)
 
-    def next(self) -> Order:
+    def next(self, while_waiting=None) -> Order:
+        """The next order; ``while_waiting()`` runs as the wait tests (a server starting to
+        land the pushes already announced)."""
         self.buffer[:] = 0  # a short order leaves the slots past its end at zero
-        status = self.channel.wait(self.channel.irecv_header(self.buffer, self.leader,
-                                                             Tag.ORDER))
+        request = self.channel.irecv_header(self.buffer, self.leader, Tag.ORDER)
+        status = MPI.Status()
+        if while_waiting is None:
+            status = self.channel.wait(request)
+        else:
+            def done():
+                while_waiting()
+                return request.Test(status)
+            self.channel.waiter.until(done)
         if status.Get_count(MPI.INT64_T) < HEAD_LEN:
             raise ProtocolError("a short order from rank 0")
         return Order(self.buffer)

@@ -113,12 +113,14 @@ class ParameterServer:
     # -- the loop ---------------------------------------------------------------------------
     def run(self):
         self.requests = self.channel.requests_from(self.workers, Tag.REQUEST)
+        self._landing = {}  # worker -> (fields, receives) of a push whose frames are arriving
+        self._ready = []  # (worker, fields, receives) to handle, in the order they got ready
         self.recorder.start()
         waiting, busy = Stopwatch(), Stopwatch()
         t0, cpu0 = time.perf_counter(), time.process_time()
         while len(self.finished) < len(self.workers):
             with waiting:
-                worker, fields = self.requests.next()
+                worker, fields, self._posted = self._next_request()
             with busy:
                 self._event = (worker, fields[Field.OP])  # what an order to the others names
                 handler = self.handlers.get(fields[Field.OP])
@@ -140,6 +142,40 @@ class ParameterServer:
             raise TrainingInterrupted(f"run interrupted at step {self.version}{where}")
         return self.recorder.result(self.weights, self.groups, [p.name for p in self.paths],
                                     wall, cpu, waiting.total, busy.total)
+
+    def _next_request(self):
+        """The next request to handle: a pull or DONE as soon as its header is here, a push
+        once its frames have landed. Every announced push lands at once (its receives are
+        posted when its header arrives), so one worker's slow transfer does not hold up the
+        others', and on-arrival policies see pushes in the order they arrive whole."""
+        def poll():
+            for w in self.requests.arrived():
+                if w not in self._landing:  # one request per worker in hand at a time
+                    self._announce(w, self.requests.take(w))
+            for w, (fields, posted) in list(self._landing.items()):
+                if posted is None or all(r.Get_status() for r in posted):
+                    del self._landing[w]
+                    self._ready.append((w, fields, posted))
+            return bool(self._ready)
+
+        if not poll():
+            self.channel.waiter.until(poll)
+        return self._ready.pop(0)
+
+    def _announce(self, worker, fields):
+        if fields[Field.OP] not in (Op.PUSH, Op.PUSH_PULL):
+            self._ready.append((worker, fields, None))
+            return
+        group, _ = self.group_of[worker]
+        lo, hi = self._check_shards(worker, fields, group)
+        if worker in group.pending:
+            # Its slot (or shared segment) still holds a gradient a later update will read.
+            # No shipped policy answers a pull before using the gradient it follows, so this
+            # is a policy bug; refusing it keeps the pending gradient from being overwritten.
+            raise ProtocolError(f"worker {worker} pushed step {fields[Field.CLOCK]} before "
+                                "its previous gradient was applied or dropped")
+        self._landing[worker] = (fields, self.inbox.post(worker, lo, hi,
+                                                         int(fields[Field.COUNT])))
 
     # -- handlers ---------------------------------------------------------------------------
     def _on_pull(self, worker, header):
@@ -165,13 +201,8 @@ class ParameterServer:
         group, local = self.group_of[worker]
         lo, hi = self._check_shards(worker, header, group)
         count, clock = int(header[Field.COUNT]), int(header[Field.CLOCK])
-        if worker in group.pending:
-            # Its slot (or shared segment) still holds a gradient a later update will read.
-            # No shipped policy answers a pull before using the gradient it follows, so this
-            # is a policy bug; refusing it keeps the pending gradient from being overwritten.
-            raise ProtocolError(f"worker {worker} pushed step {clock} before its previous "
-                                "gradient was applied or dropped")
-        accepted = self.inbox.receive(worker, lo, hi, count, clock, int(header[Field.FLAGS]))
+        accepted = self.inbox.receive(worker, lo, hi, count, clock, int(header[Field.FLAGS]),
+                                      self._posted)
         self.recorder.pushed(worker, count * self.layout.dtype.itemsize, accepted,
                              int(header[Field.SAMPLES]), loss_of(header[Field.LOSS]),
                              int(header[Field.BATCH]))

@@ -49,9 +49,10 @@ class ShardServer(ParameterServer):
         self.requests = self.channel.requests_from([self.workers[w] for w in self.serves],
                                                    Tag.REQUEST)
         orders = OrderReader(self.channel, self.leader, len(self.workers))
+        self._landing = {}  # worker -> (its request's fields, the receives posted for it)
         t0, cpu0 = time.perf_counter(), time.process_time()
         while True:
-            order = orders.next()
+            order = orders.next(while_waiting=self._prefetch)
             if order.kind == Kind.REQUEST:
                 self._follow(order)
             elif order.kind == Kind.SNAPSHOT:
@@ -73,12 +74,14 @@ class ShardServer(ParameterServer):
         group, _ = self.group_of[worker]
         if not self._meets(group):
             return  # none of this worker's shards are here
-        fields = self.requests.take(self._queue_index[worker])
+        if worker not in self._landing:
+            self._start_landing(worker)
+        fields, posted = self._landing.pop(worker)
         if fields[Field.OP] != op:
             raise ProtocolError(f"worker {worker} sent server {self.index} op "
                                 f"{fields[Field.OP]} where rank 0 had op {op}")
         if op in (Op.PUSH, Op.PUSH_PULL):
-            self._land(worker, fields, group)
+            self._land(worker, fields, group, posted)
         if op in (Op.PULL, Op.PUSH_PULL):
             self._check_shards(worker, fields, group)
             self._awaiting[worker] = True
@@ -95,14 +98,34 @@ class ShardServer(ParameterServer):
         if update is not None:
             self.recorder.stats.record_update(decision.staleness, decision.weight)
 
-    def _land(self, worker, fields, group):
+    def _prefetch(self):
+        """Start landing every push whose header is here, whoever's turn is next: each
+        worker's range then moves at once, not one worker after another in rank 0's order
+        (rank 0 decides on arrival of its own range; this one's may come later)."""
+        for i in self.requests.arrived():
+            worker = self.serves[i]
+            if worker not in self._landing:  # its earlier request is not carried out yet
+                self._start_landing(worker)
+
+    def _start_landing(self, worker):
+        fields = self.requests.take(self._queue_index[worker])
+        posted = None
+        if fields[Field.OP] in (Op.PUSH, Op.PUSH_PULL):
+            group, _ = self.group_of[worker]
+            if worker in group.pending:
+                # Its slot still holds the gradient a gathered step will read: no shipped
+                # policy lets it push again first, so this is a protocol error.
+                raise ProtocolError(f"worker {worker} pushed before its previous gradient "
+                                    "was applied or dropped")
+            lo, hi = self._check_shards(worker, fields, group)
+            posted = self.inbox.post(worker, lo, hi, int(fields[Field.COUNT]))
+        self._landing[worker] = (fields, posted)
+
+    def _land(self, worker, fields, group, posted):
         lo, hi = self._check_shards(worker, fields, group)
-        if worker in group.pending:
-            raise ProtocolError(f"worker {worker} pushed before its previous gradient was "
-                                "applied or dropped")
         count = int(fields[Field.COUNT])
         accepted = self.inbox.receive(worker, lo, hi, count, int(fields[Field.CLOCK]),
-                                      int(fields[Field.FLAGS]))
+                                      int(fields[Field.FLAGS]), posted)
         self.recorder.stats.bytes_pushed += count * self.layout.dtype.itemsize
         self.recorder.bytes_pushed_by[worker] += count * self.layout.dtype.itemsize
         return accepted

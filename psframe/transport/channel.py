@@ -133,6 +133,13 @@ class RequestQueue:
                                                       self.tag)
         return i, fields
 
+    def arrived(self) -> List[int]:
+        """The peers whose next request is here, not waiting for any (not yet taken)."""
+        done = MPI.Request.Testsome(self.requests)
+        if done:
+            self.ready = sorted(set(self.ready) | set(done))
+        return list(self.ready)
+
     def take(self, i: int) -> List[int]:
         """The next request of peer ``i`` itself, waiting for it (a server that follows rank
         0's order of requests); its receive is posted again as next() does."""

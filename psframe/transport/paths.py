@@ -42,11 +42,17 @@ class PayloadPath:
         self.weights = weights
 
     # -- the server's end -------------------------------------------------------------------
-    def receive_gradient(self, lo: int, hi: int,
-                         frames: Optional[Sequence[Frame]] = None) -> Iterator[Frame]:
+    def receive_gradient(self, lo: int, hi: int, frames: Optional[Sequence[Frame]] = None,
+                         posted: Any = None) -> Iterator[Frame]:
         """Yield each frame (start, stop) of the pushed gradient once it is in ``gradient``;
-        ``frames``: the order the worker sends them in (default: the layout's)."""
+        ``frames``: the order the worker sends them in (default: the layout's); ``posted``:
+        what post_gradient started for it, if it did."""
         raise NotImplementedError
+
+    def post_gradient(self, lo: int, hi: int, frames: Optional[Sequence[Frame]] = None) -> Any:
+        """Start landing a push whose header is here, before its turn comes (a server landing
+        several workers' pushes at once); receive_gradient(..., posted=) ends it."""
+        return None
 
     def send_frame(self, weights: np.ndarray, a: int, b: int, requests: List[Any]) -> None:
         """Start sending elements [a, b) of the server's weights (requests to wait on go in
@@ -92,10 +98,13 @@ class MessagePath(PayloadPath):
     name = "mpi"
     reply_first = True
 
-    def receive_gradient(self, lo, hi, frames=None):
+    def receive_gradient(self, lo, hi, frames=None, posted=None):
         frames = self.channel.layout.frames(lo, hi) if frames is None else frames
-        requests = self.channel.irecv_frames(self.gradient, lo, hi, self.peer, Tag.PUSH, frames)
+        requests = self.post_gradient(lo, hi, frames) if posted is None else posted
         yield from self.channel.each_frame(requests, frames)
+
+    def post_gradient(self, lo, hi, frames=None):
+        return self.channel.irecv_frames(self.gradient, lo, hi, self.peer, Tag.PUSH, frames)
 
     def send_frame(self, weights, a, b, requests):
         requests.append(self.channel.isend(weights, a, b, self.peer, Tag.WEIGHTS))
@@ -126,7 +135,7 @@ class SharedPath(PayloadPath):
         self.window = window
         self.name = "shared-copy" if server_writes else "shared-read"
 
-    def receive_gradient(self, lo, hi, frames=None):
+    def receive_gradient(self, lo, hi, frames=None, posted=None):
         self.window.fence()  # already in the worker's segment: read it where it lies
         yield from self.channel.layout.frames(lo, hi)
 

@@ -79,6 +79,10 @@ class Waiter:
         self._until(any_done, None)
         return done
 
+    def until(self, done: Callable[[], bool]) -> None:
+        """Wait as wait() does until ``done()`` is true (it may do work as it tests)."""
+        self._until(done, None)
+
     def _until(self, done: Callable[[], bool], spin_s: Optional[float]) -> None:
         start = time.perf_counter()
         deadline = start + (self.idle_spin_s if spin_s is None else spin_s)
