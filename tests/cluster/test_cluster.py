@@ -138,7 +138,8 @@ def test_sync_across_hosts_equals_serial_sgd_and_paths_follow_the_hosts(cluster3
 @pytest.mark.parametrize("files, n, ppn", [
     (["test_sync.py", "test_policies_mpi.py"], 3, 1),  # every worker on a host of its own
     (["test_pipeline.py"], 5, 1),  # stages of each pipeline on different hosts
-], ids=["sync-and-policies", "model-and-hybrid"])
+    (["test_servers.py"], 5, 1),  # servers 0, 1, 2 on three hosts, their workers beside
+], ids=["sync-and-policies", "model-and-hybrid", "several-servers"])
 def test_the_exactness_tests_pass_across_hosts(cluster3, files, n, ppn, tmp_path):
     """The MPI suite's own tests (Sync, model and hybrid against serial SGD; the SSP bound;
     the other policies), run with their ranks on different hosts."""

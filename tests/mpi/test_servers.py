@@ -236,8 +236,49 @@ def test_dynamic_dispatch_keeps_one_dispatcher():
     assert {v["updates"] for v in s["servers"]} == {len(s["batch_counts"])}
 
 
-def test_servers_on_one_node_share_the_weights_workers_read_in_place():
+def test_workers_read_in_place_where_every_server_shares_their_node():
+    """On rank 0's node the servers update one shared weight buffer, which that node's
+    workers read in place under Sync; if a server is on another node (tests/cluster runs
+    this file across hosts), those workers keep a copy of their own, written by the servers
+    on their node and filled by messages from the others; workers elsewhere take messages."""
+    from psframe.transport.shm import node_ids
+
     servers = servers_for(2)
+    nodes = node_ids(WORLD)
     result = sync_run(servers, transport="auto")
-    if result is not None:
-        assert set(result.stats["worker_transport"]) == {"shared-read"}
+    if result is None:
+        return
+    local = all(nodes[s] == nodes[0] for s in range(servers))
+    expected = ["mpi" if nodes[r] != nodes[0] else "shared-read" if local else "shared-copy"
+                for r in range(servers, SIZE)]
+    assert result.stats["worker_transport"] == expected
+
+
+@pytest.mark.parametrize("transport", ["mpi", "auto"])
+@pytest.mark.parametrize("servers", [1, 2])
+def test_layerwise_overlap_keeps_sync_exact(servers, transport):
+    sync_run(servers_for(servers), overlap=True, transport=transport, optimizer="adam")
+
+
+class OneLayer(ps.Model):
+    """A model of its own, not a Sequential: it has no layers to overlap."""
+
+    def init_params(self, rng):
+        return {"w": rng.normal(size=(6, 3))}
+
+    def loss_and_grad(self, params, X, y):
+        return 0.0, {"w": ps.xp(X).zeros_like(params["w"])}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mode="model"), "needs mode='data'"),
+    (dict(policy=ps.Async()), "needs Sync without backup"),
+    (dict(policy=ps.Sync(backup=1)), "needs Sync without backup"),
+    (dict(overlap="yes"), "overlap must be True or False"),
+    (dict(model=OneLayer()), "needs a ps.Sequential model"),
+])
+def test_overlap_where_it_cannot_run_is_refused(kw, match):
+    if SIZE < 3 and "backup" in repr(kw.get("policy")):
+        pytest.skip("a backup worker needs two workers")
+    kw = dict(kw)
+    expect_error(match, overlap=kw.pop("overlap", True), **kw)

@@ -188,3 +188,33 @@ def test_model_base_is_abstract():
         Model().loss_and_grad({}, np.zeros((1, 1)), np.zeros(1))
     with pytest.raises(NotImplementedError, match="init_params"):
         Model().init_params(np.random.default_rng(0))
+
+
+def test_sequential_hooks_see_each_layer_in_order_and_change_nothing():
+    """The layer-wise overlap's seam: before_layer in forward order, after_forward with the
+    loss, after_backward with each trained layer's gradients, last layer first."""
+    model = MLP([5, 7, 4, 3])
+    params = model.init_params(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(9, 5)), rng.integers(0, 3, 9)
+    calls = []
+
+    class Hooks:
+        def before_layer(self, i):
+            calls.append(("before", i))
+
+        def after_forward(self, loss):
+            calls.append(("loss", loss))
+
+        def after_backward(self, i, grads):
+            calls.append(("grads", i, sorted(grads)))
+
+    loss, grads = model.loss_and_grad(params, X, y, hooks=Hooks())
+    plain_loss, plain = model.loss_and_grad(params, X, y)
+    assert loss == plain_loss and all(np.array_equal(grads[k], plain[k]) for k in plain)
+    n = len(model.layers)
+    assert calls[:n] == [("before", i) for i in range(n)]
+    assert calls[n] == ("loss", loss)
+    trained = [i for i in range(n) if model.layer_param_names(i)]
+    assert calls[n + 1:] == [("grads", i, sorted(model.layer_param_names(i)))
+                             for i in reversed(trained)]
