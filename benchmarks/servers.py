@@ -5,6 +5,8 @@
 (a) Simulated cluster (needs root: psframe cluster): 4 hosts with 1gbit links, 4 workers
     under Async, an MLP of 1.86 M float32 weights, ranks round-robin so that each host holds
     one server and one worker; samples/s with servers = 1, 2 and 4, as a ratio to servers=1.
+    Then Sync on the same hosts, servers = 1 and 4, with and without the layer-wise overlap,
+    against the Allreduce loop of 4 ranks, one per host.
 (b) One host: Sync at 1-4 workers against the hand-written Allreduce loop (mpi4py) and torch
     DDP of the same model and batch, with and without the layer-wise overlap, one and two
     servers. Skip either part with --no-cluster or --no-host.
@@ -48,24 +50,33 @@ def cluster_part(steps, repeats, rate):
     from psframe import cluster as psc
 
     c = psc.up(4, bandwidth=None if rate == "none" else rate, owner_pid=os.getpid())
-    rows = []
+    rows, sync_rows = [], []
+
+    def run(servers, policy, extra=()):
+        with tempfile.TemporaryDirectory() as d:
+            proc = c.run(servers + 4, train_args(BIG_MODEL, steps, policy, servers,
+                                                 ["--log-dir", d, *extra], CLUSTER_BATCH),
+                         ppn=1, timeout=900, capture_output=True, text=True, env_extra=ENV,
+                         cwd=ROOT)
+            if proc.returncode != 0:
+                raise SystemExit(f"servers={servers} failed:\n{proc.stderr[-3000:]}")
+            return summary_of(d)
+
     try:
         print(f"\n(a) {c.name}: 4 hosts, links {rate}; 4 workers, Async, {BIG_MODEL}, batch "
               f"{CLUSTER_BATCH}, {steps} steps per worker, ranks round-robin (--ppn 1); median of "
               f"{repeats}")
         for servers in (1, 2, 4):
-            runs = []
-            for _ in range(repeats):
-                with tempfile.TemporaryDirectory() as d:
-                    proc = c.run(servers + 4, train_args(BIG_MODEL, steps, "async", servers,
-                                                         ["--log-dir", d], CLUSTER_BATCH),
-                                 ppn=1, timeout=900, capture_output=True, text=True,
-                                 env_extra=ENV, cwd=ROOT)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"servers={servers} failed:\n{proc.stderr[-3000:]}")
-                    runs.append(summary_of(d))
+            runs = [run(servers, "async") for _ in range(repeats)]
             sps = statistics.median(r["samples_per_s"] for r in runs)
             rows.append((servers, sps, runs[-1]))
+        allreduce = statistics.median(
+            cluster_baseline(c, "allreduce", 4, steps) for _ in range(repeats))
+        for servers in (1, 4):
+            for extra in ((), ("--overlap",)):
+                sps = statistics.median(run(servers, "sync", extra)["samples_per_s"]
+                                        for _ in range(repeats))
+                sync_rows.append((servers, bool(extra), sps))
     finally:
         c.down()
     base = rows[0][1]
@@ -78,7 +89,30 @@ def cluster_part(steps, repeats, rate):
         split = ", ".join(f"{1e3 * sum(st[k]) / steps:.0f}" for k in
                           ("worker_compute_s", "worker_push_s", "worker_wait_s"))
         print(f"{servers:>7} | {sps:9,.0f} | {sps / base:6.2f} | {split:>30} | {cpu} | {per}")
+    print(f"\nSync on the same hosts, samples/s and ratio to the Allreduce loop of 4 ranks "
+          f"(one per host, same model and batch): {allreduce:,.0f}")
+    print(f"{'servers':>7} | {'overlap':>7} | {'samples/s':>9} | {'vs Allreduce':>12}")
+    for servers, overlap, sps in sync_rows:
+        print(f"{servers:>7} | {'yes' if overlap else 'no':>7} | {sps:9,.0f} | "
+              f"{sps / allreduce:12.2f}")
     return rows
+
+
+def cluster_baseline(c, system, workers, steps):
+    with tempfile.TemporaryDirectory() as d:
+        spec, out = os.path.join(d, "cell.json"), os.path.join(d, "result.json")
+        with open(spec, "w") as f:
+            json.dump({"system": system, "workers": workers, "delay": None,
+                       "options": {"model": BIG_MODEL, "data": "mnist",
+                                   "batch_size": CLUSTER_BATCH, "steps": steps, "eval": False,
+                                   "lr": 0.05}}, f)
+        proc = c.run(workers, [PY, "-m", "mpi4py", cells.baseline_script(system), spec, out],
+                     ppn=1, timeout=900, capture_output=True, text=True, env_extra=ENV,
+                     cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"{system} failed:\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)["stats"]["samples_per_s"]
 
 
 def host_job(n, program, timeout=900):

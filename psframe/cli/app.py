@@ -187,8 +187,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train", help="train a model",
-        description="Train a model. With -n N, starts N MPI ranks itself (1 server, N-1 "
-                    "workers); under mpiexec, each rank runs this same command.",
+        description="Train a model. With -n N, starts N MPI ranks itself (--servers S "
+                    "servers, default 1, and N-S workers); under mpiexec, each rank runs "
+                    "this same command.",
     )
     run = t.add_argument_group("launch")
     run.add_argument("-n", "--nprocs", type=int, default=None, metavar="N",

@@ -128,9 +128,10 @@ class OrderReader:
         self.leader = leader
         self.buffer = np.zeros(HEAD_LEN + REPLY_LEN * n_workers, dtype=np.int64)
 
-    def next(self, while_waiting=None) -> Order:
+    def next(self, while_waiting=None, moved=None) -> Order:
         """The next order; ``while_waiting()`` runs as the wait tests (a server starting to
-        land the pushes already announced)."""
+        land the pushes already announced), and ``moved()`` says whether those transfers are
+        moving (the wait then keeps testing instead of sleeping)."""
         self.buffer[:] = 0  # a short order leaves the slots past its end at zero
         request = self.channel.irecv_header(self.buffer, self.leader, Tag.ORDER)
         status = MPI.Status()
@@ -140,7 +141,7 @@ class OrderReader:
             def done():
                 while_waiting()
                 return request.Test(status)
-            self.channel.waiter.until(done)
+            self.channel.waiter.until_settled(done, moved, self.channel.idle_s)
         if status.Get_count(MPI.INT64_T) < HEAD_LEN:
             raise ProtocolError("a short order from rank 0")
         return Order(self.buffer)

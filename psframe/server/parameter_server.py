@@ -75,7 +75,8 @@ class ParameterServer:
         if resume is not None:
             restore_server_state(*resume, self.engine, self.groups, self.recorder,
                                  self.own_shards)
-        self.recorder.own_shards, self.recorder.own_params = self.own_shards, self.own[1] - self.own[0]
+        self.recorder.own_shards = self.own_shards  # what stats["servers"] says of rank 0
+        self.recorder.own_params = self.own[1] - self.own[0]
         if followers is not None:
             followers.share(self.window)
             self.recorder.before_read = self._gather
@@ -115,6 +116,7 @@ class ParameterServer:
         self.requests = self.channel.requests_from(self.workers, Tag.REQUEST)
         self._landing = {}  # worker -> (fields, receives) of a push whose frames are arriving
         self._ready = []  # (worker, fields, receives) to handle, in the order they got ready
+        self._landed_frames = 0
         self.recorder.start()
         waiting, busy = Stopwatch(), Stopwatch()
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -159,8 +161,15 @@ class ParameterServer:
             return bool(self._ready)
 
         if not poll():
-            self.channel.waiter.until(poll)
+            self.channel.waiter.until_settled(poll, self._landing_moved, self.channel.idle_s)
         return self._ready.pop(0)
+
+    def _landing_moved(self):
+        """Whether a frame of a landing push completed since the last call."""
+        done = sum(r.Get_status() for _, posted in self._landing.values() for r in posted or ())
+        moved = done > self._landed_frames
+        self._landed_frames = done
+        return moved
 
     def _announce(self, worker, fields):
         if fields[Field.OP] not in (Op.PUSH, Op.PUSH_PULL):

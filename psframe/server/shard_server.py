@@ -50,9 +50,10 @@ class ShardServer(ParameterServer):
                                                    Tag.REQUEST)
         orders = OrderReader(self.channel, self.leader, len(self.workers))
         self._landing = {}  # worker -> (its request's fields, the receives posted for it)
+        self._landed_frames = 0
         t0, cpu0 = time.perf_counter(), time.process_time()
         while True:
-            order = orders.next(while_waiting=self._prefetch)
+            order = orders.next(while_waiting=self._prefetch, moved=self._landing_moved)
             if order.kind == Kind.REQUEST:
                 self._follow(order)
             elif order.kind == Kind.SNAPSHOT:

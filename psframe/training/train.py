@@ -17,10 +17,10 @@ def train(model: Any, data: Any, *, verbose: bool = False,
           **options: Any) -> Optional[TrainResult]:
     """Train ``model`` on ``data`` with a parameter server; call it on every rank.
 
-    Ranks 0..servers-1 of ``comm`` (default COMM_WORLD) serve the weights, rank 0 returns a
-    TrainResult; the other ranks (the workers, and the other servers) return None. The options are psframe.training.RunOptions'
-    fields (see README.md); an unknown one is a TypeError, and a bad value a ConfigError
-    raised on every rank before any work.
+    Ranks 0..servers-1 of ``comm`` (default COMM_WORLD) serve the weights and rank 0
+    returns a TrainResult; the other ranks (workers, other servers) return None. The
+    options are psframe.training.RunOptions' fields (see README.md); an unknown one is a
+    TypeError, and a bad value a ConfigError raised on every rank before any work.
     """
     # Imported here: `import psframe` must not start MPI (the `psframe train -n N` launcher
     # is a plain process), and the transport and the roles need mpi4py.MPI.

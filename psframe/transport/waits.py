@@ -83,6 +83,24 @@ class Waiter:
         """Wait as wait() does until ``done()`` is true (it may do work as it tests)."""
         self._until(done, None)
 
+    def until_settled(self, done: Callable[[], bool], moved: Callable[[], bool],
+                      idle_s: float = TRANSFER_IDLE_S) -> None:
+        """Wait until ``done()``, testing without a pause while ``moved()`` says transfers
+        are still completing (within ``idle_s``), as completed() does for frames: a sleep
+        then would stall a transfer that needs this rank's progress."""
+        # Nothing moving yet: spin only as long as wait() would before it backs off.
+        last_progress = time.perf_counter() - idle_s + self.idle_spin_s
+        pause = _MIN_SLEEP_S
+        while not done():
+            now = time.perf_counter()
+            if moved():
+                last_progress, pause = now, _MIN_SLEEP_S
+            elif now - last_progress > idle_s + self.yield_s:
+                time.sleep(pause)
+                pause = min(pause * 2, _MAX_SLEEP_S)
+            elif now - last_progress > idle_s:
+                _sched_yield()
+
     def _until(self, done: Callable[[], bool], spin_s: Optional[float]) -> None:
         start = time.perf_counter()
         deadline = start + (self.idle_spin_s if spin_s is None else spin_s)

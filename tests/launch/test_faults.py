@@ -33,10 +33,11 @@ def test_exception_at_a_random_step_in_a_random_worker_ends_the_job(case):
     assert "UNREACHABLE" not in proc.stdout
 
 
-def start_long_run(tmp_path):
+def start_long_run(tmp_path, servers=1):
+    """2 workers and ``servers`` servers, checkpointing every 20 steps."""
     ckpt = str(tmp_path / "ckpt")
-    proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable,
-                             os.path.join(SCRIPTS, "long_run.py"), ckpt],
+    proc = subprocess.Popen([MPIEXEC, "-n", str(2 + servers), sys.executable,
+                             os.path.join(SCRIPTS, "long_run.py"), ckpt, str(servers)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + BOUND_S
     while len(glob.glob(os.path.join(ckpt, "ckpt-*.json"))) < 2:
@@ -74,16 +75,30 @@ def test_sigkill_of_a_worker_ends_the_job_and_the_newest_checkpoint_loads(tmp_pa
     no_orphans(ckpt)
 
 
+@pytest.mark.parametrize("servers", [1, 2])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_cleanly_with_a_final_checkpoint(tmp_path, sig):
-    proc, ckpt = start_long_run(tmp_path)
+def test_signal_stops_cleanly_with_a_final_checkpoint(tmp_path, sig, servers):
+    proc, ckpt = start_long_run(tmp_path, servers)
     proc.send_signal(sig)
     out, err = finish(proc)
     assert proc.returncode != 0, (out, err)
-    assert out.count("run interrupted") == 3, (out, err)  # every rank stopped cleanly
-    manifest, _ = load_checkpoint(ckpt)
+    assert out.count("run interrupted") == 2 + servers, (out, err)  # every rank stopped cleanly
+    manifest, arrays = load_checkpoint(ckpt)  # every server's part, checked and joined
     # The final checkpoint is the stop point: every worker's clock equals the step count.
     assert manifest["groups"][0]["clocks"] == [manifest["version"]] * 2
+    assert len(manifest.get("parts", [])) == servers - 1
+    assert arrays["weights"].size == 64 * 32 + 32 + 32 * 10 + 10
+    no_orphans(ckpt)
+
+
+def test_sigkill_of_a_second_server_ends_the_job(tmp_path):
+    proc, ckpt = start_long_run(tmp_path, servers=2)
+    with open(os.path.join(ckpt, "pid-1")) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    start = time.time()
+    finish(proc)
+    assert proc.returncode != 0
+    assert time.time() - start < 30
     no_orphans(ckpt)
 
 
