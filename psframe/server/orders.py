@@ -66,6 +66,7 @@ def _decision_of(f) -> PushDecision:
 
 
 _COMPENSATIONS = {}
+_NOTHING = PushDecision()  # a pull's order: no decision about a gradient
 
 
 def _compensation(lam, adaptive, decay):
@@ -95,18 +96,18 @@ class OrderWriter:
         b = self.buffer
         b[:HEAD_LEN] = 0
         b[KIND], b[WORKER], b[OP] = Kind.REQUEST, worker, op
-        if decision is not None:
-            bits = ((_Bit.DROP if decision.drop else 0)
-                    | (_Bit.ACCUMULATE if decision.accumulate else 0)
-                    | (_Bit.APPLY if decision.apply else 0)
-                    | (_Bit.COMPLETE if decision.complete else 0))
-            comp = decision.compensation
-            if comp is not None:
-                bits |= _Bit.COMPENSATE | (_Bit.ADAPTIVE if comp.adaptive else 0)
-                b[LAM], b[DECAY] = loss_bits(comp.lam), loss_bits(comp.decay)
-            b[BITS] = int(bits)
-            b[SCALE], b[WEIGHT] = loss_bits(decision.scale), loss_bits(decision.weight)
-            b[STALENESS] = decision.staleness
+        decision = decision if decision is not None else _NOTHING
+        bits = ((_Bit.DROP if decision.drop else 0)
+                | (_Bit.ACCUMULATE if decision.accumulate else 0)
+                | (_Bit.APPLY if decision.apply else 0)
+                | (_Bit.COMPLETE if decision.complete else 0))
+        comp = decision.compensation
+        if comp is not None:
+            bits |= _Bit.COMPENSATE | (_Bit.ADAPTIVE if comp.adaptive else 0)
+            b[LAM], b[DECAY] = loss_bits(comp.lam), loss_bits(comp.decay)
+        b[BITS] = int(bits)
+        b[SCALE], b[WEIGHT] = loss_bits(decision.scale), loss_bits(decision.weight)
+        b[STALENESS] = decision.staleness
         b[N_REPLIES] = len(replies)
         for i, reply in enumerate(replies):
             b[HEAD_LEN + REPLY_LEN * i: HEAD_LEN + REPLY_LEN * (i + 1)] = reply
