@@ -51,12 +51,10 @@ def psframe_run(cluster, workers, policy, steps):
 def baseline_run(cluster, system, workers, steps):
     """samples/s of a hand-written peer (psframe/bench/baselines), one rank per host."""
     with tempfile.TemporaryDirectory() as d:
-        spec, out = os.path.join(d, "cell.json"), os.path.join(d, "result.json")
-        with open(spec, "w") as f:
-            json.dump({"system": system, "workers": workers, "delay": None,
-                       "options": {"model": MODEL, "data": "mnist", "batch_size": BATCH,
-                                   "steps": steps, "eval": False, "lr": 0.05}}, f)
-        job(cluster, workers, [PY, "-m", "mpi4py", cells.baseline_script(system), spec, out])
+        program, out = cells.baseline_program(d, system, workers, {
+            "model": MODEL, "data": "mnist", "batch_size": BATCH, "steps": steps,
+            "eval": False, "lr": 0.05})
+        job(cluster, workers, program)
         with open(out) as f:
             return {k: v for k, v in json.load(f)["stats"].items() if k in STATS}
 

@@ -100,15 +100,10 @@ def cluster_part(steps, repeats, rate):
 
 def cluster_baseline(c, system, workers, steps):
     with tempfile.TemporaryDirectory() as d:
-        spec, out = os.path.join(d, "cell.json"), os.path.join(d, "result.json")
-        with open(spec, "w") as f:
-            json.dump({"system": system, "workers": workers, "delay": None,
-                       "options": {"model": BIG_MODEL, "data": "mnist",
-                                   "batch_size": CLUSTER_BATCH, "steps": steps, "eval": False,
-                                   "lr": 0.05}}, f)
-        proc = c.run(workers, [PY, "-m", "mpi4py", cells.baseline_script(system), spec, out],
-                     ppn=1, timeout=900, capture_output=True, text=True, env_extra=ENV,
-                     cwd=ROOT)
+        program, out = cells.baseline_program(
+            d, system, workers, baseline_options(BIG_MODEL, CLUSTER_BATCH, steps))
+        proc = c.run(workers, program, ppn=1, timeout=900, capture_output=True, text=True,
+                     env_extra=ENV, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"{system} failed:\n{proc.stderr[-3000:]}")
         with open(out) as f:
@@ -130,14 +125,16 @@ def host_psframe(workers, steps, servers, extra):
         return summary_of(d)["samples_per_s"]
 
 
+def baseline_options(model, batch, steps):
+    return {"model": model, "data": "mnist", "batch_size": batch, "steps": steps,
+            "eval": False, "lr": 0.05}
+
+
 def host_baseline(system, workers, steps):
     with tempfile.TemporaryDirectory() as d:
-        spec, out = os.path.join(d, "cell.json"), os.path.join(d, "result.json")
-        with open(spec, "w") as f:
-            json.dump({"system": system, "workers": workers, "delay": None,
-                       "options": {"model": HOST_MODEL, "data": "mnist", "batch_size": BATCH,
-                                   "steps": steps, "eval": False, "lr": 0.05}}, f)
-        host_job(workers, [PY, "-m", "mpi4py", cells.baseline_script(system), spec, out])
+        program, out = cells.baseline_program(d, system, workers,
+                                              baseline_options(HOST_MODEL, BATCH, steps))
+        host_job(workers, program)
         with open(out) as f:
             return json.load(f)["stats"]["samples_per_s"]
 

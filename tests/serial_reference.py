@@ -94,3 +94,16 @@ def serial_sync(loss_and_grad, params, X, y, n_workers, batch, steps, opt, shuff
         if grads:
             opt.step(params, {k: sum(g[k] for g in grads) / len(grads) for k in grads[0]})
     return params
+
+
+def serial_mlp(sizes, init, X, y, n_workers, batch, steps, opt, shuffle=False, seed=0):
+    """serial_sync of ps.models.MLP(sizes), whose layers this module restates."""
+    return serial_sync(lambda p, a, b: mlp_loss_and_grad(p, a, b, len(sizes) - 1), init, X, y,
+                       n_workers, batch, steps, opt, shuffle=shuffle, seed=seed)
+
+
+def assert_params_match(params, expected, tol=1e-10):
+    """Every expected tensor, to ``tol`` (float64 runs against the serial reference)."""
+    assert set(params) == set(expected)
+    for k in expected:
+        np.testing.assert_allclose(params[k], expected[k], rtol=tol, atol=tol, err_msg=k)

@@ -37,6 +37,16 @@ def baseline_script(system):
     return os.path.join(baselines_dir(), BASELINES[system]) if system in BASELINES else None
 
 
+def baseline_program(directory, system, workers, options):
+    """A hand-written peer's run outside the harness (the benchmarks' baselines): writes
+    its cell spec into ``directory``; (argv to start under mpiexec, result path)."""
+    spec, out = os.path.join(directory, "cell.json"), os.path.join(directory, "result.json")
+    with open(spec, "w") as f:
+        json.dump({"system": system, "workers": workers, "delay": None,
+                   "options": dict(options)}, f)
+    return [sys.executable, "-m", "mpi4py", baseline_script(system), spec, out], out
+
+
 def cell_dir(root, cell):
     """A directory per cell, named after its id with path-safe characters."""
     return os.path.join(root, re.sub(r"[^A-Za-z0-9._-]+", "_", cell.id.replace("/", "__")))

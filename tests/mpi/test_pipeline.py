@@ -5,7 +5,7 @@ from mpi4py import MPI
 
 import psframe as ps
 from psframe.worker import gpipe_bubble, plan_stages
-from serial_reference import SerialSGD, mlp_init, mlp_loss_and_grad, serial_sync
+from serial_reference import SerialSGD, assert_params_match, mlp_init, serial_mlp
 
 pytestmark = pytest.mark.mpi(min_size=3)
 
@@ -30,12 +30,8 @@ def check_against_serial(mode, micro_batches, shuffle, n_pipelines, **kw):
     if WORLD.Get_rank():
         assert result is None
         return None
-    expected = serial_sync(lambda p, a, b: mlp_loss_and_grad(p, a, b, len(SIZES) - 1), init,
-                           X, y, n_pipelines, batch, steps, SerialSGD(0.2, 0.9),
-                           shuffle=shuffle, seed=5)
-    for k in expected:
-        np.testing.assert_allclose(result.params[k], expected[k], rtol=1e-10, atol=1e-10,
-                                   err_msg=k)
+    assert_params_match(result.params, serial_mlp(SIZES, init, X, y, n_pipelines, batch, steps,
+                                                  SerialSGD(0.2, 0.9), shuffle, seed=5))
     return result
 
 

@@ -7,8 +7,7 @@ import pytest
 from mpi4py import MPI
 
 import psframe as ps
-from serial_reference import (SerialAdam, SerialSGD, mlp_init, mlp_loss_and_grad,
-                              serial_sync)
+from serial_reference import SerialAdam, SerialSGD, assert_params_match, mlp_init, serial_mlp
 
 pytestmark = pytest.mark.mpi(min_size=3)
 
@@ -45,12 +44,8 @@ def sync_run(servers, mode="data", n_pipelines=None, optimizer="sgd", shuffle=Tr
         assert result is None
         return None
     n_workers = SIZE - servers
-    expected = serial_sync(lambda p, a, b: mlp_loss_and_grad(p, a, b, len(SIZES) - 1), init,
-                           X, y, n_pipelines or n_workers, batch, steps, make[1](),
-                           shuffle=shuffle, seed=5)
-    for k in expected:
-        np.testing.assert_allclose(result.params[k], expected[k], rtol=1e-10, atol=1e-10,
-                                   err_msg=k)
+    assert_params_match(result.params, serial_mlp(SIZES, init, X, y, n_pipelines or n_workers,
+                                                  batch, steps, make[1](), shuffle, seed=5))
     return result
 
 
@@ -216,11 +211,8 @@ def test_on_arrival_updates_with_one_worker_equal_serial(policy):
                       dtype="float64", init=init, servers=servers, shard_elems=SHARD_ELEMS)
     if WORLD.Get_rank():
         return
-    expected = serial_sync(lambda p, a, b: mlp_loss_and_grad(p, a, b, len(SIZES) - 1), init,
-                           X, y, 1, 6, 9, SerialSGD(0.2, 0.9), shuffle=True, seed=5)
-    for k in expected:
-        np.testing.assert_allclose(result.params[k], expected[k], rtol=1e-10, atol=1e-10,
-                                   err_msg=k)
+    assert_params_match(result.params, serial_mlp(SIZES, init, X, y, 1, 6, 9,
+                                                  SerialSGD(0.2, 0.9), shuffle=True, seed=5))
 
 
 def test_dynamic_dispatch_keeps_one_dispatcher():
