@@ -1,7 +1,7 @@
 """Parameter layout: every tensor at an offset in one flat buffer, cut into shards and frames."""
 import numpy as np
 
-__all__ = ["ParamLayout", "DEFAULT_SHARD_ELEMS", "server_ranges", "overlap"]
+__all__ = ["ParamLayout", "DEFAULT_SHARD_ELEMS", "server_ranges", "overlap", "recount_shards"]
 
 # 256 Ki elements (1 MiB in float32), measured by benchmarks/transport.py on MPICH shared
 # memory. Since the server updates frame by frame and sends each frame as soon as it is
@@ -66,10 +66,15 @@ class ParamLayout:
     def from_params(cls, params, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS):
         return cls({n: np.shape(a) for n, a in params.items()}, dtype, shard_elems)
 
-    def signature(self):
-        """A hashable description; ranks compare it to agree on one layout."""
+    def signature(self, with_cuts=True):
+        """A hashable description; ranks compare it to agree on one layout. Without the
+        servers' cuts it names the model's layout, whatever the number of servers."""
         sig = (str(self.dtype), self.shard_elems, tuple((n, self.shapes[n]) for n in self.names))
-        return sig + (self.cuts,) if self.cuts else sig
+        return sig + (self.cuts,) if self.cuts and with_cuts else sig
+
+    def uncut(self):
+        """This layout without the servers' cuts."""
+        return ParamLayout(self.shapes, self.dtype, self.shard_elems) if self.cuts else self
 
     def cut_for(self, n_servers):
         """This layout with its shards also cut where each of ``n_servers`` servers' equal
@@ -181,6 +186,24 @@ def server_ranges(layout, n_servers):
     cuts = [0] + [layout.shards_of_range(0, layout.size * s // n)[1] for s in range(1, n)]
     cuts.append(layout.n_shards)
     return [(cuts[s], cuts[s + 1]) for s in range(n)]
+
+
+def recount_shards(counts, old, new):
+    """Per-shard update counts of layout ``old`` carried to layout ``new`` (the same tensors,
+    other cuts: a checkpoint resumed with another number of servers). Each new shard takes
+    the count of the old shards its elements were in; ValueError if those differ."""
+    counts = np.asarray(counts)
+    out = np.empty(new.n_shards, dtype=counts.dtype)
+    for k in range(new.n_shards):
+        a, b = int(new.shard_bounds[k]), int(new.shard_bounds[k + 1])
+        lo = int(np.searchsorted(old.shard_bounds, a, side="right")) - 1
+        hi = int(np.searchsorted(old.shard_bounds, b, side="left"))
+        seen = set(counts[lo:hi].tolist())
+        if len(seen) != 1:
+            raise ValueError(f"elements [{a}, {b}) were updated {sorted(seen)} times in the "
+                             "checkpoint's shards; they cannot share one shard")
+        out[k] = seen.pop()
+    return out
 
 
 def overlap(a, b):

@@ -10,7 +10,8 @@ from ..backend import select_backend
 from ..data import ArrayDataset, block_range, steps_per_epoch
 from ..nn.models import Model, Sequential
 from ..nn.optim import SGD, Optimizer
-from ..params import DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, server_ranges
+from ..params import (DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, recount_shards,
+                      server_ranges)
 from ..policies import policy_from_spec
 from ..server.checkpoints import CheckpointError, Checkpointer, load_checkpoint
 from ..server.dispatch import BatchDispatcher
@@ -109,7 +110,9 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     if len(train_set) < n_replicas:
         raise ValueError(f"{len(train_set)} training rows cannot be split {n_replicas} ways")
 
-    meta = {"layout": _jsonable(layout.signature()), "n_workers": n_workers, "mode": o.mode,
+    # The layout without the servers' cuts: a checkpoint resumes with any number of servers.
+    meta = {"layout": _jsonable(layout.signature(with_cuts=False)), "n_workers": n_workers,
+            "mode": o.mode,
             "n_stages": parallel.n_stages, "optimizer": repr(optimizer),
             "policy": repr(policy), "batch_size": int(o.batch_size), "servers": n_servers}
     resumed = None
@@ -208,14 +211,26 @@ def _jsonable(value):
 def _load_resume(path, meta, optimizer, layout):
     """The checkpoint to continue from, refused unless it fits this run exactly."""
     manifest, arrays = load_checkpoint(path)
-    for key in ("servers", "layout", "n_workers", "mode", "n_stages"):
-        if manifest.get(key, 1 if key == "servers" else None) != meta[key]:
+    for key in ("layout", "n_workers", "mode", "n_stages"):
+        if manifest.get(key) != meta[key]:
             what = {"layout": "model layout or dtype"}.get(key, key.replace("_", " "))
             raise CheckpointError(
                 f"checkpoint {path} was written for a different {what} "
                 f"({manifest.get(key)!r}, this run has {meta[key]!r}); resume needs the same "
-                "model, dtype, mode, worker count and servers (resharding is not built)"
+                "model, dtype, mode and worker count"
             )
+    written_by = int(manifest.get("servers", 1))
+    if written_by != meta["servers"]:
+        # Another number of servers: the weights and optimizer state are per element and
+        # carry over as they are; only the per-shard update counts follow the new cuts.
+        base = layout.uncut()
+        arrays = dict(arrays)
+        try:
+            arrays["shard_updates"] = recount_shards(arrays["shard_updates"],
+                                                     base.cut_for(written_by), layout)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path} cannot be resharded from "
+                                  f"{written_by} to {meta['servers']} servers: {exc}") from None
     wanted = {f"opt.{k}" for k in optimizer.init_state(1, layout.dtype) if not k.startswith("_")}
     saved = {k for k in arrays if k.startswith("opt.")}
     if wanted != saved:

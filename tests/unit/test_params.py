@@ -99,3 +99,17 @@ def test_overlap_of_shard_ranges():
     assert overlap((3, 9), (0, 5)) == (3, 5)
     lo, hi = overlap((0, 3), (5, 9))
     assert lo == hi and 0 <= lo <= 3
+
+
+def test_shard_counts_follow_the_cuts_of_another_server_count():
+    from psframe.params import recount_shards
+
+    base = ParamLayout({"W": (64, 48), "b": (48,)}, shard_elems=1000)
+    two, three = base.cut_for(2), base.cut_for(3)
+    counts = np.full(two.n_shards, 7)
+    assert recount_shards(counts, two, three).tolist() == [7] * three.n_shards
+    assert recount_shards(counts, two, base).tolist() == [7] * base.n_shards
+    uneven = counts.copy()
+    uneven[0] = 6  # one shard behind the rest: no layout may put it with the others
+    with pytest.raises(ValueError, match="cannot share one shard"):
+        recount_shards(uneven, two, ParamLayout({"W": (64, 48), "b": (48,)}, shard_elems=4000))
