@@ -46,7 +46,7 @@ def summary_of(d):
         return json.load(f)["stats"]
 
 
-def cluster_part(steps, repeats, rate):
+def cluster_part(steps, repeats, rate, sync=True):
     from psframe import cluster as psc
 
     c = psc.up(4, bandwidth=None if rate == "none" else rate, owner_pid=os.getpid())
@@ -71,8 +71,8 @@ def cluster_part(steps, repeats, rate):
             sps = statistics.median(r["samples_per_s"] for r in runs)
             rows.append((servers, sps, runs[-1]))
         allreduce = statistics.median(
-            cluster_baseline(c, "allreduce", 4, steps) for _ in range(repeats))
-        for servers in (1, 4):
+            cluster_baseline(c, "allreduce", 4, steps) for _ in range(repeats)) if sync else 0
+        for servers in (1, 4) if sync else ():
             for extra in ((), ("--overlap",)):
                 sps = statistics.median(run(servers, "sync", extra)["samples_per_s"]
                                         for _ in range(repeats))
@@ -89,6 +89,8 @@ def cluster_part(steps, repeats, rate):
         split = ", ".join(f"{1e3 * sum(st[k]) / steps:.0f}" for k in
                           ("worker_compute_s", "worker_push_s", "worker_wait_s"))
         print(f"{servers:>7} | {sps:9,.0f} | {sps / base:6.2f} | {split:>30} | {cpu} | {per}")
+    if not sync:
+        return rows
     print(f"\nSync on the same hosts, samples/s and ratio to the Allreduce loop of 4 ranks "
           f"(one per host, same model and batch): {allreduce:,.0f}")
     print(f"{'servers':>7} | {'overlap':>7} | {'samples/s':>9} | {'vs Allreduce':>12}")
@@ -177,10 +179,11 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--no-cluster", action="store_true")
     parser.add_argument("--no-host", action="store_true")
+    parser.add_argument("--no-sync", action="store_true", help="(a) without its Sync rows")
     args = parser.parse_args()
     t0 = time.perf_counter()
     if not args.no_cluster:
-        cluster_part(args.cluster_steps, args.repeats, args.bandwidth)
+        cluster_part(args.cluster_steps, args.repeats, args.bandwidth, sync=not args.no_sync)
     if not args.no_host:
         host_part(args.host_steps, args.repeats, args.workers)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
