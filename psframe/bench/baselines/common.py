@@ -178,6 +178,11 @@ def rendezvous(comm):
     if address.startswith("127."):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+    # Every rank must have the address and port before rank 0 blocks in torch's rendezvous:
+    # MPI moves a message only while its sender calls MPI (no progress thread), and across
+    # hosts rank 0's bcast could still be unsent when it went into the TCPStore's wait, so
+    # the others never learnt where to meet (the DDP hang on the simulated cluster).
+    comm.Barrier()
     return address, int(port)
 
 
