@@ -85,7 +85,7 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3, 4],
                         help="remote workers for the Async and SSP rows")
     parser.add_argument("--torch", action="store_true",
-                        help="also torch DDP (gloo); its rendezvous hung across these hosts")
+                        help="also torch DDP (gloo), where torch is installed")
     args = parser.parse_args()
     t_start = time.perf_counter()
     torch = args.torch and importlib.util.find_spec("torch") is not None

@@ -180,3 +180,23 @@ def test_run_hostfile_sh_starts_a_job_across_the_hosts(cluster3, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "psframe run summary" in proc.stdout
     assert "mpi x2" in proc.stdout  # both workers on other hosts: by message
+
+
+@pytest.mark.timeout(200)
+def test_the_torch_ddp_baseline_meets_across_hosts(cluster3, tmp_path):
+    """Its ranks agree on the rendezvous before rank 0 blocks in torch's store: without that
+    barrier rank 0's MPI broadcast of the address stayed unsent and the job hung."""
+    pytest.importorskip("torch")
+    import json
+
+    from psframe.bench import cells
+
+    program, out = cells.baseline_program(str(tmp_path), "torch_ddp", 2, {
+        "model": "mlp:64,16,10", "data": "digits", "batch_size": 16, "steps": 5,
+        "eval": False, "lr": 0.05})
+    proc = run_on(cluster3, 2, program, ppn=1, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        result = json.load(f)
+    assert result["stats"]["steps_per_worker"] == [5, 5]
+    assert not result["config"]["rendezvous"].startswith("127.")
