@@ -16,6 +16,10 @@ from .updates import UpdateEngine
 __all__ = ["ParameterServer"]
 
 
+def _nothing():
+    return None
+
+
 class ParameterServer:
     """Serves workers over ``channel`` until each has sent DONE.
 
@@ -80,6 +84,8 @@ class ParameterServer:
         if followers is not None:
             followers.share(self.window)
             self.recorder.before_read = self._gather
+        # Set by the run (psframe.training.watchdog): progress, and the end of the loop.
+        self.heartbeat = self.loop_done = _nothing
         self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push,
                          Op.PUSH_PULL: self._on_push_pull, Op.DONE: self._on_done}
         # Decision flag -> method; "apply" and "complete" return the per-frame update to run
@@ -130,6 +136,8 @@ class ParameterServer:
                     raise ProtocolError(f"unknown op {fields[Field.OP]} from rank "
                                         f"{self.workers[worker]}")
                 handler(worker, fields)
+            self.heartbeat()
+        self.loop_done()  # what follows is local work: the last evaluation and checkpoint
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         if self.version != self.recorder.last_logged:
@@ -144,6 +152,25 @@ class ParameterServer:
             raise TrainingInterrupted(f"run interrupted at step {self.version}{where}")
         return self.recorder.result(self.weights, self.groups, [p.name for p in self.paths],
                                     wall, cpu, waiting.total, busy.total)
+
+    def waiting_for(self):
+        """What the loop waits for, in words (the watchdog's diagnostic)."""
+        landing, ready = getattr(self, "_landing", {}), getattr(self, "_ready", [])
+        # A worker whose pull awaits its reply has nothing to send: it is not the one late.
+        done = (set(self.finished) | set(landing) | {w for w, *_ in ready}
+                | {w for w, waiting in enumerate(self._awaiting) if waiting})
+        silent = [w for w in range(len(self.workers)) if w not in done]
+        held = sorted(g.workers[local] for g in self.groups for local in g.policy.held)
+        parts = [f"a request from workers {silent} (ranks "
+                 f"{[self.workers[w] for w in silent]})" if silent else "no worker's request"]
+        if landing:
+            parts.append(f"the pushes of workers {sorted(landing)} to land")
+        if held:
+            parts.append(f"its policy holds the pulls of workers {held}")
+        pending = sorted(w for g in self.groups for w in g.pending)
+        if pending:
+            parts.append(f"the step gathers the gradients of workers {pending} so far")
+        return "; ".join(parts)
 
     def _next_request(self):
         """The next request to handle: a pull or DONE as soon as its header is here, a push

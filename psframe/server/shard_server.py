@@ -53,7 +53,9 @@ class ShardServer(ParameterServer):
         self._landed_frames = 0
         t0, cpu0 = time.perf_counter(), time.process_time()
         while True:
+            self._waiting = "rank 0's next order"
             order = orders.next(while_waiting=self._prefetch, moved=self._landing_moved)
+            self.heartbeat()
             if order.kind == Kind.REQUEST:
                 self._follow(order)
             elif order.kind == Kind.SNAPSHOT:
@@ -75,6 +77,8 @@ class ShardServer(ParameterServer):
         group, _ = self.group_of[worker]
         if not self._meets(group):
             return  # none of this worker's shards are here
+        self._waiting = (f"the request of worker {worker} (rank {self.workers[worker]}) that "
+                         "rank 0 has already handled")
         if worker not in self._landing:
             self._start_landing(worker)
         fields, posted = self._landing.pop(worker)
@@ -98,6 +102,9 @@ class ShardServer(ParameterServer):
         self._update_and_send(group, update, [(w, None) for w in self._replies], None)
         if update is not None:
             self.recorder.stats.record_update(decision.staleness, decision.weight)
+
+    def waiting_for(self):
+        return self._waiting
 
     def _prefetch(self):
         """Start landing every push whose header is here, whoever's turn is next: each

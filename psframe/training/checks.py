@@ -47,6 +47,16 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     _check_int("micro_batches", o.micro_batches)
     _check_int("checkpoint_every", o.checkpoint_every, allow_none=True)
     _check_int("checkpoint_keep", o.checkpoint_keep)
+    for name, value in (("stall_timeout", o.stall_timeout), ("stop_timeout", o.stop_timeout)):
+        if value is None and name == "stall_timeout":
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                  np.floating))
+                or not math.isfinite(value) or value < 0
+                or (value == 0 and name == "stop_timeout")):
+            raise ValueError(f"{name} must be a positive number of seconds"
+                             f"{' (0 or None: never)' if name == 'stall_timeout' else ''}, "
+                             f"got {value!r}")
     if o.checkpoint_every is not None and o.checkpoint_dir is None:
         raise ValueError("checkpoint_every needs checkpoint_dir, the directory to write into")
     if o.dispatch == "dynamic" and (o.checkpoint_dir is not None or o.resume is not None):

@@ -89,6 +89,11 @@ class RunOptions:
                                   "backward makes it, and the next forward starts when the "
                                   "first layer's weights arrive (mode data, Sync, a "
                                   "Sequential model)", cli=bool)
+    stall_timeout: Optional[float] = option(
+        300.0, "seconds without progress before a rank reports what it waits for, with its "
+               "stack, and ends the job (0 or None: never)", cli=float)
+    stop_timeout: float = option(10.0, "seconds a clean stop after SIGINT/SIGTERM may take "
+                                       "before the job aborts, saying so", cli=float)
     servers: int = option(1, "server ranks (0..S-1), each updating its range of the weights "
                              "with its own optimizer state", cli=int, shown=True)
 

@@ -30,6 +30,7 @@ def train(model: Any, data: Any, *, verbose: bool = False,
     from ..transport import Channel, Waiter
     from ..transport.topology import node_share
     from .roles import build_server, build_shard_server, build_worker
+    from .watchdog import Watchdog
 
     run_options = RunOptions.from_keywords(options)
     world = MPI.COMM_WORLD if comm is None else comm
@@ -52,12 +53,23 @@ def train(model: Any, data: Any, *, verbose: bool = False,
             role = build_shard_server(channel, plan)
         else:
             role = build_worker(channel, plan)
+        watchdog = Watchdog(world.Get_rank(), role, lambda: _abort_now(world),
+                            run_options.stall_timeout or None, run_options.stop_timeout)
+        role.heartbeat = watchdog.beat
+        if hasattr(role, "loop_done"):
+            role.loop_done = watchdog.disarm
+
+        def stop():  # signal-safe: two flags
+            watchdog.stop_requested()
+            role.request_stop()
+
         # Every rank leaves together, inside the signal handlers' scope: a worker done early
         # waits there for the server's last evaluation and checkpoint, so Ctrl-C then asks
         # for a stop instead of killing a finished worker (and with it the job).
-        with threadpool_limits(limits=n_threads), stop_on_signals(role.request_stop):
+        with threadpool_limits(limits=n_threads), stop_on_signals(stop):
             try:
-                result = role.run()
+                with watchdog:
+                    result = role.run()
             except TrainingInterrupted:
                 _end_together(channel, role)  # a clean stop reaches every rank
                 raise
@@ -78,6 +90,14 @@ def train(model: Any, data: Any, *, verbose: bool = False,
 
 
 train.__signature__ = train_signature(train)
+
+
+def _abort_now(world):
+    """The watchdog's end of a stalled job: every rank, now (from its thread)."""
+    import os
+
+    world.Abort(1)
+    os._exit(1)
 
 
 def _end_together(channel, role):

@@ -118,8 +118,12 @@ class StageWorker(Worker):
     def _receive(self, host, device, source, tag):
         """A neighbour's activations (or their gradient) into ``host``, then on to ``device``
         where the layers read it (the same array unless a GPU is host-staged)."""
+        self._waiting = f"{'activations' if source == self.prev_rank else 'their gradient'} " \
+                        f"from rank {source}"
         with self.idle:
             self.channel.recv_array(host, source, tag)
+        self.heartbeat()
+        self._waiting = "nothing: it computes"
         if self._staged:
             self.backend.to_device(host, out=device)
         return device

@@ -12,6 +12,10 @@ from ..finite import frame_finite
 
 __all__ = ["Worker"]
 
+
+def _nothing():
+    return None
+
 _NOT_YET = object()  # the worker's data has not been offered to the device yet
 
 
@@ -66,6 +70,8 @@ class Worker:
         self._check_finite = len(self.servers) > 1
         self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
+        self.heartbeat = _nothing  # set by the run (psframe.training.watchdog)
+        self._waiting = "nothing yet"
 
     def _open_window(self, transport, read_master):
         """The payload path to each server, with the gradient and weight buffers they share
@@ -208,6 +214,9 @@ class Worker:
         idx = self._device_rows(rows) if self._device_data() is not None else rows
         return self._take(0, idx, xb), self._take(1, idx, yb)
 
+    def waiting_for(self):
+        return self._waiting
+
     def _parts(self, lo, hi):
         """(server index, shard range) of each server that takes part in shards [lo, hi):
         rank 0 always (it runs the policy: it hears every request, if empty), the others
@@ -262,7 +271,10 @@ class Worker:
         the caller waits for them: a layer-wise worker, layer by layer)."""
         # Every server answers with rank 0's status: each follows rank 0's decisions.
         for i, (a, b), reply, _ in posted:
+            self._waiting = f"the reply of server rank {self.servers[i][0]} to its pull"
             self.paths[i].await_reply(reply, a, b)
+        self.heartbeat()
+        self._waiting = "nothing: it computes"
         if self._reply[Field.STATUS] != Status.OK:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
             for *_, frames in posted:

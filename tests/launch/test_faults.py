@@ -115,3 +115,68 @@ def test_signal_during_the_final_evaluation_stops_cleanly(tmp_path, transport):
     assert "aborting all ranks" not in err, err
     assert "rank 0: interrupted: run interrupted at step 20" in out, (out, err)
     assert proc.returncode == 3, (out, err)
+
+
+def start_stall_run(tmp_path, stall, stop):
+    """2 workers under Sync; returns once the server has applied its first updates (the
+    watchdog watches the training loop, not the start-up before it)."""
+    pids = str(tmp_path / "pids")
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable,
+                             os.path.join(SCRIPTS, "stall_run.py"), pids, str(stall), str(stop)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + BOUND_S
+    while not os.path.exists(os.path.join(pids, "started")):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the run did not start: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc, pids
+
+
+def freeze(pids, rank):
+    with open(os.path.join(pids, f"pid-{rank}")) as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def test_a_frozen_worker_is_named_by_the_watchdog_and_the_job_ends(tmp_path):
+    proc, pids = start_stall_run(tmp_path, stall=3, stop=10)
+    frozen = freeze(pids, 2)  # worker 1
+    start = time.time()
+    out, err = finish(proc)
+    took = time.time() - start
+    assert proc.returncode != 0
+    assert took < 3 + 15, took  # the timeout, the report and the abort
+    assert "rank 0 stalled: no progress for 3 s" in err, err[-3000:]
+    assert "a request from workers [1] (ranks [2])" in err, err[-3000:]
+    assert "Its Python stack" in err and "parameter_server.py" in err
+    deadline = time.time() + 10  # mpiexec took the frozen rank down too (SIGKILL ends it)
+    while _alive(frozen) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(frozen)
+    no_orphans(pids)
+
+
+def _alive(pid):
+    """Running or stopped, not gone and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_that_cannot_finish_aborts_within_its_bound(tmp_path, sig):
+    proc, pids = start_stall_run(tmp_path, stall=120, stop=3)
+    freeze(pids, 1)  # worker 0: the clean stop waits for it for ever
+    time.sleep(0.5)
+    start = time.time()
+    proc.send_signal(sig)
+    out, err = finish(proc)
+    took = time.time() - start
+    assert proc.returncode != 0
+    assert took < 3 + 15, took
+    assert "the clean stop did not finish within 3 s" in err, err[-3000:]
+    no_orphans(pids)

@@ -108,7 +108,7 @@ TRAIN_KEYWORDS = {
     "checkpoint_dir": "checkpoint_dir", "checkpoint_every": "checkpoint_every",
     "checkpoint_keep": "checkpoint_keep", "resume": "resume",
     "on_bad_gradient": "on_bad_gradient", "transport": "transport", "servers": "servers",
-    "overlap": "overlap",
+    "overlap": "overlap", "stall_timeout": "stall_timeout", "stop_timeout": "stop_timeout",
     "verbose": "quiet",
 }
 NOT_CONFIGURABLE = {"callbacks", "comm"}  # Python objects, not settings
