@@ -128,14 +128,14 @@ class ParameterServer:
         t0, cpu0 = time.perf_counter(), time.process_time()
         while len(self.finished) < len(self.workers):
             with waiting:
-                worker, fields, self._posted = self._next_request()
+                worker, fields, posted = self._next_request()
             with busy:
                 self._event = (worker, fields[Field.OP])  # what an order to the others names
                 handler = self.handlers.get(fields[Field.OP])
                 if handler is None:
                     raise ProtocolError(f"unknown op {fields[Field.OP]} from rank "
                                         f"{self.workers[worker]}")
-                handler(worker, fields)
+                handler(worker, fields, posted)
             self.heartbeat()
         self.loop_done()  # what follows is local work: the last evaluation and checkpoint
         wall = time.perf_counter() - t0
@@ -214,7 +214,7 @@ class ParameterServer:
                                                          int(fields[Field.COUNT])))
 
     # -- handlers ---------------------------------------------------------------------------
-    def _on_pull(self, worker, header):
+    def _on_pull(self, worker, header, posted=None):
         group, local = self.group_of[worker]
         self._check_shards(worker, header, group)
         self._update_and_send(group, None, self._register_pull(worker, header, group, local,
@@ -228,17 +228,18 @@ class ParameterServer:
         self._awaiting[worker] = True
         return [(worker, clock)] if group.policy.pull(local, clock) else []
 
-    def _on_push_pull(self, worker, header):
+    def _on_push_pull(self, worker, header, posted=None):
         """A push, then the pull of the worker's next step, in one request: the weights can
         go out frame by frame as the update finishes each, with no second request to wait for."""
-        self._on_push(worker, header, then_pull=True)
+        self._on_push(worker, header, posted, then_pull=True)
 
-    def _on_push(self, worker, header, then_pull=False):
+    def _on_push(self, worker, header, posted=None, then_pull=False):
+        """``posted``: the receives its frames have landed through (see _next_request)."""
         group, local = self.group_of[worker]
         lo, hi = self._check_shards(worker, header, group)
         count, clock = int(header[Field.COUNT]), int(header[Field.CLOCK])
         accepted = self.inbox.receive(worker, lo, hi, count, clock, int(header[Field.FLAGS]),
-                                      self._posted)
+                                      posted)
         self.recorder.pushed(worker, count * self.layout.dtype.itemsize, accepted,
                              int(header[Field.SAMPLES]), loss_of(header[Field.LOSS]),
                              int(header[Field.BATCH]))
@@ -247,7 +248,7 @@ class ParameterServer:
                  if then_pull else [])
         self._carry_out(decision, group, worker, serve)
 
-    def _on_done(self, worker, header):
+    def _on_done(self, worker, header, posted=None):
         self.recorder.reported(worker, self.channel.recv_object(self.workers[worker],
                                                                 Tag.CONTROL))
         self.finished.add(worker)

@@ -53,7 +53,7 @@ class ShardServer(ParameterServer):
         self._landed_frames = 0
         t0, cpu0 = time.perf_counter(), time.process_time()
         while True:
-            self._waiting = "rank 0's next order"
+            self._waiting = None  # rank 0's next order
             order = orders.next(while_waiting=self._prefetch, moved=self._landing_moved)
             self.heartbeat()
             if order.kind == Kind.REQUEST:
@@ -77,8 +77,7 @@ class ShardServer(ParameterServer):
         group, _ = self.group_of[worker]
         if not self._meets(group):
             return  # none of this worker's shards are here
-        self._waiting = (f"the request of worker {worker} (rank {self.workers[worker]}) that "
-                         "rank 0 has already handled")
+        self._waiting = worker  # its request, which rank 0 has already handled
         if worker not in self._landing:
             self._start_landing(worker)
         fields, posted = self._landing.pop(worker)
@@ -104,7 +103,10 @@ class ShardServer(ParameterServer):
             self.recorder.stats.record_update(decision.staleness, decision.weight)
 
     def waiting_for(self):
-        return self._waiting
+        if self._waiting is None:
+            return "rank 0's next order"
+        return (f"the request of worker {self._waiting} (rank {self.workers[self._waiting]}) "
+                "that rank 0 has already handled")
 
     def _prefetch(self):
         """Start landing every push whose header is here, whoever's turn is next: each

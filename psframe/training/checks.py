@@ -13,6 +13,7 @@ from ..nn.optim import SGD, Optimizer
 from ..params import (DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, recount_shards,
                       server_ranges)
 from ..policies import policy_from_spec
+from ..policies.base import positive_number
 from ..server.checkpoints import CheckpointError, Checkpointer, load_checkpoint
 from ..server.dispatch import BatchDispatcher
 from .options import BAD_GRADIENT_ACTIONS, DISPATCH, MODES, TRANSPORTS, RunOptions
@@ -47,16 +48,14 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     _check_int("micro_batches", o.micro_batches)
     _check_int("checkpoint_every", o.checkpoint_every, allow_none=True)
     _check_int("checkpoint_keep", o.checkpoint_keep)
-    for name, value in (("stall_timeout", o.stall_timeout), ("stop_timeout", o.stop_timeout)):
-        if value is None and name == "stall_timeout":
-            continue
-        if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                                  np.floating))
-                or not math.isfinite(value) or value < 0
-                or (value == 0 and name == "stop_timeout")):
-            raise ValueError(f"{name} must be a positive number of seconds"
-                             f"{' (0 or None: never)' if name == 'stall_timeout' else ''}, "
-                             f"got {value!r}")
+    off = o.stall_timeout is None or (not isinstance(o.stall_timeout, bool)
+                                      and o.stall_timeout == 0)
+    if not (off or positive_number(o.stall_timeout)):
+        raise ValueError(f"stall_timeout must be a positive number of seconds (0 or None: "
+                         f"never), got {o.stall_timeout!r}")
+    if not positive_number(o.stop_timeout):
+        raise ValueError(f"stop_timeout must be a positive number of seconds, "
+                         f"got {o.stop_timeout!r}")
     if o.checkpoint_every is not None and o.checkpoint_dir is None:
         raise ValueError("checkpoint_every needs checkpoint_dir, the directory to write into")
     if o.dispatch == "dynamic" and (o.checkpoint_dir is not None or o.resume is not None):

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from ..errors import ConfigError
 
-__all__ = ["agree_or_raise", "abort_job", "stop_on_signals"]
+__all__ = ["agree_or_raise", "abort_job", "abort_now", "stop_on_signals"]
 
 
 def agree_or_raise(world, local_error: Optional[BaseException]) -> None:
@@ -43,6 +43,11 @@ def abort_job(world) -> None:
     # output it has not forwarded yet, and the traceback is the one thing the user needs.
     os.write(2, report.encode(errors="replace"))
     time.sleep(0.3)
+    abort_now(world)
+
+
+def abort_now(world) -> None:
+    """End every rank of ``world``'s job now, from any thread. Never returns."""
     world.Abort(1)
     # MPICH's Abort can return before the process manager kills us; never let a failed
     # rank run on as if training had finished.

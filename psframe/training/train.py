@@ -6,7 +6,7 @@ from typing import Any, Iterable, Optional
 from ..errors import TrainingInterrupted
 from ..metrics import TrainResult
 from .checks import check_run
-from .failures import abort_job, agree_or_raise, stop_on_signals
+from .failures import abort_job, abort_now, agree_or_raise, stop_on_signals
 from .options import RunOptions, train_signature
 
 __all__ = ["train"]
@@ -53,7 +53,7 @@ def train(model: Any, data: Any, *, verbose: bool = False,
             role = build_shard_server(channel, plan)
         else:
             role = build_worker(channel, plan)
-        watchdog = Watchdog(world.Get_rank(), role, lambda: _abort_now(world),
+        watchdog = Watchdog(world.Get_rank(), role, lambda: abort_now(world),
                             run_options.stall_timeout or None, run_options.stop_timeout)
         role.heartbeat = watchdog.beat
         if hasattr(role, "loop_done"):
@@ -90,14 +90,6 @@ def train(model: Any, data: Any, *, verbose: bool = False,
 
 
 train.__signature__ = train_signature(train)
-
-
-def _abort_now(world):
-    """The watchdog's end of a stalled job: every rank, now (from its thread)."""
-    import os
-
-    world.Abort(1)
-    os._exit(1)
 
 
 def _end_together(channel, role):

@@ -101,8 +101,8 @@ class Channel:
 
 
 class RequestQueue:
-    """Request headers from a fixed set of peers: one receive posted per peer, answered in
-    the order they complete.
+    """Request headers from a fixed set of peers: one receive posted per peer; ``arrived``
+    says whose are here, ``take`` reads one and posts that peer's next receive.
 
     Never an MPI_ANY_SOURCE receive: under MPICH's UCX netmod, a receive from any source
     while two or more peers on other hosts send messages above the eager size stalled for
@@ -122,17 +122,6 @@ class RequestQueue:
                          for h, s in zip(self.headers, self.sources)]
         self.ready: List[int] = []
 
-    def next(self) -> Tuple[int, List[int]]:
-        """(index of the peer, the header's fields) of the next request, waiting as
-        Waiter.wait does; the peer's next request is received into a fresh post."""
-        while not self.ready:
-            self.ready = sorted(self.channel.waiter.wait_some(self.requests))
-        i = self.ready.pop(0)
-        fields = self.headers[i].tolist()  # plain ints: cheaper to read than the array
-        self.requests[i] = self.channel.irecv_header(self.headers[i], self.sources[i],
-                                                      self.tag)
-        return i, fields
-
     def arrived(self) -> List[int]:
         """The peers whose next request is here, not waiting for any (not yet taken)."""
         done = MPI.Request.Testsome(self.requests)
@@ -142,12 +131,12 @@ class RequestQueue:
 
     def take(self, i: int) -> List[int]:
         """The next request of peer ``i`` itself, waiting for it (a server that follows rank
-        0's order of requests); its receive is posted again as next() does."""
+        0's order of requests), or that arrived() listed; its next receive is posted."""
         if i in self.ready:
             self.ready.remove(i)
         else:
             self.channel.wait(self.requests[i])
-        fields = self.headers[i].tolist()
+        fields = self.headers[i].tolist()  # plain ints: cheaper to read than the array
         self.requests[i] = self.channel.irecv_header(self.headers[i], self.sources[i],
                                                       self.tag)
         return fields

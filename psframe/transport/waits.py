@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from mpi4py import MPI
 
@@ -67,21 +67,6 @@ class Waiter:
         status = MPI.Status()
         self._until(lambda: request.Test(status), spin_s)
         return status
-
-    def wait_some(self, requests: Sequence[MPI.Request]) -> List[int]:
-        """Wait as wait() does until some of ``requests`` complete; their indices."""
-        done: List[int] = []
-
-        def any_done():
-            done.extend(MPI.Request.Testsome(requests) or ())
-            return bool(done)
-
-        self._until(any_done, None)
-        return done
-
-    def until(self, done: Callable[[], bool]) -> None:
-        """Wait as wait() does until ``done()`` is true (it may do work as it tests)."""
-        self._until(done, None)
 
     def until_settled(self, done: Callable[[], bool], moved: Callable[[], bool],
                       idle_s: float = TRANSFER_IDLE_S) -> None:

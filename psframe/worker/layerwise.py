@@ -31,6 +31,11 @@ class LayerwiseWorker(Worker):
         t0, cpu0 = time.perf_counter(), time.process_time()
         step = self.start_step
         self._pending = []  # (request, (start, stop)) of weight frames still arriving
+        # Each trained layer: its element range (what its forward reads) and shard range.
+        trained = [i for i in range(len(self.model.layers)) if self.model.layer_param_names(i)]
+        self._layer_shards = dict(zip(trained, self.layer_shards))
+        self._layer_elems = {i: self.layout.shard_range(*self._layer_shards[i])
+                             for i in trained}
         more = self._has_step(step)
         if more:
             with self.waiting:
@@ -56,15 +61,15 @@ class LayerwiseWorker(Worker):
     # -- the model's hooks ------------------------------------------------------------------
     def before_layer(self, i):
         """Layer i computes on its weights: wait for their frames, not for the later ones."""
-        names = self.model.layer_param_names(i)
-        if not names or not self._pending:
+        if i not in self._layer_elems or not self._pending:
             return
-        start = self.layout.offsets[names[0]]
-        stop = self.layout.offsets[names[-1]] + self.layout.sizes[names[-1]]
-        waiting = [r for r, (a, b) in self._pending if a < stop and b > start]
+        start, stop = self._layer_elems[i]
+        waiting, later = [], []
+        for request, (a, b) in self._pending:
+            (waiting if a < stop and b > start else later).append((request, (a, b)))
         if waiting:
-            self.channel.wait_frames(waiting)  # counted as compute: it overlaps it
-            self._pending = [(r, f) for r, f in self._pending if not (f[0] < stop and f[1] > start)]
+            self.channel.wait_frames([r for r, _ in waiting])  # counted as compute: it overlaps
+            self._pending = later
 
     def after_forward(self, loss):
         """Every frame of this step's weights is in (each layer waited for its own): post the
@@ -85,13 +90,9 @@ class LayerwiseWorker(Worker):
     def after_backward(self, i, grads):
         """Layer i's gradient into the push buffer, and at once on to the servers."""
         for name, g in grads.items():
-            view = self.grad_views.get(name)
-            if view is None or g.shape != view.shape:
-                raise ValueError(f"gradient {name!r} does not match the parameter's shape "
-                                 f"{None if view is None else view.shape}")
-            self.backend.to_host(g, out=view)
+            self._pack_one(name, g)
             self._reported.add(name)
-        layer = self.layer_shards[self._layer_slot(i)]
+        layer = self._layer_shards[i]
         for s, (a, b) in self._parts(*self.shards):
             path = self.paths[s]
             if isinstance(path, MessagePath):
@@ -133,13 +134,6 @@ class LayerwiseWorker(Worker):
             self._pending = [(r, f) for _, (a, b), _, frames in self._posted
                              for r, f in zip(frames, self.layout.frames(a, b))]
         return ok
-
-    def _layer_slot(self, i):
-        if not hasattr(self, "_slots"):
-            trained = [j for j in range(len(self.model.layers))
-                       if self.model.layer_param_names(j)]
-            self._slots = {j: k for k, j in enumerate(trained)}
-        return self._slots[i]
 
     def _check_reported(self, step):
         if self._reported != set(self.grad_views):

@@ -118,12 +118,11 @@ class StageWorker(Worker):
     def _receive(self, host, device, source, tag):
         """A neighbour's activations (or their gradient) into ``host``, then on to ``device``
         where the layers read it (the same array unless a GPU is host-staged)."""
-        self._waiting = f"{'activations' if source == self.prev_rank else 'their gradient'} " \
-                        f"from rank {source}"
+        self._waiting = ("activations" if tag == Tag.ACT else "their gradient", source)
         with self.idle:
             self.channel.recv_array(host, source, tag)
         self.heartbeat()
-        self._waiting = "nothing: it computes"
+        self._waiting = ("computing", None)
         if self._staged:
             self.backend.to_device(host, out=device)
         return device

@@ -71,7 +71,10 @@ class Worker:
         self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
         self.heartbeat = _nothing  # set by the run (psframe.training.watchdog)
-        self._waiting = "nothing yet"
+        # What it waits for, as (what, rank): set on every wait, put in words only when the
+        # watchdog asks (no string formatting per step).
+        self._waiting = ("computing", None)
+        self._parts_of = {}  # shard range -> _parts(range), the same every step
 
     def _open_window(self, transport, read_master):
         """The payload path to each server, with the gradient and weight buffers they share
@@ -215,17 +218,26 @@ class Worker:
         return self._take(0, idx, xb), self._take(1, idx, yb)
 
     def waiting_for(self):
-        return self._waiting
+        """What it waits for, in words (the watchdog's diagnostic)."""
+        what, rank = self._waiting
+        if what == "computing":
+            return "nothing: it computes"
+        if what == "reply":
+            return f"the reply of server rank {rank} to its pull"
+        return f"{what} from rank {rank}"
 
     def _parts(self, lo, hi):
         """(server index, shard range) of each server that takes part in shards [lo, hi):
         rank 0 always (it runs the policy: it hears every request, if empty), the others
         where their range meets [lo, hi)."""
-        parts = []
-        for i, (_, own) in enumerate(self.servers):
-            part = overlap(own, (lo, hi))
-            if i == 0 or part[0] < part[1]:
-                parts.append((i, part))
+        parts = self._parts_of.get((lo, hi))
+        if parts is None:
+            parts = []
+            for i, (_, own) in enumerate(self.servers):
+                part = overlap(own, (lo, hi))
+                if i == 0 or part[0] < part[1]:
+                    parts.append((i, part))
+            self._parts_of[(lo, hi)] = parts
         return parts
 
     def pull(self, clock, lo=0, hi=None):
@@ -271,10 +283,10 @@ class Worker:
         the caller waits for them: a layer-wise worker, layer by layer)."""
         # Every server answers with rank 0's status: each follows rank 0's decisions.
         for i, (a, b), reply, _ in posted:
-            self._waiting = f"the reply of server rank {self.servers[i][0]} to its pull"
+            self._waiting = ("reply", self.servers[i][0])
             self.paths[i].await_reply(reply, a, b)
         self.heartbeat()
-        self._waiting = "nothing: it computes"
+        self._waiting = ("computing", None)
         if self._reply[Field.STATUS] != Status.OK:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
             for *_, frames in posted:
@@ -348,11 +360,15 @@ class Worker:
                 f"loss_and_grad must return a gradient for exactly the parameters "
                 f"{sorted(self.grad_views)}; got {got} at step {step}"
             )
-        for name, view in self.grad_views.items():
-            g = grads[name]
-            if g.shape != view.shape:
-                raise ValueError(
-                    f"gradient {name!r} has shape {g.shape}, but the parameter is {view.shape}"
-                )
-            # Into the push buffer: host memory, or the device's where MPI is CUDA-aware.
-            self.backend.to_host(g, out=view)
+        for name, g in grads.items():
+            self._pack_one(name, g)
+
+    def _pack_one(self, name, g):
+        """One parameter's gradient into its place in the push buffer, checking its shape."""
+        view = self.grad_views[name]
+        if g.shape != view.shape:
+            raise ValueError(
+                f"gradient {name!r} has shape {g.shape}, but the parameter is {view.shape}"
+            )
+        # Into the push buffer: host memory, or the device's where MPI is CUDA-aware.
+        self.backend.to_host(g, out=view)

@@ -65,6 +65,10 @@ def test_too_few_ranks():
     ({"optimizer": ps.SGD(lr=-1.0)}, "lr"),
     ({"init": {"0.W": np.zeros((6, 8))}}, "missing"),
     ({"on_bad_gradient": "ignore"}, "on_bad_gradient"),
+    ({"stall_timeout": -1}, "stall_timeout must be a positive number"),
+    ({"stall_timeout": True}, "stall_timeout must be a positive number"),
+    ({"stop_timeout": 0}, "stop_timeout must be a positive number"),
+    ({"stop_timeout": float("nan")}, "stop_timeout must be a positive number"),
 ])
 def test_bad_options(kw, match):
     expect_error(match, **kw)
