@@ -54,7 +54,8 @@ class GradientInbox:
             )
         grad = self.gradient(worker)
         finite = not flags & Flag.NON_FINITE
-        # Check each frame as it lands, while the next ones are still arriving.
+        # Frame by frame, in the order they complete (all of them, once the server's loop
+        # hands over a push it has landed).
         for a, b in self.paths[worker].receive_gradient(lo, hi, self._frames(lo, hi), posted):
             finite = frame_finite(grad[a:b]) and finite
         return finite or self._reject(worker, clock)
