@@ -5,11 +5,12 @@ the shipped policies; compensation: DC-ASGD; specs: policies from CLI strings.
 """
 from .base import Policy, PolicyState, PushDecision
 from .compensation import DelayCompensation, delay_compensate
+from .hybrid import Hybrid
 from .mixed import Mixed, MixedState
 from .on_arrival import SCALES, SSP, ApplyOnArrival, Async
 from .specs import policy_from_spec
 from .sync import Sync, SyncState
 
 __all__ = ["Policy", "PolicyState", "PushDecision", "Sync", "SyncState", "Async", "SSP",
-           "ApplyOnArrival", "Mixed", "MixedState", "DelayCompensation", "delay_compensate",
+           "ApplyOnArrival", "Mixed", "MixedState", "Hybrid", "DelayCompensation", "delay_compensate",
            "policy_from_spec", "SCALES"]

@@ -25,7 +25,20 @@ _BY_NAME = {
     "backup": lambda arg, **o: _sync_from_spec(int(arg or 1), **o),
     "async": _async_from_spec,
     "ssp": lambda arg, **o: SSP(int(arg) if arg else 2, **o),
+    "hybrid": lambda arg, **o: _hybrid_from_spec(arg, **o),
 }
+
+
+def _hybrid_from_spec(arg, **options):
+    """``hybrid``: Sync dense, Async rows; ``hybrid:ssp:2+raw``: that dense policy (the
+    modifiers are its), Async rows."""
+    from .hybrid import Hybrid  # here, not at the top: hybrid builds on these policies
+
+    name, _, rest = (arg or "sync").partition(":")
+    if name not in _BY_NAME or name == "hybrid":
+        raise ValueError(f"hybrid:DENSE takes a dense policy spec such as sync or ssp:2, "
+                         f"got {arg!r}")
+    return Hybrid(dense=_BY_NAME[name](rest, **options))
 
 
 def _options_from(modifiers):

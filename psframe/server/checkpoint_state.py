@@ -12,6 +12,9 @@ def range_arrays(engine, own_shards):
     for key, value in engine.opt_state.items():
         if not key.startswith("_"):  # scratch buffers carry no state
             arrays[f"opt.{key}"] = value[start:stop]
+    rows = getattr(engine, "rows", None)
+    if rows is not None:  # row state with no place in the flat arrays (per-row step counts)
+        arrays.update(rows.extra_state)
     return arrays
 
 
@@ -40,6 +43,9 @@ def restore_server_state(manifest, arrays, engine, groups, recorder, own_shards=
     for key in engine.opt_state:
         if not key.startswith("_"):
             engine.opt_state[key][start:stop] = arrays[f"opt.{key}"][start:stop]
+    rows = getattr(engine, "rows", None)
+    for key, value in (rows.extra_state if rows is not None else {}).items():
+        value[...] = arrays[key]
     for g, saved in zip(groups, manifest["groups"]):
         g.policy.restore(saved["version"], saved["clocks"])
     version = min(g.policy.version for g in groups)

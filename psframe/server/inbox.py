@@ -58,9 +58,9 @@ class GradientInbox:
         # hands over a push it has landed).
         for a, b in self.paths[worker].receive_gradient(lo, hi, self._frames(lo, hi), posted):
             finite = frame_finite(grad[a:b]) and finite
-        return finite or self._reject(worker, clock)
+        return finite or self.reject(worker, clock)
 
-    def _reject(self, worker, clock):
+    def reject(self, worker, clock):
         """Count a non-finite push; raise or warn as on_bad_gradient says. Returns False."""
         self.stats.updates_rejected += 1
         message = (

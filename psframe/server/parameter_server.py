@@ -9,6 +9,7 @@ from ..transport import Channel, Field, Op, Status, Tag, fill_header, loss_of, n
 from ..transport import open_server_paths
 from .checkpoint_state import restore_server_state, save_server_state
 from .inbox import GradientInbox
+from ..sparse import ServerRows
 from .recorder import Recorder
 from .stopping import StopControl
 from .updates import UpdateEngine
@@ -44,7 +45,7 @@ class ParameterServer:
                  recorder=None, model=None, dispatcher=None, on_bad_gradient="raise",
                  checkpointer=None, resume=None, stop_units=None, transport="mpi",
                  keep_sent_weights=False, owner=0, own_shards=None, followers=None,
-                 layer_shards=None):
+                 layer_shards=None, sparse=None, sparse_on_arrival=None):
         if not isinstance(channel, Channel):  # a communicator: the default channel over it
             channel = Channel(channel, layout)
         self.channel = channel
@@ -66,6 +67,16 @@ class ParameterServer:
         self.recorder = recorder if recorder is not None else Recorder(
             model, layout, n, total_batches=dispatcher.total_batches if dispatcher else None)
         self.engine = UpdateEngine(layout, weights, optimizer, n, keep_sent_weights)
+        # Row-sparse tables (psframe.sparse): their touched rows move and update apart from
+        # the dense shards. ``sparse_on_arrival``: the weight each push's rows are applied
+        # with as it arrives, whatever the dense policy decides (ps.Hybrid); None: they
+        # follow the dense policy's decisions.
+        self.rows = None
+        if sparse is not None:
+            self.rows = ServerRows(channel.comm, sparse, self.engine.weights, optimizer,
+                                   self.engine.opt_state, self.workers)
+        self.engine.rows = self.rows  # checkpointed with the engine's state
+        self.sparse_on_arrival = sparse_on_arrival
         self.inbox = GradientInbox(layout, self.paths, self.recorder.stats, on_bad_gradient,
                                    layer_shards)
         self.stop = StopControl(n, stop_units)
@@ -150,8 +161,11 @@ class ParameterServer:
         if self.stopping:
             where = f"; last checkpoint: {self.checkpointer.last_path}" if self.checkpointer else ""
             raise TrainingInterrupted(f"run interrupted at step {self.version}{where}")
-        return self.recorder.result(self.weights, self.groups, [p.name for p in self.paths],
-                                    wall, cpu, waiting.total, busy.total)
+        result = self.recorder.result(self.weights, self.groups, [p.name for p in self.paths],
+                                      wall, cpu, waiting.total, busy.total)
+        if self.rows is not None:
+            result.stats["sparse"] = self.rows.stats()
+        return result
 
     def waiting_for(self):
         """What the loop waits for, in words (the watchdog's diagnostic)."""
@@ -199,6 +213,8 @@ class ParameterServer:
         return moved
 
     def _announce(self, worker, fields):
+        if self.rows is not None and fields[Field.OP] != Op.DONE:
+            self.rows.post(worker, push=fields[Field.OP] != Op.PULL)
         if fields[Field.OP] not in (Op.PUSH, Op.PUSH_PULL):
             self._ready.append((worker, fields, None))
             return
@@ -216,6 +232,8 @@ class ParameterServer:
     # -- handlers ---------------------------------------------------------------------------
     def _on_pull(self, worker, header, posted=None):
         group, local = self.group_of[worker]
+        if self.rows is not None:
+            self.rows.land(worker)
         self._check_shards(worker, header, group)
         self._update_and_send(group, None, self._register_pull(worker, header, group, local,
                                                                int(header[Field.CLOCK])), None)
@@ -240,7 +258,16 @@ class ParameterServer:
         count, clock = int(header[Field.COUNT]), int(header[Field.CLOCK])
         accepted = self.inbox.receive(worker, lo, hi, count, clock, int(header[Field.FLAGS]),
                                       posted)
-        self.recorder.pushed(worker, count * self.layout.dtype.itemsize, accepted,
+        nbytes = count * self.layout.dtype.itemsize
+        if self.rows is not None:
+            before = self.rows.bytes_in[worker]
+            rows_finite = self.rows.land(worker)
+            nbytes += self.rows.bytes_in[worker] - before
+            if accepted and not rows_finite:
+                accepted = self.inbox.reject(worker, clock)
+            if accepted and self.sparse_on_arrival is not None:
+                self.rows.apply_one(worker, self.sparse_on_arrival)
+        self.recorder.pushed(worker, nbytes, accepted,
                              int(header[Field.SAMPLES]), loss_of(header[Field.LOSS]),
                              int(header[Field.BATCH]))
         decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
@@ -280,10 +307,14 @@ class ParameterServer:
         group.pending = []
         if not order:  # a step whose every gradient was rejected changes nothing
             return None
+        if self.rows is not None and self.sparse_on_arrival is None:
+            self.rows.apply_mean(order, decision.scale, decision.weight)
         return self.engine.mean_of([self.inbox.gradient(w) for w in order], decision.scale,
                                    decision.weight)
 
     def _apply_one(self, decision, group, worker):
+        if self.rows is not None and self.sparse_on_arrival is None:
+            self.rows.apply_one(worker, decision.weight)
         return self.engine.one(self.inbox.gradient(worker), worker, decision.weight,
                                decision.compensation)
 
@@ -308,6 +339,13 @@ class ParameterServer:
             if self.paths[w].reply_first:
                 self._send_reply(w)
         requests = self.engine.update_and_send(self.channel, group.shard_range, update, answered)
+        if self.rows is not None:
+            for w, _ in answered:
+                before = self.rows.bytes_out[w]
+                requests.append(self.rows.serve(w))
+                sent = self.rows.bytes_out[w] - before
+                self.recorder.stats.bytes_pulled += sent
+                self.recorder.bytes_pulled_by[w] += sent
         last = [w for w, _ in pulls if not self.paths[w].reply_first]
         for path in {self.paths[w].ready_key: self.paths[w] for w in last}.values():
             path.replies_ready()  # once per window, however many workers share it

@@ -49,6 +49,7 @@ class RunPlan:
     checkpointer: Any
     server_shards: List[Tuple[int, int]]  # each server's shard range; rank s is server s
     layer_shards: Optional[List[Tuple[int, int]]]  # per trained layer, under overlap=True
+    sparse: Any = None  # psframe.sparse.SparseTables: the row-sparse tables, if any
 
     @property
     def n_servers(self) -> int:

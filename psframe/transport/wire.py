@@ -20,6 +20,9 @@ class Tag(enum.IntEnum):
     ACT_GRAD = 17  # pipeline stage k+1 → k: the gradient of those activations
     ORDER = 18  # rank 0 → the other servers: what to do with the next request (orders.py)
     RANGE = 19  # another server → rank 0: its range of the weights (evaluation, the result)
+    SPARSE_IDS = 20  # worker → server: a request's row ids of its push and its pull
+    SPARSE_ROWS = 21  # worker → server: a push's gradient rows (psframe.sparse)
+    SPARSE_PULL = 22  # server → worker: the rows a pull asked for
 
 
 class Op(enum.IntEnum):

@@ -9,6 +9,8 @@ from ..transport import (Channel, Field, Flag, Op, Status, Tag, fill_header, new
 from ..transport.topology import node_local_index
 from ..params import overlap
 from ..finite import frame_finite
+from ..data import Features
+from ..sparse import WorkerRows, batch_ids
 
 __all__ = ["Worker"]
 
@@ -19,11 +21,19 @@ def _nothing():
 _NOT_YET = object()  # the worker's data has not been offered to the device yet
 
 
+def _like(X, n, empty):
+    """An uninitialised batch of ``n`` rows shaped like X's (each input's, for Features)."""
+    if isinstance(X, Features):
+        return Features({name: empty((n,) + a.shape[1:], a.dtype) for name, a in X.items()})
+    return empty((n,) + X.shape[1:], X.dtype)
+
+
 class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
     def __init__(self, channel, servers, index, layout, model, backend, X, y, stream, steps,
-                 delay=0.0, start_step=0, transport="mpi", read_master=False, layer_shards=None):
+                 delay=0.0, start_step=0, transport="mpi", read_master=False, layer_shards=None,
+                 sparse=None):
         """``channel``: a psframe.transport.Channel (or a communicator, wrapped in one).
         ``servers``: the server's rank, or (rank, shard range) of every server, the first
         being rank 0's: each step pushes to and pulls from all of them at once.
@@ -33,7 +43,11 @@ class Worker:
         ``transport="auto"``: on the server's node, gradients and weights go through a shared
         window (psframe.transport.shm), only headers as messages; ``read_master``: read the
         weights straight from the server's segment, which is safe only when no update can
-        run while a worker computes (a lockstep policy)."""
+        run while a worker computes (a lockstep policy).
+
+        ``sparse``: the run's row-sparse tables (psframe.sparse.SparseTables): each pull asks
+        for the rows its batch touches, each push carries those rows' gradients, and the
+        dense shards move as before."""
         if not isinstance(channel, Channel):
             channel = Channel(channel, layout)
         self.channel = channel
@@ -75,6 +89,12 @@ class Worker:
         # watchdog asks (no string formatting per step).
         self._waiting = ("computing", None)
         self._parts_of = {}  # shard range -> _parts(range), the same every step
+        self.rows = None
+        if sparse is not None:
+            self.rows = WorkerRows(self.channel, sparse, self.server, layout.dtype)
+            self.shards = sparse.dense_shards
+        self._want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
+        self._rows_recv = None
 
     def _open_window(self, transport, read_master):
         """The payload path to each server, with the gradient and weight buffers they share
@@ -95,10 +115,12 @@ class Worker:
         step = self.start_step
         with self.backend.activate():  # the GPU path's kernels run on the worker's stream
             more = self._has_step(step)
+            ahead = None  # this step's (rows, xb, yb), gathered while the server was updating
+            if more and self.rows is not None:
+                ahead = self._batch_rows(step)  # its pull asks for the rows it touches
             if more:
                 with self.waiting:
                     more = self.pull(step)
-            ahead = None  # this step's (rows, xb, yb), gathered while the server was updating
             while more:
                 with self.computing:
                     loss, rows = self.compute(step, ahead)
@@ -109,7 +131,11 @@ class Worker:
                 more = self._has_step(step)
                 if more:  # push this step's gradient and pull the next step's weights at once
                     meanwhile = None
-                    if self.steps is not None:
+                    if self.rows is not None:
+                        # Row-sparse tables: the request names the next batch's rows, so that
+                        # batch is gathered before it goes.
+                        ahead = self._batch_rows(step)
+                    elif self.steps is not None:
                         # Static data: the next rows do not depend on the reply, so gather them
                         # while the server updates (the model has finished with this batch's
                         # buffers, which the gather reuses).
@@ -127,7 +153,8 @@ class Worker:
         ``gathered`` holds its (rows, X, y) already), run the model, pack the gradients.
         Returns (loss, rows)."""
         rows, xb, yb = gathered if gathered is not None else self._batch_rows(step)
-        loss, grads = self.model.loss_and_grad(self.params, xb, yb)
+        params = self.params if self.rows is None else self.rows.compact(self.params)
+        loss, grads = self.model.loss_and_grad(params, xb, yb)
         self._pack(grads, step)
         return loss, rows
 
@@ -143,7 +170,11 @@ class Worker:
     def _batch_rows(self, step):
         """(rows, X, y) of a step: the rows the stream (or the dispatched batch) gives."""
         rows = self.stream.rows(self.batch if self.steps is None else step)
-        return (rows, *self._gather(rows))
+        xb, yb = self._gather(rows)
+        if self.rows is not None:  # the model sees ids into the compact tables
+            self._want = batch_ids(self.rows.tables, xb)
+            xb = self._want.X
+        return rows, xb, yb
 
     def _has_step(self, step):
         """Whether step ``step`` is this worker's to take (always, under dynamic dispatch)."""
@@ -167,15 +198,20 @@ class Worker:
         self.channel.send_object(report, self.server, Tag.CONTROL)
 
     def _gather(self, rows):
-        """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step."""
+        """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step.
+        Several inputs (a Features X) gather each input into a buffer of its own."""
         if self._device:
             return self._gather_device(rows)
         n = len(rows)
         if n not in self._batches:
-            self._batches[n] = (np.empty((n,) + self.X.shape[1:], dtype=self.X.dtype),
+            self._batches[n] = (_like(self.X, n, np.empty),
                                 np.empty((n,) + self.y.shape[1:], dtype=self.y.dtype))
         xb, yb = self._batches[n]
-        np.take(self.X, rows, axis=0, out=xb)
+        if isinstance(self.X, Features):
+            for name, a in self.X.items():
+                np.take(a, rows, axis=0, out=xb[name])
+        else:
+            np.take(self.X, rows, axis=0, out=xb)
         np.take(self.y, rows, axis=0, out=yb)
         return xb, yb
 
@@ -210,12 +246,34 @@ class Worker:
 
     def _gather_device(self, rows):
         n = len(rows)
+        if isinstance(self.X, Features):
+            return self._gather_inputs_device(rows)
         if n not in self._batches:
             self._batches[n] = [self.backend.empty((n,) + a.shape[1:], a.dtype)
                                 for a in (self.X, self.y)]
         xb, yb = self._batches[n]
         idx = self._device_rows(rows) if self._device_data() is not None else rows
         return self._take(0, idx, xb), self._take(1, idx, yb)
+
+    def _gather_inputs_device(self, rows):
+        """Several inputs on a device: each gathered on the host into a pinned buffer of its
+        own and copied over (the data stays on the host: put_data takes one X array)."""
+        n = len(rows)
+        key = ("inputs", n)
+        if key not in self._batches:
+            pinned = {name: self.backend.pinned((n,) + a.shape[1:], a.dtype)
+                      for name, a in self.X.items()}
+            pinned["y"] = self.backend.pinned((n,) + self.y.shape[1:], self.y.dtype)
+            device = {name: self.backend.empty(b.shape, b.dtype) for name, b in pinned.items()}
+            self._batches[key] = pinned, device
+        pinned, device = self._batches[key]
+        for name, a in [*self.X.items(), ("y", self.y)]:
+            np.take(a, rows, axis=0, out=pinned[name])
+            self.backend.to_device(pinned[name], out=device[name])
+        yb = device.pop("y")
+        xb = Features(device)
+        device["y"] = yb
+        return xb, yb
 
     def waiting_for(self):
         """What it waits for, in words (the watchdog's diagnostic)."""
@@ -242,18 +300,22 @@ class Worker:
 
     def pull(self, clock, lo=0, hi=None):
         """Fetch the weights; False when the server says the run is over for this worker."""
-        hi = self.layout.n_shards if hi is None else hi
+        if hi is None:
+            lo, hi = self.shards
         posted = self._post_pull(lo, hi)
         status = self._pull_status()
         for i, (a, b), _, _ in posted:
             self._send_header(Op.PULL, clock, a, b, status=status, to=i)
+        if self.rows is not None:
+            self.channel.wait_frames(self.rows.send(None, self._want))
         return self._receive_weights(posted)
 
     def push_pull(self, clock, loss, samples, lo=0, hi=None, meanwhile=None):
         """Push step ``clock``'s gradient and pull the weights of step ``clock + 1`` in one
         request; False when the server says the run is over for this worker. ``meanwhile``
         runs after the push has left, while the server updates (the next batch's gather)."""
-        hi = self.layout.n_shards if hi is None else hi
+        if hi is None:
+            lo, hi = self.shards
         posted = self._post_pull(lo, hi)  # the compute is done: safe to post now
         with self.pushing:
             self._send_gradient(Op.PUSH_PULL, clock, loss, samples, lo, hi, self._pull_status())
@@ -276,6 +338,8 @@ class Worker:
         for i, (a, b) in self._parts(lo, hi):
             reply = self.channel.irecv_header(self._replies[i], self.servers[i][0], Tag.REPLY)
             posted.append((i, (a, b), reply, self.paths[i].post_weights(a, b)))
+        if self.rows is not None:
+            self._rows_recv = self.rows.post_pull(self._want)
         return posted
 
     def _receive_weights(self, posted, wait_frames=True):
@@ -293,9 +357,17 @@ class Worker:
                 for r in frames:
                     r.Cancel()
                 self.channel.wait_frames(frames)
+            if self._rows_recv is not None:
+                self._rows_recv.Cancel()
+                self._rows_recv.Wait()
+                self._rows_recv = None
             return False
         self.version = int(self._reply[Field.VERSION])
         self.batch = int(self._reply[Field.BATCH])
+        if self._rows_recv is not None:
+            self.channel.wait(self._rows_recv)
+            self._rows_recv = None
+            self.rows.current = self._want  # the next compute runs on these rows
         if not wait_frames:
             return True
         for i, (a, b), _, frames in posted:
@@ -314,7 +386,8 @@ class Worker:
             self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
     def push(self, clock, loss, samples, lo=0, hi=None):
-        hi = self.layout.n_shards if hi is None else hi
+        if hi is None:
+            lo, hi = self.shards
         if self._device:
             self.backend.synchronize()  # the gradient's copies must be done before MPI reads
         self._send_gradient(Op.PUSH, clock, loss, samples, lo, hi)
@@ -334,6 +407,8 @@ class Worker:
             self._send_header(op, clock, a, b, count=stop - start, loss=loss, samples=samples,
                               status=status, flags=flags, to=i)
             sends += self.paths[i].post_frames(a, b, self._push_order(a, b))
+        if self.rows is not None:  # the rows computed on, and (with a pull) the next ones
+            sends += self.rows.send(self.rows.current, self._want if op == Op.PUSH_PULL else None)
         self.channel.wait_frames(sends)
 
     def _push_order(self, lo, hi):
@@ -361,7 +436,10 @@ class Worker:
                 f"{sorted(self.grad_views)}; got {got} at step {step}"
             )
         for name, g in grads.items():
-            self._pack_one(name, g)
+            if self.rows is None or name not in self.rows.tables.inputs:
+                self._pack_one(name, g)
+        if self.rows is not None:
+            self.rows.pack(grads)
 
     def _pack_one(self, name, g):
         """One parameter's gradient into its place in the push buffer, checking its shape."""

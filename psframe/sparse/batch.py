@@ -1,0 +1,39 @@
+"""BatchIds: the rows each table's ids touch in one batch, and the batch with ids remapped."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+
+__all__ = ["BatchIds", "batch_ids"]
+
+
+class BatchIds:
+    """``unique[name]``: the sorted distinct rows of table ``name`` the batch reads;
+    ``X``: the batch with each table's ids replaced by their place in ``unique``, so the
+    model computes on a compact table of just those rows (its gradient is then exactly the
+    rows to push, duplicates summed by the model's backward)."""
+
+    def __init__(self, unique: Dict[str, np.ndarray], X: Any):
+        self.unique = unique
+        self.X = X
+
+    def counts(self, names):
+        return [len(self.unique[n]) for n in names]
+
+
+def batch_ids(tables, X) -> BatchIds:
+    """The BatchIds of batch ``X`` for ``tables`` (a SparseTables)."""
+    unique = {}
+    remapped = dict(X) if isinstance(X, dict) else X
+    for name in tables.names:
+        ids = tables.ids_of(X, name)
+        rows, inverse = np.unique(np.asarray(ids).reshape(-1), return_inverse=True)
+        unique[name] = rows.astype(np.int64, copy=False)
+        local = inverse.reshape(np.shape(ids)).astype(np.int64, copy=False)
+        key = tables.inputs[name]
+        if key is None:
+            remapped = local
+        else:
+            remapped[key] = local
+    return BatchIds(unique, remapped)

@@ -1,0 +1,196 @@
+"""ServerRows: the server's end of the row-sparse exchange; the sparse optimizer's updates."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from mpi4py import MPI
+
+from ..errors import ProtocolError
+from ..finite import frame_finite
+from ..transport.wire import Tag
+
+__all__ = ["ServerRows"]
+
+
+class _Request:
+    """One worker's landed ids: per table, the rows its push carries and those it pulls."""
+
+    def __init__(self):
+        self.push = {}
+        self.want = {}
+        self.push_elems = 0
+        self.has_rows = False
+
+
+class ServerRows:
+    """Lands each request's ids and pushed rows, updates the tables' touched rows with the
+    optimizer's row method (Optimizer.apply_rows), and answers pulls with the rows asked for.
+
+    The tables are views into the server's flat weights, so checkpoints, evaluation and the
+    result hold them whole. The row state of an element-wise optimizer state (momentum, the
+    moments, Adagrad's sum) is a view into the dense state's flat arrays too, so it is
+    checkpointed with them; what has no place there (lazy Adam's per-row step counts) is in
+    ``extra_state``.
+    """
+
+    def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks):
+        self.comm = comm
+        self.tables = tables
+        self.names = tables.names
+        self.table = tables.views(weights)
+        self.optimizer = optimizer
+        self.state = {}
+        self.extra_state = {}  # checkpoint key -> array, for row state not in opt_state
+        dtype = weights.dtype
+        for name in self.names:
+            rows, dim = tables.rows[name], tables.dims[name]
+            state = optimizer.init_rows_state(rows, dim, dtype)
+            for key, value in state.items():
+                flat = opt_state.get(key)
+                if (not key.startswith("_") and flat is not None and flat.shape == weights.shape
+                        and value.shape == (rows, dim)):
+                    off = tables.offsets[name]
+                    state[key] = flat[off:off + rows * dim].reshape(rows, dim)
+                elif not key.startswith("_"):
+                    self.extra_state[f"rows.{name}.{key}"] = value
+            self.state[name] = state
+        self.workers = list(worker_ranks)
+        n = len(self.workers)
+        t = len(self.names)
+        self._ids = [np.zeros(2 * t + 2 * tables.max_ids, np.int64) for _ in range(n)]
+        self._rows = [np.zeros(tables.max_elems, dtype) for _ in range(n)]
+        self._out = [np.zeros(tables.max_elems, dtype) for _ in range(n)]
+        self._posted = [None] * n
+        self._landed = [_Request() for _ in range(n)]
+        self._acc = {name: np.zeros((tables.capacity[name] * n, tables.dims[name]), dtype)
+                     for name in self.names}
+        self.version = 0  # updates applied to the tables
+        self._pulled_at = [0] * n  # the table version each worker's rows came from
+        self.staleness = Counter()
+        self.bytes_in = [0] * n
+        self.bytes_out = [0] * n
+        self.rows_in = 0
+        self.rows_out = 0
+
+    # -- landing ----------------------------------------------------------------------------
+    def post(self, worker, push):
+        """Post the receives of worker's ids (and its pushed rows, for a push)."""
+        if self._posted[worker] is not None:
+            raise ProtocolError(f"worker {worker} sent a request before its last one landed")
+        rank = self.workers[worker]
+        posted = [self.comm.Irecv(self._ids[worker], rank, Tag.SPARSE_IDS)]
+        if push:
+            posted.append(self.comm.Irecv(self._rows[worker], rank, Tag.SPARSE_ROWS))
+        self._posted[worker] = posted
+
+    def land(self, worker):
+        """Wait for worker's ids (and rows) and check them; False when the pushed rows are
+        not finite (the push is then refused whole)."""
+        posted, self._posted[worker] = self._posted[worker], None
+        if posted is None:
+            raise ProtocolError(f"no row-sparse request of worker {worker} was posted")
+        status = MPI.Status()
+        posted[0].Wait(status)
+        got = status.Get_count(MPI.INT64_T)
+        ids = self._ids[worker]
+        t = len(self.names)
+        counts = ids[:2 * t]
+        if got < 2 * t or got != 2 * t + int(counts.sum()) or (counts < 0).any():
+            raise ProtocolError(f"worker {worker} sent a malformed ids message ({got} ids)")
+        req = self._landed[worker]
+        at = 2 * t
+        elems = 0
+        for which, part in ((req.push, counts[:t]), (req.want, counts[t:])):
+            for name, n in zip(self.names, part.tolist()):
+                rows = ids[at:at + n]
+                at += n
+                self._check_ids(worker, name, rows)
+                which[name] = rows
+                if which is req.push:
+                    elems += n * self.tables.dims[name]
+        req.push_elems = elems
+        req.has_rows = len(posted) > 1
+        if req.has_rows:
+            posted[1].Wait(status)
+            if status.Get_count(MPI._typedict[self._rows[worker].dtype.char]) != elems:
+                raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
+            self.bytes_in[worker] += elems * self._rows[worker].itemsize
+            self.rows_in += sum(len(r) for r in req.push.values())
+        self.bytes_in[worker] += got * 8
+        return not req.has_rows or frame_finite(self._rows[worker][:elems])
+
+    def _check_ids(self, worker, name, rows):
+        if len(rows) > self.tables.capacity[name] or (
+                len(rows) and (rows[0] < 0 or rows[-1] >= self.tables.rows[name]
+                               or (len(rows) > 1 and (np.diff(rows) <= 0).any()))):
+            raise ProtocolError(f"worker {worker} sent {len(rows)} ids of table {name!r} that "
+                                "are not distinct sorted rows of it")
+
+    def _pushed(self, worker):
+        """(name, ids, (n, dim) rows) of worker's landed push."""
+        req, flat, at = self._landed[worker], self._rows[worker], 0
+        for name in self.names:
+            ids = req.push[name]
+            dim = self.tables.dims[name]
+            yield name, ids, flat[at:at + len(ids) * dim].reshape(len(ids), dim)
+            at += len(ids) * dim
+
+    # -- updates ----------------------------------------------------------------------------
+    def apply_mean(self, workers, scale, weight):
+        """One step with the sum of ``workers``' pushed rows (in worker order, so that it is
+        reproducible bit for bit and equals the dense sum) times ``scale``."""
+        if not workers:
+            return
+        if len(workers) == 1:
+            for name, ids, rows in self._pushed(workers[0]):
+                if scale != 1.0:
+                    rows = np.multiply(rows, scale, out=self._acc[name][:len(ids)])
+                self._apply(name, ids, rows, weight)
+        else:
+            pushed = [list(self._pushed(w)) for w in workers]
+            for t, name in enumerate(self.names):
+                ids = np.unique(np.concatenate([p[t][1] for p in pushed]))
+                acc = self._acc[name][:len(ids)]
+                acc[:] = 0
+                for p in pushed:
+                    acc[np.searchsorted(ids, p[t][1])] += p[t][2]  # distinct ids per worker
+                acc *= scale
+                self._apply(name, ids, acc, weight)
+        self._updated(workers)
+
+    def apply_one(self, worker, weight):
+        """Worker's pushed rows alone, now, as ``weight`` of one optimizer step."""
+        for name, ids, rows in self._pushed(worker):
+            self._apply(name, ids, rows, weight)
+        self._updated([worker])
+
+    def _apply(self, name, ids, g, weight):
+        if len(ids):
+            self.optimizer.apply_rows(self.state[name], self.table[name], ids, g, weight)
+
+    def _updated(self, workers):
+        for w in workers:
+            self.staleness[self.version - self._pulled_at[w]] += 1
+        self.version += 1
+
+    # -- answers ----------------------------------------------------------------------------
+    def serve(self, worker):
+        """Send worker the rows its pull asked for, as they are now; the send to wait on."""
+        out, at = self._out[worker], 0
+        for name in self.names:
+            ids = self._landed[worker].want[name]
+            n = len(ids) * self.tables.dims[name]
+            np.take(self.table[name], ids, axis=0,
+                    out=out[at:at + n].reshape(len(ids), self.tables.dims[name]))
+            at += n
+            self.rows_out += len(ids)
+        self._pulled_at[worker] = self.version
+        self.bytes_out[worker] += at * out.itemsize
+        return self.comm.Isend(out[:at], self.workers[worker], Tag.SPARSE_PULL)
+
+    def stats(self):
+        return {"tables": self.tables.describe(), "rows_pushed": self.rows_in,
+                "rows_pulled": self.rows_out, "bytes_pushed": sum(self.bytes_in),
+                "bytes_pulled": sum(self.bytes_out), "updates": self.version,
+                "staleness": dict(sorted(self.staleness.items()))}

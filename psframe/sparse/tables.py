@@ -1,0 +1,81 @@
+"""SparseTables: which parameters are row-sparse tables, where they lie, what a batch reads."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["SparseTables", "sparse_tables", "dense_first"]
+
+
+class SparseTables:
+    """The row-sparse tables of a run, in layout order: each has a name (the parameter),
+    the input it reads (a key of a dict X, or None for X itself), rows and width.
+
+    The tables lie at the end of the flat layout, after every dense parameter, so the dense
+    part is one shard range (``dense_shards``) that moves as before, and the server's flat
+    buffer, checkpoints, evaluation and results hold the whole tables unchanged.
+    ``capacity[t]``: the most rows one step can touch in table t (its ids per sample times
+    the batch size, at most its rows); the wire's buffers are sized by it.
+    """
+
+    def __init__(self, layout, inputs: Dict[str, Optional[str]], ids_per_sample, batch_size):
+        keys = [k for k in inputs.values() if k is not None]
+        if len(set(keys)) != len(keys) or (None in inputs.values() and len(inputs) > 1):
+            raise ValueError(f"each row-sparse table must read its own input; got {inputs}")
+        self.layout = layout
+        self.names: List[str] = [n for n in layout.names if n in inputs]
+        self.inputs = {n: inputs[n] for n in self.names}
+        self.rows = {n: layout.shapes[n][0] for n in self.names}
+        self.dims = {n: int(np.prod(layout.shapes[n][1:], dtype=np.int64)) for n in self.names}
+        self.offsets = {n: layout.offsets[n] for n in self.names}
+        first = min(self.offsets.values())
+        self.dense_shards: Tuple[int, int] = (0, layout.shards_of_range(0, first)[1])
+        self.capacity = {n: min(self.rows[n], int(ids_per_sample[n]) * int(batch_size))
+                         for n in self.names}
+        self.max_ids = sum(self.capacity.values())
+        self.max_elems = sum(self.capacity[n] * self.dims[n] for n in self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def views(self, flat) -> Dict[str, np.ndarray]:
+        """Each table as a (rows, dim) view into a flat buffer of the layout."""
+        return {n: flat[self.offsets[n]:self.offsets[n] + self.rows[n] * self.dims[n]]
+                .reshape(self.rows[n], self.dims[n]) for n in self.names}
+
+    def ids_of(self, X, name):
+        """The ids table ``name`` reads in a batch ``X``."""
+        key = self.inputs[name]
+        return X if key is None else X[key]
+
+    def describe(self):
+        return [{"name": n, "rows": self.rows[n], "dim": self.dims[n], "input": self.inputs[n]}
+                for n in self.names]
+
+
+def dense_first(params, sparse_names):
+    """``params`` reordered with the row-sparse tables last (see SparseTables)."""
+    return {**{n: v for n, v in params.items() if n not in sparse_names},
+            **{n: v for n, v in params.items() if n in sparse_names}}
+
+
+def _ids_per_sample(X, inputs):
+    out = {}
+    for name, key in inputs.items():
+        ids = X if key is None else X[key]
+        shape = np.shape(ids)
+        out[name] = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    return out
+
+
+def sparse_tables(model, layout, X, batch_size) -> Optional[SparseTables]:
+    """The run's SparseTables, or None when the model has no row-sparse table."""
+    inputs = getattr(model, "embedding_inputs", lambda: {})()
+    if not inputs:
+        return None
+    unknown = [n for n in inputs if n not in layout.shapes]
+    if unknown:
+        raise ValueError(f"embedding_inputs() names {unknown}, which are not parameters of "
+                         "the model")
+    return SparseTables(layout, dict(inputs), _ids_per_sample(X, inputs), batch_size)
