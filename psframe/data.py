@@ -1,50 +1,139 @@
-"""Datasets (digits, MNIST subset, synthetic, user files), validation, each worker's batches."""
+"""Datasets (digits, MNIST, synthetic, click logs, user files), features, each worker's batches."""
 from __future__ import annotations
 
 import csv
 import math
 import os
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import env
 
-__all__ = ["ArrayDataset", "NpyDataset", "from_file", "digits", "mnist", "synthetic",
-           "worker_block", "block_range", "BatchStream"]
+__all__ = ["ArrayDataset", "NpyDataset", "Features", "features", "from_file", "digits", "mnist",
+           "synthetic", "click_log", "zipf_ids", "worker_block", "block_range", "BatchStream"]
 
 # Validation reads a memory-mapped dataset this many bytes at a time, so checking it never
 # holds more than this (plus its own temporaries) in memory.
 CHUNK_BYTES = 64 << 20
 
 
+class Features:
+    """Several inputs of equal row counts, by name: ``{"dense": (n, d) floats, "c0": (n, k)
+    ids, ...}``, as a model with several inputs (ps.models.DLRM) reads them.
+
+    ``F["dense"]`` is one input's array; any other index selects rows of every input at once
+    (``F[lo:hi]``, ``F[rows]``) and gives a Features, so datasets, splits, shards and
+    evaluation chunks treat it as they treat one array. ``len(F)`` and ``F.shape[0]`` are the
+    row count; ``keys()``, ``items()`` and ``values()`` go over the inputs, in the given order.
+    """
+
+    def __init__(self, arrays: Mapping[str, Any]):
+        if isinstance(arrays, Features):
+            arrays = arrays.arrays
+        if not isinstance(arrays, Mapping) or not arrays:
+            raise ValueError("Features needs a non-empty dict of name -> array")
+        self.arrays = {}
+        for name, a in arrays.items():
+            if not isinstance(name, str):
+                raise ValueError(f"feature names must be strings, got {name!r}")
+            # Arrays stay as they are (a memmap, a device array); lists become arrays.
+            a = a if hasattr(a, "shape") and hasattr(a, "dtype") else np.asarray(a)
+            if a.ndim < 1:
+                raise ValueError(f"feature {name!r} must have one row per sample, got a scalar")
+            self.arrays[name] = a
+        counts = {name: a.shape[0] for name, a in self.arrays.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"every feature needs the same number of rows; got {counts}")
+        self.shape = (next(iter(counts.values())),)
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return self.arrays[index]
+        return Features({name: a[index] for name, a in self.arrays.items()})
+
+    def __contains__(self, name):
+        return name in self.arrays
+
+    def __len__(self):
+        return self.shape[0]
+
+    def keys(self):
+        return self.arrays.keys()
+
+    def values(self):
+        return self.arrays.values()
+
+    def items(self):
+        return self.arrays.items()
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __repr__(self):
+        inner = ", ".join(f"{k!r}: {a.dtype}{tuple(a.shape)}" for k, a in self.items())
+        return f"Features({{{inner}}})"
+
+
+def features(X: Any, dtype: Any, ids: Optional[Any] = None) -> Any:
+    """X as a worker computes on it, each array contiguous: the inputs that ``ids`` names
+    (the model's ``id_inputs()``: dict keys, None for X itself) as int64 ids, the others in
+    ``dtype``. ``ids=None``: every integer array is taken as ids. A dict (or Features) of
+    inputs gives a Features of them converted."""
+    if isinstance(X, (Features, Mapping)):
+        return Features({name: _converted(a, dtype, name, ids) for name, a in X.items()})
+    return _converted(X, dtype, None, ids)
+
+
+def _converted(a, dtype, name, ids):
+    a = np.asarray(a)
+    as_ids = a.dtype.kind in "iu" if ids is None else name in ids
+    return np.ascontiguousarray(a, dtype=np.int64 if as_ids else dtype)
+
+
 class ArrayDataset:
-    """Features ``X`` (n_rows, n_features) and targets ``y`` (n_rows,) or (n_rows, k)."""
+    """Features ``X`` (n_rows, n_features) and targets ``y`` (n_rows,) or (n_rows, k).
+
+    ``X`` may also be a dict (or Features) of 2-D arrays of n_rows each, one per input of a
+    model with several (ps.models.DLRM): it is kept as a Features. ``vocab`` optionally says
+    how many ids each integer input draws from (ps.data.click_log sets it), so a model can be
+    sized for the data (``psframe train --model dlrm``).
+    """
 
     lazy = False  # the rows are in memory (NpyDataset: on disk, read when indexed)
 
-    def __init__(self, X: Any, y: Any):
-        X = np.asarray(X)
+    def __init__(self, X: Any, y: Any, vocab: Optional[Dict[str, int]] = None):
+        X = Features(X) if isinstance(X, (Features, Mapping)) else np.asarray(X)
         y = np.asarray(y)
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D (rows, features), got shape {X.shape}")
+        for name, a in (X.items() if isinstance(X, Features) else [("X", X)]):
+            if a.ndim != 2:
+                raise ValueError(f"{name} must be 2-D (rows, features), got shape {a.shape}")
         if y.ndim not in (1, 2) or len(y) != len(X):
             raise ValueError(f"y must have one entry per row of X ({len(X)}), got shape {y.shape}")
         if len(X) == 0:
             raise ValueError("the dataset is empty")
         self.X = X
         self.y = y
+        self.vocab = None if vocab is None else dict(vocab)
 
     def __len__(self):
         return len(self.X)
 
     @property
     def n_features(self):
+        """Columns of X; for several inputs, {name: columns}."""
+        if isinstance(self.X, Features):
+            return {name: a.shape[1] for name, a in self.X.items()}
         return self.X.shape[1]
 
+    def _arrays(self):
+        named = self.X.items() if isinstance(self.X, Features) else [("X", self.X)]
+        return [*named, ("y", self.y)]
+
     def check_finite(self, what="data"):
-        for name, a in (("X", self.X), ("y", self.y)):
+        for name, a in self._arrays():
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
                 bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
                 raise ValueError(f"{what} {name} has {bad} non-finite values (NaN or inf)")
@@ -63,7 +152,7 @@ class ArrayDataset:
         for start in range(lo, hi, step):
             stop = min(hi, start + step)
             whole = (start, stop) == (0, len(self))
-            part = self if whole else ArrayDataset(self.X[start:stop], self.y[start:stop])
+            part = self if whole else self.subset(slice(start, stop))
             try:
                 part.check_finite(what)
                 model.validate_data(part.X, part.y)
@@ -73,7 +162,7 @@ class ArrayDataset:
                 raise ValueError(f"{exc} (in rows {start}..{stop - 1})") from None
 
     def subset(self, rows):
-        return ArrayDataset(self.X[rows], self.y[rows])
+        return ArrayDataset(self.X[rows], self.y[rows], self.vocab)
 
     def __repr__(self):
         return f"ArrayDataset({len(self)} rows, {self.n_features} features)"
@@ -247,13 +336,13 @@ def _bad_cell(path, header):
     return "numpy could not parse it"
 
 
-def _split(X, y, test_fraction, seed):
+def _split(X, y, test_fraction, seed, vocab=None):
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = np.random.default_rng(seed).permutation(len(X))
-    n_test = int(round(len(X) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    return ArrayDataset(X[train], y[train]), ArrayDataset(X[test], y[test])
+    whole = ArrayDataset(X, y, vocab)
+    order = np.random.default_rng(seed).permutation(len(whole))
+    n_test = int(round(len(whole) * test_fraction))
+    return whole.subset(order[n_test:]), whole.subset(order[:n_test])
 
 
 def digits(test_fraction: float = 0.25, seed: int = 0) -> Tuple[ArrayDataset, ArrayDataset]:
@@ -305,6 +394,62 @@ def synthetic(n_rows: int = 10000, n_features: int = 32, n_classes: int = 4, noi
     y = rng.integers(0, n_classes, size=n_rows)
     X = centres[y] + noise * rng.normal(size=(n_rows, n_features))
     return _split(X, y.astype(np.int64), test_fraction, seed)
+
+
+def _count(value, what, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def zipf_ids(rng: np.random.Generator, n_ids: int, s: float, size) -> np.ndarray:
+    """Ids in [0, n_ids) with P(rank r) proportional to r**-s (rank 1 the most frequent), the
+    ranks mapped to ids by a random permutation, so popular ids are not simply the small ones."""
+    weights = np.arange(1, n_ids + 1, dtype=np.float64) ** -float(s)
+    cdf = np.cumsum(weights / weights.sum())
+    ranks = np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), n_ids - 1)
+    return rng.permutation(n_ids)[ranks]
+
+
+def click_log(n_samples: int = 20000, fields: Sequence[int] = (1000, 1000, 100, 20),
+              ids_per_field: int = 2, dense_features: int = 8, zipf: float = 1.1, seed: int = 0,
+              test_fraction: float = 0.2) -> Tuple[ArrayDataset, ArrayDataset]:
+    """A synthetic click log, no download: (train, test) with X a Features
+    ``{"dense": (n, dense_features) float64, "c0": (n, ids_per_field) int64, "c1": ...}``, one
+    id field per entry of ``fields`` (its number of ids), and y int64 click labels in {0, 1}.
+
+    Ids are Zipf-distributed (exponent ``zipf``) per field. The label is drawn from a hidden
+    logistic model: a linear term of the dense features, a weight per id (each field's bag
+    averaged), and a dot product of latent id vectors between neighbouring fields, so a model
+    needs both kinds of input to do well. About a third of the rows are clicks. The
+    datasets' ``vocab`` gives each field's number of ids.
+    """
+    n = _count(n_samples, "click_log n_samples", 2)
+    k = _count(ids_per_field, "click_log ids_per_field")
+    d = _count(dense_features, "click_log dense_features")
+    if isinstance(fields, (int, np.integer)) or not len(fields):
+        raise ValueError(f"click_log fields must be a non-empty sequence of id counts, "
+                         f"got {fields!r}")
+    sizes = [_count(rows, "each click_log field's id count") for rows in fields]
+    if not (isinstance(zipf, (int, float, np.floating)) and math.isfinite(zipf) and zipf >= 0):
+        raise ValueError(f"click_log zipf must be a number >= 0, got {zipf!r}")
+    rng = np.random.default_rng(seed)
+    dense = rng.normal(size=(n, d))
+    logit = dense @ (rng.normal(size=d) / math.sqrt(d))
+    X, latent = {"dense": dense}, []
+    for f, rows in enumerate(sizes):
+        ids = zipf_ids(rng, rows, zipf, (n, k))
+        X[f"c{f}"] = ids.astype(np.int64)
+        logit += rng.normal(size=rows)[ids].mean(axis=1)
+        latent.append(rng.normal(scale=0.7, size=(rows, 4))[ids].mean(axis=1))
+    for a, b in zip(latent[:-1], latent[1:]):
+        logit += (a * b).sum(axis=1)
+    # The bias sets the click rate near a third; the scale makes the labels mostly, not
+    # wholly, predictable from the inputs.
+    logit = 1.5 * (logit - np.quantile(logit, 0.7))
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    vocab = {f"c{f}": rows for f, rows in enumerate(sizes)}
+    return _split(X, y, test_fraction, seed, vocab)
 
 
 def block_range(n_rows, n_workers, worker):

@@ -12,7 +12,7 @@ from ..backend import xp
 IntPair = Union[int, Tuple[int, int]]  # a size given once for both axes, or as (height, width)
 
 __all__ = ["Layer", "Dense", "ReLU", "Tanh", "Reshape", "Flatten", "Conv2D", "MaxPool2D",
-           "Dropout"]
+           "Dropout", "Embedding", "scatter_rows"]
 
 
 class Layer:
@@ -542,3 +542,137 @@ class Dropout(Layer):
     def __repr__(self):
         extra = "" if self.seed == 0 else f", seed={self.seed}"
         return f"Dropout({self.p}{extra})"
+
+
+def scatter_rows(values, ids, n_rows):
+    """An (n_rows, dim) array whose row r is the sum of the ``values`` rows with ``ids`` == r.
+
+    The gradient of a table lookup. On NumPy: the ids sorted once, then np.add.reduceat over
+    the runs of equal ids. Measured (NumPy 2.4, one core): on a 1M-row table, 8192 ids of
+    dim 16, 1.5 ms where np.add.at takes 7.4 ms (it walks the whole table); 64 ids, 0.014 ms
+    against 8.2 ms; at worst, 32768 ids over 1000 rows of dim 64, 19 ms against 15 ms.
+    On CuPy, cupyx.scatter_add.
+    """
+    m = xp(values)
+    out = m.zeros((n_rows, values.shape[1]), dtype=values.dtype)
+    if ids.size == 0:
+        return out
+    if m is not np:
+        import cupyx
+
+        cupyx.scatter_add(out, ids, values)
+        return out
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+    out[sorted_ids[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    return out
+
+
+class Embedding(Layer):
+    """A table of ``num_embeddings`` rows of ``dim``, looked up by integer ids (batch, k).
+
+    ``combine="mean"`` or ``"sum"``: the output is (batch, dim), the mean or sum of each
+    sample's k rows, as torch.nn.EmbeddingBag(mode=...) computes it; ``combine=None``: the k
+    rows side by side, (batch, k*dim), as torch.nn.Embedding followed by a flatten. The
+    parameter ``W`` is (num_embeddings, dim). Init "scaled" (default) draws W from
+    N(0, 1/dim), so a row has about unit norm; "torch" from N(0, 1), as torch's does.
+
+    The table may arrive with fewer rows than ``num_embeddings``, with ids indexing into it (a
+    worker that pulled only the rows its batch touches, the ids remapped): forward and
+    backward use ``params["W"]`` as given and its gradient has that array's shape. So the ids
+    are checked against ``num_embeddings`` by ``check_ids`` (a model's validate_data, before
+    training), not per step. An empty bag (k = 0) is refused. Ids have no gradient: an
+    Embedding comes first in a Sequential, or reads one input of a model with several.
+    ``sparse=True`` marks the table for the row-sparse protocol (only the rows a batch
+    touches move); with False it is an ordinary dense parameter.
+    """
+
+    INITS = ("scaled", "torch")
+    COMBINES = ("mean", "sum", None)
+    keeps_width = False
+    can_skip_dx = True
+
+    def __init__(self, num_embeddings: int, dim: int, combine: Optional[str] = "mean",
+                 sparse: bool = True, init: str = "scaled"):
+        self.num_embeddings = _positive_int(num_embeddings, "Embedding num_embeddings")
+        self.dim = _positive_int(dim, "Embedding dim")
+        if combine not in self.COMBINES:
+            raise ValueError(f"unknown combine {combine!r}; choose one of {list(self.COMBINES)}")
+        if init not in self.INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {list(self.INITS)}")
+        if not isinstance(sparse, bool):
+            raise ValueError(f"Embedding sparse must be True or False, got {sparse!r}")
+        self.combine, self.sparse, self.init = combine, sparse, init
+
+    def param_shapes(self):
+        return {"W": (self.num_embeddings, self.dim)}
+
+    def init_params(self, rng):
+        std = 1.0 / math.sqrt(self.dim) if self.init == "scaled" else 1.0
+        return {"W": rng.normal(0.0, std, size=(self.num_embeddings, self.dim))}
+
+    def check_ids(self, ids, what="ids"):
+        """One clear ValueError unless ``ids`` is an integer array (batch, k), k >= 1, of
+        ids in [0, num_embeddings)."""
+        m = xp(ids)
+        expect = (f"{what} for {self!r} must be integers in [0, {self.num_embeddings}) of "
+                  f"shape (batch, k)")
+        if getattr(ids, "ndim", None) != 2:
+            raise ValueError(f"{expect}; got shape {getattr(ids, 'shape', None)}")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{expect}; got dtype {ids.dtype}")
+        if ids.shape[1] == 0:
+            raise ValueError(f"{expect} with k >= 1: an empty bag (k = 0) has no rows to "
+                             "combine")
+        if ids.size:
+            low, high = int(m.min(ids)), int(m.max(ids))
+            if low < 0 or high >= self.num_embeddings:
+                bad = low if low < 0 else high
+                raise ValueError(f"{expect}; found id {bad}")
+
+    def _lookup(self, params, ids):
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"{self!r} takes ids of shape (batch, k), k >= 1; got "
+                             f"{ids.shape}")
+        rows = xp(ids).take(params["W"], ids, axis=0)  # (batch, k, dim)
+        if self.combine is None:
+            return rows.reshape(ids.shape[0], -1)
+        total = rows.sum(axis=1)
+        return total / ids.shape[1] if self.combine == "mean" else total
+
+    def forward(self, params, ids):
+        return self._lookup(params, ids), ids
+
+    def infer(self, params, ids):
+        return self._lookup(params, ids)
+
+    def backward(self, params, cache, dy, need_dx=True):
+        ids = cache
+        batch, k = ids.shape
+        if self.combine is None:
+            per_id = dy.reshape(batch * k, self.dim)
+        else:
+            d = dy / k if self.combine == "mean" else dy
+            per_id = xp(dy).repeat(d, k, axis=0)  # row b*k + j: bag b's share for its id j
+        return {"W": scatter_rows(per_id, ids.reshape(-1), params["W"].shape[0])}, None
+
+    def out_features(self, in_features):
+        # The input is k ids per sample: an int (or a 1-tuple) when known.
+        if isinstance(in_features, tuple):
+            if len(in_features) != 1:
+                raise ValueError(f"{self!r} takes ids of shape (batch, k) but receives samples "
+                                 f"of shape {in_features}")
+            in_features = in_features[0]
+        if self.combine is not None:
+            return self.dim
+        return None if in_features is None else in_features * self.dim
+
+    def flops(self, batch):
+        return batch * self.dim
+
+    def __repr__(self):
+        extra = "" if self.combine == "mean" else f", combine={self.combine!r}"
+        extra += "" if self.sparse else ", sparse=False"
+        extra += "" if self.init == "scaled" else f", init={self.init!r}"
+        return f"Embedding({self.num_embeddings}, {self.dim}{extra})"

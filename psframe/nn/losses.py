@@ -3,7 +3,7 @@ import numpy as np
 
 from ..backend import xp
 
-__all__ = ["Loss", "SoftmaxCrossEntropy", "MSE"]
+__all__ = ["Loss", "SoftmaxCrossEntropy", "MSE", "BinaryCrossEntropy", "roc_auc"]
 
 
 class Loss:
@@ -125,3 +125,63 @@ class MSE(Loss):
 
     def predict(self, pred):
         return pred[:, 0] if pred.ndim == 2 and pred.shape[1] == 1 else pred
+
+
+class BinaryCrossEntropy(Loss):
+    """Mean logistic loss of one logit per row, pred (n, 1) or (n,), against labels in {0, 1}:
+    torch's binary_cross_entropy_with_logits. ``predict`` is the class, 1 where the logit > 0."""
+
+    classification = True
+
+    def forward(self, pred, y):
+        m = xp(pred)
+        z = pred.reshape(-1)
+        if z.shape[0] != y.shape[0]:
+            raise ValueError(f"{z.shape[0]} logits for {y.shape[0]} labels")
+        t = y.astype(pred.dtype, copy=False)
+        # log(1 + e^z) - t*z, written so that e^z never overflows.
+        loss = m.maximum(z, 0) - z * t + m.log1p(m.exp(-m.abs(z)))
+        return float(loss.mean()), (z, t, pred.shape)
+
+    def backward(self, cache):
+        z, t, shape = cache
+        m = xp(z)
+        # sigmoid(z) through tanh: no overflow for large |z|.
+        p = 0.5 * (1.0 + m.tanh(0.5 * z))
+        return ((p - t) / z.shape[0]).reshape(shape)
+
+    def check_targets(self, y, n_out):
+        y = np.asarray(y)
+        if n_out != 1:
+            raise ValueError(f"BinaryCrossEntropy needs a model with 1 output (a logit), "
+                             f"not {_outputs(n_out)}")
+        if y.ndim != 1:
+            raise ValueError(f"labels must be 0 or 1, given as a 1-D array; got shape {y.shape}")
+        if y.dtype.kind not in "biuf":
+            raise ValueError(f"labels must be 0 or 1; got dtype {y.dtype}")
+        bad = ~((y == 0) | (y == 1))
+        if bad.any():
+            raise ValueError(f"labels must be 0 or 1; found label {_label_str(y[bad][0])}")
+        return None
+
+    def predict(self, pred):
+        return (pred.reshape(-1) > 0).astype(xp(pred).int64)
+
+
+def roc_auc(y, scores) -> float:
+    """Area under the ROC curve of ``scores`` for binary labels ``y``: the chance that a random
+    positive scores above a random negative, ties counting a half (Mann-Whitney U)."""
+    y = np.asarray(y).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n_pos = int((y == 1).sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative labels")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    ranks = np.empty(y.size)
+    # Tied scores share the mean of their ranks.
+    starts = np.flatnonzero(np.concatenate(([True], sorted_scores[1:] != sorted_scores[:-1])))
+    ends = np.append(starts[1:], y.size)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
