@@ -8,10 +8,10 @@ from .errors import ConfigError, GradientError, TrainingInterrupted
 from .metrics import TrainResult
 from .nn import layers, losses, models
 from .nn.models import Model, Sequential
-from .nn.optim import SGD, Adam, Optimizer
+from .nn.optim import SGD, Adagrad, Adam, Optimizer
 from .nn.torch_model import TorchModel  # torch itself loads only when one is built
-from .policies import (SSP, Async, DelayCompensation, Mixed, Policy, PolicyState, PushDecision,
-                       Sync)
+from .policies import (SSP, Async, DelayCompensation, Hybrid, Mixed, Policy, PolicyState,
+                       PushDecision, Sync)
 from .training import train
 
 # The model library lives in psframe.nn; its public modules keep their old import paths too
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "train", "TrainResult", "ConfigError", "GradientError", "TrainingInterrupted",
     "Model", "Sequential", "TorchModel", "layers", "losses", "models", "data", "xp",
-    "Policy", "PolicyState", "PushDecision", "Sync", "Async", "SSP", "Mixed",
-    "DelayCompensation", "Optimizer", "SGD", "Adam", "Callback",
+    "Policy", "PolicyState", "PushDecision", "Sync", "Async", "SSP", "Mixed", "Hybrid",
+    "DelayCompensation", "Optimizer", "SGD", "Adam", "Adagrad", "Callback",
 ]
