@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..backend import select_backend
-from ..data import ArrayDataset, block_range, steps_per_epoch
+from ..data import ArrayDataset, Features, block_range, features, steps_per_epoch
 from ..nn.models import Model, Sequential
 from ..nn.optim import SGD, Optimizer
 from ..params import (DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, recount_shards,
@@ -93,6 +93,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     delay = _check_delay(o.delay, n_workers)
 
     train_set = _as_dataset(data, "data")
+    _check_inputs(model, train_set, o)
     _check_data(world, model, train_set, "training data", n_servers, readers="workers")
     eval_data = o.eval_data
     if eval_data is not None:
@@ -189,6 +190,17 @@ def _as_dataset(data, what):
     raise TypeError(f"{what} must be a ps.data.ArrayDataset or an (X, y) pair, got {type(data)}")
 
 
+def _check_inputs(model, dataset, o):
+    """Ids and several inputs travel only where the data-parallel worker gathers them."""
+    several = isinstance(dataset.X, Features)
+    if not (several or model.id_inputs()):
+        return
+    what = "several inputs (a dict X)" if several else "integer ids (an Embedding first)"
+    if o.mode != "data":
+        raise ValueError(f"data with {what} needs mode='data', not {o.mode!r}: pipeline "
+                         "stages pass one float activation array")
+
+
 def _check_data(world, model, dataset, what, n_servers, readers):
     """Finite, numeric, fitting the model. A dataset in memory is checked whole on every rank
     (each holds it anyway); a lazy one (ps.data.NpyDataset) in chunks, by its readers only:
@@ -269,7 +281,7 @@ def _check_delay(delay, n_workers):
 
 def _probe(model, layout, weights, train_set):
     """One loss_and_grad on two rows, so a model/data mismatch fails here, not mid-run."""
-    X = train_set.X[:2].astype(layout.dtype)
+    X = features(train_set.X[:2], layout.dtype, model.id_inputs())
     y = train_set.y[:2]
     try:
         loss, grads = model.loss_and_grad(layout.views(weights.copy()), X, y)

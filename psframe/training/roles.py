@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..callbacks import CallbackList, PrintProgress
-from ..data import BatchStream, block_range
+from ..data import BatchStream, block_range, features
 from ..params import overlap
 from ..server import Followers, Group, ParameterServer, Recorder, ShardServer
 from ..worker import LayerwiseWorker, StageWorker, Worker
@@ -20,7 +20,7 @@ def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
     hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
     eval_data = None
     if plan.eval is not None:
-        eval_data = (np.ascontiguousarray(plan.eval.X, dtype=plan.dtype),
+        eval_data = (features(plan.eval.X, plan.dtype, plan.model.id_inputs()),
                      labels_for(plan.model, plan.eval.y, plan.dtype))
     n_workers = plan.n_workers
     recorder = Recorder(
@@ -98,7 +98,7 @@ def build_worker(channel, plan: RunPlan):
     # Every rank builds the same model: without its own stream each worker would draw the
     # same dropout masks.
     plan.model.reseed(o.seed, index)
-    X = np.ascontiguousarray(plan.train.X[rows], dtype=plan.dtype)
+    X = features(plan.train.X[rows], plan.dtype, plan.model.id_inputs())
     y = np.ascontiguousarray(labels_for(plan.model, plan.train.y[rows], plan.dtype))
     servers = list(enumerate(plan.server_shards))  # server s is rank s
     common = (channel, servers, index, plan.layout, plan.model, plan.backend, X, y, stream, steps)
