@@ -329,12 +329,18 @@ def _check_world(nprocs):
 
 
 def _optimizer(ps, o):
+    def unset(key, default):  # lr and eps default per optimizer
+        return default if o[key] is None else o[key]
+
     if o["optimizer"] == "sgd":
-        return ps.SGD(lr=ps.SGD.DEFAULT_LR if o["lr"] is None else o["lr"],
-                      momentum=o["momentum"], weight_decay=o["weight_decay"],
-                      nesterov=o["nesterov"])
-    return ps.Adam(lr=ps.Adam.DEFAULT_LR if o["lr"] is None else o["lr"],
-                   betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+        return ps.SGD(lr=unset("lr", ps.SGD.DEFAULT_LR), momentum=o["momentum"],
+                      weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+    if o["optimizer"] == "adagrad":
+        return ps.Adagrad(lr=unset("lr", ps.Adagrad.DEFAULT_LR),
+                          eps=unset("eps", ps.Adagrad.DEFAULT_EPS),
+                          weight_decay=o["weight_decay"])
+    return ps.Adam(lr=unset("lr", ps.Adam.DEFAULT_LR), betas=tuple(o["betas"]),
+                   eps=unset("eps", ps.Adam.DEFAULT_EPS), weight_decay=o["weight_decay"])
 
 
 def _init(path):

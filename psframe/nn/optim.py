@@ -224,11 +224,12 @@ class Adam(Optimizer):
     name = "adam"
     weight_rule = "lr x sqrt(weight) (square-root scaling)"
     DEFAULT_LR = 1e-3
+    DEFAULT_EPS = 1e-8
     _ROW_FLAT_SCRATCH = ("_tmp", "_grad")
     _ROW_VECTOR_SCRATCH = (("_c1", np.float64), ("_c2", np.float64), ("_d1", None),
                            ("_d2", None))
 
-    def __init__(self, lr: float = DEFAULT_LR, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, lr: float = DEFAULT_LR, betas=(0.9, 0.999), eps: float = DEFAULT_EPS,
                  weight_decay: float = 0.0):
         super().__init__(lr)
         self.betas = tuple(betas)
@@ -349,9 +350,10 @@ class Adagrad(Optimizer):
     name = "adagrad"
     weight_rule = "lr x weight, accumulator += weight x g^2 (a push is weight of a step)"
     DEFAULT_LR = 0.01
+    DEFAULT_EPS = 1e-10
     _ROW_FLAT_SCRATCH = ("_tmp", "_grad")
 
-    def __init__(self, lr: float = DEFAULT_LR, eps: float = 1e-10,
+    def __init__(self, lr: float = DEFAULT_LR, eps: float = DEFAULT_EPS,
                  initial_accumulator_value: float = 0.0, weight_decay: float = 0.0):
         super().__init__(lr)
         self.eps = eps

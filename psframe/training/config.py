@@ -4,7 +4,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..nn.optim import SGD, Adam
+from ..nn.optim import SGD, Adagrad, Adam
 from .options import cli_fields
 
 __all__ = ["Option", "OPTIONS", "RUN_OPTIONS", "defaults", "check", "load", "merge", "save"]
@@ -37,13 +37,14 @@ _CLI_OPTIONS = {
     "eval_data": Option(str, None, "evaluate on this file (same formats as data; its X_test, "
                                    "y_test if it has them, else X, y)"),
     "eval": Option(bool, True, "evaluate on the dataset's test split (or eval_data)"),
-    "optimizer": Option(str, "sgd", "sgd or adam", ("sgd", "adam")),
+    "optimizer": Option(str, "sgd", "sgd, adam or adagrad", ("sgd", "adam", "adagrad")),
     "lr": Option(float, None, f"learning rate (default: sgd {SGD.DEFAULT_LR:g}, "
-                              f"adam {Adam.DEFAULT_LR:g})"),
+                              f"adam {Adam.DEFAULT_LR:g}, adagrad {Adagrad.DEFAULT_LR:g})"),
     "momentum": Option(float, 0.0, "SGD momentum"),
     "nesterov": Option(bool, False, "SGD with Nesterov momentum"),
     "betas": Option("floats", (0.9, 0.999), "Adam's two betas, e.g. 0.9,0.999"),
-    "eps": Option(float, 1e-8, "Adam's epsilon"),
+    "eps": Option(float, None, f"epsilon of Adam (default {Adam.DEFAULT_EPS:g}) or Adagrad "
+                               f"(default {Adagrad.DEFAULT_EPS:g})"),
     "weight_decay": Option(float, 0.0, "L2 weight decay"),
     "init": Option(str, None, "starting weights: a .npz file of name -> array"),
     "save": Option(str, None, "write the final weights to this .npz (name -> array; loads "

@@ -58,7 +58,7 @@ def test_unknown_key_is_a_clear_error(tmp_path):
     ("epochs = 2.5", ["'epochs'", "an integer"]),
     ("lr = true", ["'lr'", "a number"]),
     ("shuffle = 1", ["'shuffle'", "true or false"]),
-    ('optimizer = "adagrad"', ["'optimizer'", "one of", "'adagrad'"]),
+    ('optimizer = "rmsprop"', ["'optimizer'", "one of", "'rmsprop'"]),
     ("betas = [0.9, \"x\"]", ["'betas'", "list of numbers"]),
     ("[optimizer]\nlr = 1", ["'optimizer'", "a string"]),
 ])
@@ -67,6 +67,19 @@ def test_wrong_types_are_refused(tmp_path, text, words):
         options(["--config", write(tmp_path, text + "\n")])
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("argv, text, want", [
+    (["--optimizer", "adagrad"], "", ps.Adagrad()),
+    ([], 'optimizer = "adagrad"\nlr = 0.5\neps = 1e-6\nweight_decay = 0.01\n',
+     ps.Adagrad(lr=0.5, eps=1e-6, weight_decay=0.01)),
+    (["--optimizer", "adam", "--lr", "0.01"], "", ps.Adam(lr=0.01)),
+    (["--optimizer", "adam"], "eps = 1e-6\n", ps.Adam(eps=1e-6)),
+    ([], "", ps.SGD()),
+])
+def test_optimizer_flags_and_keys_build_it_with_its_own_defaults(tmp_path, argv, text, want):
+    got = cli._optimizer(ps, options(["--config", write(tmp_path, text), *argv]))
+    assert type(got) is type(want) and vars(got) == vars(want)
 
 
 def test_integers_are_accepted_for_numbers(tmp_path):
