@@ -248,6 +248,19 @@ def test_table_may_be_a_view_into_a_flat_buffer():
 
 
 @pytest.mark.parametrize("opt", ALL_ROWS, ids=repr)
+def test_a_strided_table_steps_as_a_contiguous_one(opt):
+    # Rows that are not contiguous in memory take NumPy's general path; same result.
+    wide = np.zeros((N_ROWS, DIM + 2))
+    wide[:, 1:-1] = table0()
+    table = wide[:, 1:-1]
+    state = opt.init_rows_state(N_ROWS, DIM, np.float64)
+    for ids, g in sparse_steps(10):
+        opt.apply_rows(state, table, ids, g)
+    np.testing.assert_array_equal(table, run_rows(opt, sparse_steps(10))[0])
+    assert not wide[:, [0, -1]].any()
+
+
+@pytest.mark.parametrize("opt", ALL_ROWS, ids=repr)
 def test_float32_is_preserved(opt):
     steps32 = sparse_steps(7, np.float32)
     table, state = run_rows(opt, steps32, WEIGHTS, np.float32)
