@@ -57,9 +57,10 @@ def load_model_file(spec):
     return model
 
 
-def parse_model(spec, n_features=None, n_classes=None):
+def parse_model(spec, n_features=None, n_classes=None, data=None):
     """``mlp:784,128,10``, ``softmax`` or ``softmax:64,10``, ``linear`` or ``linear:13``,
-    ``cnn`` or ``cnn:16,32``."""
+    ``cnn`` or ``cnn:16,32``, ``dlrm`` or ``dlrm:DIM`` (sized for ``data``, a dataset of
+    several inputs such as --data clicklog's)."""
     from ..nn import models
 
     if is_model_file(spec):  # a user's file first, then the built-in specs
@@ -77,13 +78,28 @@ def parse_model(spec, n_features=None, n_classes=None):
         return models.LinearRegression(sizes[0] if sizes else n_features)
     if name == "cnn":  # cnn, or cnn:C1,C2,... convolution channels; MNIST's shape
         return models.CNN(channels=sizes) if sizes else models.CNN()
-    raise ValueError(f"unknown model {spec!r}; use mlp:SIZES, softmax[:IN,CLASSES], linear[:IN] "
-                     "or cnn[:CHANNELS]")
+    if name == "dlrm":
+        return _dlrm(models, data, *sizes[:1])
+    raise ValueError(f"unknown model {spec!r}; use mlp:SIZES, softmax[:IN,CLASSES], linear[:IN], "
+                     "cnn[:CHANNELS] or dlrm[:DIM]")
+
+
+def _dlrm(models, data, dim=16):
+    """A DLRM for a dataset of inputs "dense" and id fields: each table as many rows as the
+    dataset's ``vocab`` says (else the training data's largest id + 1)."""
+    widths = getattr(data, "n_features", None)
+    if not isinstance(widths, dict) or "dense" not in widths:
+        raise ValueError("--model dlrm needs data of several inputs, a 'dense' one and id "
+                         "fields, such as --data clicklog")
+    vocab = data.vocab or {name: int(a.max()) + 1 for name, a in data.X.items()
+                           if name != "dense"}
+    return models.DLRM(widths["dense"], vocab, dim=dim)
 
 
 def parse_data(spec, seed=0):
-    """``digits``, ``mnist``, ``synthetic[:rows,features,classes]`` or a file (see
-    ps.data.from_file); returns (train, test), test None for a file with no test split."""
+    """``digits``, ``mnist``, ``synthetic[:rows,features,classes]``, ``clicklog[:rows]`` or a
+    file (see ps.data.from_file); returns (train, test), test None for a file with no test
+    split."""
     from .. import data
 
     name, _, args = spec.partition(":")
@@ -95,11 +111,14 @@ def parse_data(spec, seed=0):
         dims = [int(s) for s in args.split(",")] if args else []
         keys = ("n_rows", "n_features", "n_classes")
         return data.synthetic(seed=seed, **dict(zip(keys, dims)))
+    if name == "clicklog":
+        rows = [int(s) for s in args.split(",")] if args else []
+        return data.click_log(*rows[:1], seed=seed)
     if _looks_like_file(spec):
         return data.from_file(spec)
     raise ValueError(
         f"unknown dataset {spec!r}; use digits, mnist, synthetic[:rows,features,classes], "
-        "a .npz or .csv file, or a directory of X.npy and y.npy"
+        "clicklog[:rows], a .npz or .csv file, or a directory of X.npy and y.npy"
     )
 
 
@@ -377,7 +396,7 @@ def _prepare(o, nprocs, rank):
                  and not is_model_file(o["model"]) else None)
     return {
         "options": o, "train": train_set, "test": test_set if o["eval"] else None,
-        "model": parse_model(o["model"], train_set.n_features, n_classes),
+        "model": parse_model(o["model"], train_set.n_features, n_classes, data=train_set),
         "optimizer": _optimizer(ps, o), "init": _init(o["init"]),
     }
 

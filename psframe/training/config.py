@@ -30,8 +30,10 @@ class Option:
 # Every run option of ps.train that a flag or a file can give joins them from RunOptions.
 _CLI_OPTIONS = {
     "model": Option(str, "mlp:784,128,10", "mlp:784,128,10 | softmax[:IN,CLASSES] | linear[:IN] "
+                                           "| cnn[:CHANNELS] | dlrm[:DIM] (for clicklog) "
                                            "| FILE.py:FUNC (FUNC() returns a ps.Model)"),
-    "data": Option(str, "mnist", "digits | mnist | synthetic[:rows,features,classes] | FILE.npz "
+    "data": Option(str, "mnist", "digits | mnist | synthetic[:rows,features,classes] | "
+                                 "clicklog[:rows] (Zipf ids, dense features) | FILE.npz "
                                  "(X, y, optional X_test, y_test) | FILE.csv (label column) | "
                                  "DIR of X.npy, y.npy (memory-mapped)"),
     "eval_data": Option(str, None, "evaluate on this file (same formats as data; its X_test, "

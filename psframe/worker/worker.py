@@ -22,9 +22,11 @@ _NOT_YET = object()  # the worker's data has not been offered to the device yet
 
 
 def _like(X, n, empty):
-    """An uninitialised batch of ``n`` rows shaped like X's (each input's, for Features)."""
+    """An uninitialised batch of ``n`` rows shaped like X's. For several inputs (Features) a
+    plain dict of one buffer per input: a model reads a batch by key only, and the row-sparse
+    path (psframe.sparse.batch_ids) copies it as a dict to swap in remapped ids."""
     if isinstance(X, Features):
-        return Features({name: empty((n,) + a.shape[1:], a.dtype) for name, a in X.items()})
+        return {name: empty((n,) + a.shape[1:], a.dtype) for name, a in X.items()}
     return empty((n,) + X.shape[1:], X.dtype)
 
 
@@ -199,7 +201,8 @@ class Worker:
 
     def _gather(self, rows):
         """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step.
-        Several inputs (a Features X) gather each input into a buffer of its own."""
+        Several inputs (a Features X) gather each input into a buffer of its own, the batch
+        a dict of them."""
         if self._device:
             return self._gather_device(rows)
         n = len(rows)
@@ -270,10 +273,7 @@ class Worker:
         for name, a in [*self.X.items(), ("y", self.y)]:
             np.take(a, rows, axis=0, out=pinned[name])
             self.backend.to_device(pinned[name], out=device[name])
-        yb = device.pop("y")
-        xb = Features(device)
-        device["y"] = yb
-        return xb, yb
+        return {name: device[name] for name in self.X.keys()}, device["y"]
 
     def waiting_for(self):
         """What it waits for, in words (the watchdog's diagnostic)."""
