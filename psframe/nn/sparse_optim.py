@@ -80,6 +80,9 @@ def check_rows(state, table, ids, g):
         if (not scratch and value.shape[0] != n_rows) or value.shape[1:] not in ((), (dim,)):
             raise ValueError(f"optimizer state {key!r} of shape {value.shape} was not made "
                              f"for a table of shape {table.shape} (use init_rows_state)")
+    if state["_w"].dtype != table.dtype:
+        raise ValueError(f"optimizer state made for {state['_w'].dtype} tables does not fit a "
+                         f"{table.dtype} table")
     if not len(ids):
         return
     if ids[0] < 0 or ids[-1] >= n_rows:

@@ -373,6 +373,9 @@ def test_state_of_another_table_is_refused():
     state = SGD().init_rows_state(N_ROWS, DIM + 1, np.float64)  # scratch only, still checked
     with pytest.raises(ValueError, match="was not made for"):
         SGD().apply_rows(state, table0(), np.array([1]), np.zeros((1, DIM)))
+    state = opt.init_rows_state(N_ROWS, DIM, np.float32)
+    with pytest.raises(ValueError, match="made for float32 tables does not fit a float64"):
+        opt.apply_rows(state, table0(), np.array([1]), np.zeros((1, DIM)))
 
 
 @pytest.mark.parametrize("n_rows, dim", [(0, 3), (3, 0), (-1, 3), (2.5, 3), (True, 3),
