@@ -129,3 +129,19 @@ def test_worker_blocks_and_batches_gather_every_input():
     again, _ = Worker._gather(stub, np.array([1, 2, 0]))
     assert again["c0"] is xb["c0"]  # the same buffers, refilled
     np.testing.assert_array_equal(again["c0"], X["c0"][lo:hi][[1, 2, 0]])
+
+
+def test_the_cli_builds_a_click_log_and_a_dlrm_sized_for_it():
+    from psframe.cli import app
+
+    train, test = app.parse_data("clicklog:500", seed=2)
+    assert (len(train), len(test)) == (400, 100)
+    model = app.parse_model("dlrm:8", train.n_features, 2, data=train)
+    assert isinstance(model, ps.models.DLRM) and model.dim == 8
+    assert model.fields == train.vocab and model.dense_in == 8
+    model.validate_data(test.X, test.y)
+    vocab_free = ArrayDataset(train.X, train.y)  # no vocab: the largest id + 1
+    assert app.parse_model("dlrm", data=vocab_free).fields == {
+        name: int(train.X[name].max()) + 1 for name in train.vocab}
+    with pytest.raises(ValueError, match="--model dlrm needs data of several inputs"):
+        app.parse_model("dlrm", 8, 2, data=ArrayDataset(np.ones((4, 8)), np.zeros(4)))
