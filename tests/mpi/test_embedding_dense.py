@@ -40,9 +40,9 @@ def bag_loss_and_grad(params, X, y, combine):
     return loss, {"0.W": dW, "2.W": a.T @ p, "2.b": p.sum(axis=0)}
 
 
-@pytest.mark.parametrize("combine", ["mean", "sum"])
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_sync_with_a_dense_embedding_equals_serial_sgd(combine, shuffle):
+@pytest.mark.parametrize("combine, shuffle, overlap", [
+    ("mean", False, False), ("sum", False, False), ("mean", True, False), ("sum", True, True)])
+def test_sync_with_a_dense_embedding_equals_serial_sgd(combine, shuffle, overlap):
     X, y = ids_data()
     model = ps.Sequential([ps.layers.Embedding(ROWS, DIM, combine, sparse=False),
                            ps.layers.ReLU(), ps.layers.Dense(DIM, CLASSES)],
@@ -50,7 +50,7 @@ def test_sync_with_a_dense_embedding_equals_serial_sgd(combine, shuffle):
     init = model.init_params(np.random.default_rng(2))
     steps, batch = 9, 4
     result = ps.train(model, (X, y), optimizer=ps.SGD(lr=0.3), batch_size=batch, steps=steps,
-                      shuffle=shuffle, seed=5, dtype="float64", init=init)
+                      shuffle=shuffle, seed=5, dtype="float64", init=init, overlap=overlap)
     if WORLD.Get_rank() != 0:
         assert result is None
         return
