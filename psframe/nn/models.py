@@ -78,8 +78,8 @@ class Model:
 
     def id_inputs(self) -> Set[Optional[str]]:
         """The inputs that hold integer ids (kept as int64, not cast to the run's dtype): the
-        dict keys of X, or None for X itself."""
-        return set()
+        dict keys of X, or None for X itself. By default: what the row-sparse tables read."""
+        return set(self.embedding_inputs().values())
 
     def embedding_inputs(self) -> Dict[str, Optional[str]]:
         """{parameter name: input} for each Embedding table with ``sparse=True`` (the tables

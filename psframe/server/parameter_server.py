@@ -9,7 +9,7 @@ from ..transport import Channel, Field, Op, Status, Tag, fill_header, loss_of, n
 from ..transport import open_server_paths
 from .checkpoint_state import restore_server_state, save_server_state
 from .inbox import GradientInbox
-from ..sparse import ServerRows
+from ..sparse.server_rows import ServerRows
 from .recorder import Recorder
 from .stopping import StopControl
 from .updates import UpdateEngine
@@ -232,8 +232,11 @@ class ParameterServer:
     # -- handlers ---------------------------------------------------------------------------
     def _on_pull(self, worker, header, posted=None):
         group, local = self.group_of[worker]
-        if self.rows is not None:
+        if self.rows is not None:  # its ids: the rows to answer with
+            before = self.rows.bytes_in[worker]
             self.rows.land(worker)
+            self.recorder.stats.bytes_pushed += self.rows.bytes_in[worker] - before
+            self.recorder.bytes_pushed_by[worker] += self.rows.bytes_in[worker] - before
         self._check_shards(worker, header, group)
         self._update_and_send(group, None, self._register_pull(worker, header, group, local,
                                                                int(header[Field.CLOCK])), None)

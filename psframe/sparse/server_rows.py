@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from mpi4py import MPI
 
 from ..errors import ProtocolError
 from ..finite import frame_finite
@@ -87,6 +86,8 @@ class ServerRows:
     def land(self, worker):
         """Wait for worker's ids (and rows) and check them; False when the pushed rows are
         not finite (the push is then refused whole)."""
+        from mpi4py import MPI  # here: importing psframe must not start MPI
+
         posted, self._posted[worker] = self._posted[worker], None
         if posted is None:
             raise ProtocolError(f"no row-sparse request of worker {worker} was posted")

@@ -1,6 +1,7 @@
 """Everything that can be wrong with a train() call, checked identically on every rank."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,7 @@ from ..backend import select_backend
 from ..data import ArrayDataset, Features, block_range, features, steps_per_epoch
 from ..nn.models import Model, Sequential
 from ..nn.optim import SGD, Optimizer
+from ..sparse.tables import dense_first, sparse_tables
 from ..params import (DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, recount_shards,
                       server_ranges)
 from ..policies import policy_from_spec
@@ -101,6 +103,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
         _check_data(world, model, eval_data, "eval data", n_servers, readers="server")
 
     params = model.init_params(np.random.default_rng(o.seed))
+    params = dense_first(params, getattr(model, "embedding_inputs", dict)())
     layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
     layout = layout.cut_for(n_servers)  # or: fewer weights than servers
     if o.init is not None:
@@ -114,8 +117,11 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     _probe(model, layout, weights, train_set)
     server_shards = server_ranges(layout, n_servers)
     layer_shards = _check_overlap(o, model, layout, policy, n_servers)
+    sparse = _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers)
     parallel = plan_parallel(o.mode, model, layout, n_workers, o.stages, o.micro_batches,
                              o.batch_size, o.dispatch)
+    if sparse is not None:  # the dense shards move as before; the tables' rows apart
+        parallel = dataclasses.replace(parallel, stage_shards=[sparse.dense_shards])
     n_replicas = parallel.replicas  # workers (data) or pipelines (model, hybrid)
     if len(train_set) < n_replicas:
         raise ValueError(f"{len(train_set)} training rows cannot be split {n_replicas} ways")
@@ -152,10 +158,48 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
         steps=steps, epoch_samples=epoch_samples, dispatcher=dispatcher, delay=delay,
         expected_updates=None if per_round is None else int(round(rounds * per_round)),
         backend=backend, n_workers=n_workers, parallel=parallel, resume=resumed,
-        server_shards=server_shards, layer_shards=layer_shards,
+        server_shards=server_shards, layer_shards=layer_shards, sparse=sparse,
         checkpointer=None if o.checkpoint_dir is None else Checkpointer(
             o.checkpoint_dir, o.checkpoint_every, o.checkpoint_keep, meta),
     )
+
+
+def _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers):
+    """The run's row-sparse tables (psframe.sparse), or None; refuses what they cannot do."""
+    tables = sparse_tables(model, layout, train_set.X, o.batch_size)
+    if tables is None:
+        return None
+    problems = []
+    if o.mode != "data":
+        problems.append(f"mode={o.mode!r} (they need mode='data')")
+    if o.dispatch != "static":
+        problems.append("dispatch='dynamic' (a pull must know its batch's rows)")
+    if o.overlap:
+        problems.append("overlap=True")
+    if n_servers > 1:
+        problems.append(f"servers={n_servers} (one server holds the tables for now)")
+    if policy.keeps_sent_weights():
+        problems.append(f"{policy!r} (delay compensation of rows is not built)")
+    if backend.name != "numpy":
+        problems.append(f"backend {backend.name!r} (the rows are exchanged on the host)")
+    if not _steps_rows(optimizer, layout.dtype):
+        problems.append(f"{optimizer!r}, which has no row-wise step (apply_rows)")
+    if problems:
+        raise ValueError(f"row-sparse tables {tables.names} cannot run with "
+                         f"{'; '.join(problems)}; make them dense (sparse=False) or change "
+                         "the run")
+    return tables
+
+
+def _steps_rows(optimizer, dtype):
+    """Whether ``optimizer`` can step a table's rows: tried on a one-row table."""
+    try:
+        table = np.zeros((1, 1), dtype)
+        optimizer.apply_rows(optimizer.init_rows_state(1, 1, dtype), table,
+                             np.zeros(1, np.int64), np.zeros((1, 1), dtype))
+    except (NotImplementedError, AttributeError):
+        return False
+    return True
 
 
 def _check_overlap(o, model, layout, policy, n_servers):

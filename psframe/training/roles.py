@@ -42,8 +42,18 @@ def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
         on_bad_gradient=plan.options.on_bad_gradient, checkpointer=plan.checkpointer,
         resume=plan.resume, stop_units=plan.stop_units(), transport=plan.options.transport,
         keep_sent_weights=plan.policy.keeps_sent_weights(), own_shards=plan.server_shards[0],
-        followers=followers, layer_shards=plan.layer_shards,
+        followers=followers, layer_shards=plan.layer_shards, sparse=plan.sparse,
+        sparse_on_arrival=_rows_on_arrival(plan),
     )
+
+
+def _rows_on_arrival(plan: RunPlan):
+    """The weight a push's rows are applied with as they arrive (ps.Hybrid), or None when
+    they follow the dense policy's decisions."""
+    policy = plan.policy
+    if plan.sparse is None or not getattr(policy, "on_arrival", False):
+        return None
+    return policy.sparse_weight(plan.parallel.replicas)
 
 
 def build_shard_server(channel, plan: RunPlan):
@@ -107,7 +117,7 @@ def build_worker(channel, plan: RunPlan):
     if par.stage_layers is None:
         if plan.layer_shards is not None:
             return LayerwiseWorker(*common, layer_shards=plan.layer_shards, **options)
-        return Worker(*common, **options)
+        return Worker(*common, sparse=plan.sparse, **options)
     return StageWorker(*common, layer_ids=par.stage_layers[stage], stage=stage,
                        n_stages=par.n_stages, prev_rank=rank - 1 if stage else None,
                        next_rank=rank + 1 if stage < par.n_stages - 1 else None,

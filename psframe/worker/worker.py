@@ -10,7 +10,8 @@ from ..transport.topology import node_local_index
 from ..params import overlap
 from ..finite import frame_finite
 from ..data import Features
-from ..sparse import WorkerRows, batch_ids
+from ..sparse import batch_ids
+from ..sparse.worker_rows import WorkerRows
 
 __all__ = ["Worker"]
 

@@ -1,0 +1,226 @@
+"""Row-sparse tables over MPI: Sync equals PyTorch, only touched rows move, Hybrid, resume."""
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import psframe as ps
+from serial_reference import worker_rows
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.mpi
+
+WORLD = MPI.COMM_WORLD
+N_WORKERS = WORLD.Get_size() - 1
+ROWS, DIM, K, CLASSES = 40, 4, 3, 3
+TRANSPORTS = ["auto", "mpi"]
+
+
+def ids_data(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, ROWS, size=(n, K))
+    return X, X.sum(axis=1) % CLASSES
+
+
+def bag_model(combine="mean", sparse=True):
+    return ps.Sequential([ps.layers.Embedding(ROWS, DIM, combine, sparse=sparse),
+                          ps.layers.Dense(DIM, CLASSES)], ps.losses.SoftmaxCrossEntropy())
+
+
+def torch_sync(params, X, y, combine, batch, steps, lr, shuffle, seed):
+    """N-worker Sync restated serially in torch: EmbeddingBag + Linear, plain SGD, each step
+    the mean of the workers' batch gradients."""
+    bag = torch.nn.EmbeddingBag(ROWS, DIM, mode=combine).double()
+    lin = torch.nn.Linear(DIM, CLASSES).double()
+    with torch.no_grad():
+        bag.weight.copy_(torch.tensor(params["0.W"]))
+        lin.weight.copy_(torch.tensor(params["1.W"].T))
+        lin.bias.copy_(torch.tensor(params["1.b"]))
+    weights = [bag.weight, lin.weight, lin.bias]
+    for t in range(steps):
+        total = [torch.zeros_like(w) for w in weights]
+        for rows in worker_rows(len(X), N_WORKERS, batch, t, shuffle, seed):
+            for w in weights:
+                w.grad = None
+            out = lin(bag(torch.tensor(X[rows])))
+            torch.nn.functional.cross_entropy(out, torch.tensor(y[rows])).backward()
+            for acc, w in zip(total, weights):
+                acc += w.grad
+        with torch.no_grad():
+            for acc, w in zip(total, weights):
+                w -= lr * (acc / N_WORKERS)
+    return {"0.W": bag.weight.detach().numpy(), "1.W": lin.weight.detach().numpy().T,
+            "1.b": lin.bias.detach().numpy()}
+
+
+def init_params(model, seed=3):
+    return model.init_params(np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+def test_sync_with_sparse_tables_equals_torch(transport, combine):
+    X, y = ids_data()
+    model = bag_model(combine)
+    steps, batch, lr = 7, 5, 0.3
+    result = ps.train(model, (X, y), policy="sync", optimizer=ps.SGD(lr), batch_size=batch,
+                      steps=steps, seed=3, shuffle=True, dtype="float64", transport=transport,
+                      verbose=False)
+    if WORLD.Get_rank():
+        assert result is None
+        return
+    expected = torch_sync(init_params(model), X, y, combine, batch, steps, lr, True, 3)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.params[name], value, rtol=1e-10, atol=1e-10,
+                                   err_msg=name)
+    assert result.stats["sparse"]["updates"] == steps
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sparse_run_equals_the_same_tables_kept_dense(transport):
+    X, y = ids_data()
+    runs = [ps.train(bag_model(sparse=sparse), (X, y), policy="sync",
+                     optimizer=ps.SGD(0.2, momentum=0.0), batch_size=6, epochs=2, seed=1,
+                     shuffle=True, dtype="float64", transport=transport, verbose=False)
+            for sparse in (True, False)]
+    if WORLD.Get_rank() == 0:
+        for name in runs[1].params:
+            np.testing.assert_array_equal(runs[0].params[name], runs[1].params[name], name)
+
+
+def expected_bytes(X, batch, steps, itemsize=8):
+    """(pushed, pulled) bytes of a Sync run with one table read from X: per worker and step,
+    the dense parameters and the touched rows x dim each way, plus each request's ids."""
+    dense = DIM * CLASSES + CLASSES
+    pushed = pulled = 0
+    for w in range(N_WORKERS):
+        touched = [len(np.unique(X[worker_rows(len(X), N_WORKERS, batch, t)[w]]))
+                   for t in range(steps)]
+        rows = sum(touched)
+        pulled += itemsize * (dense * steps + DIM * rows)
+        # ids: a PULL (2 counts + its rows), PUSH_PULLs (2 counts + pushed + wanted), a PUSH
+        ids = 2 * (steps + 1) + 2 * rows
+        pushed += itemsize * (dense * steps + DIM * rows) + 8 * ids
+    return pushed, pulled
+
+
+def test_bytes_per_step_are_the_touched_rows_and_the_dense_parameters():
+    X, y = ids_data()
+    batch, steps = 4, 6
+    result = ps.train(bag_model(), (X, y), optimizer=ps.SGD(0.1), batch_size=batch,
+                      steps=steps, dtype="float64", transport="mpi", shuffle=False,
+                      verbose=False)
+    if WORLD.Get_rank():
+        return
+    pushed, pulled = expected_bytes(X, batch, steps)
+    assert result.stats["bytes_pushed"] == pushed
+    assert result.stats["bytes_pulled"] == pulled
+    whole_table = ROWS * DIM * 8 * steps * N_WORKERS
+    assert result.stats["bytes_pulled"] < whole_table
+
+
+def test_hybrid_sync_dense_async_rows_records_row_staleness():
+    X, y = ids_data(n=120)
+    result = ps.train(bag_model(), (X, y), policy=ps.Hybrid(dense=ps.Sync(), sparse=ps.Async()),
+                      optimizer=ps.SGD(0.3), batch_size=4, epochs=3, dtype="float64",
+                      verbose=False)
+    if WORLD.Get_rank():
+        return
+    sparse = result.stats["sparse"]
+    pushes = result.stats["pushes_received"]
+    assert sum(sparse["staleness"].values()) == pushes == sparse["updates"]
+    # Pulls wait for each dense Sync step, so at most the other workers' rows come between.
+    assert max(sparse["staleness"]) <= N_WORKERS - 1
+    assert result.stats["max_staleness"] == 0  # the dense part is Sync
+    assert "sparse rows: on arrival" in result.stats["update_weighting"]
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+
+
+def test_hybrid_with_one_worker_is_sync():
+    if N_WORKERS != 1:
+        pytest.skip("one worker applies its rows on arrival at weight 1: Sync's update")
+    X, y = ids_data()
+    runs = [ps.train(bag_model(), (X, y), policy=policy, optimizer=ps.SGD(0.2), batch_size=5,
+                     steps=9, dtype="float64", verbose=False) for policy in ("sync", "hybrid")]
+    if WORLD.Get_rank() == 0:
+        for name in runs[0].params:
+            np.testing.assert_array_equal(runs[0].params[name], runs[1].params[name], name)
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    return WORLD.bcast(str(tmp_path) if WORLD.Get_rank() == 0 else None)
+
+
+@pytest.mark.parametrize("optimizer", [ps.SGD(0.2, momentum=0.9), ps.Adam(0.05), ps.Adagrad(0.3)],
+                         ids=["sgd-momentum", "lazy-adam", "adagrad"])
+def test_resume_with_sparse_tables_is_exact(shared_dir, optimizer):
+    X, y = ids_data()
+
+    def run(**kw):
+        return ps.train(bag_model(), (X, y), optimizer=optimizer, batch_size=4, steps=10,
+                        seed=2, shuffle=True, dtype="float64", verbose=False, **kw)
+
+    full = run(checkpoint_dir=shared_dir, checkpoint_every=4, checkpoint_keep=5)
+    WORLD.Barrier()
+    resumed = run(resume=os.path.join(shared_dir, "ckpt-00000004.json"))
+    if WORLD.Get_rank() == 0:
+        for name in full.params:
+            np.testing.assert_array_equal(resumed.params[name], full.params[name], name)
+
+
+class NaNRows(ps.Model):
+    """A table read straight from X whose gradient turns NaN at one step of worker 0."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def init_params(self, rng):
+        return {"T": rng.normal(size=(ROWS, 2)), "b": np.zeros(CLASSES)}
+
+    def embedding_inputs(self):
+        return {"T": None}
+
+    def loss_and_grad(self, params, X, y):
+        self.calls += 1
+        h = params["T"][X].sum(axis=1)  # (batch, 2)
+        z = np.concatenate([h, np.zeros((len(X), 1))], axis=1) + params["b"]
+        loss = float(((z - np.eye(CLASSES)[y]) ** 2).mean())
+        dz = 2 * (z - np.eye(CLASSES)[y]) / z.size
+        gT = np.zeros_like(params["T"])
+        np.add.at(gT, X.reshape(-1), np.repeat(dz[:, :2], X.shape[1], axis=0))
+        if self.calls == 3 and WORLD.Get_rank() == 1:
+            gT[0, 0] = np.nan
+        return loss, {"T": gT, "b": dz.sum(axis=0)}
+
+
+def test_non_finite_rows_are_refused_and_the_weights_untouched():
+    X, y = ids_data()
+    result = ps.train(NaNRows(), (X, y), optimizer=ps.SGD(0.1), batch_size=4, steps=5,
+                      dtype="float64", on_bad_gradient="skip", verbose=False)
+    if WORLD.Get_rank() == 0:
+        assert result.stats["updates_rejected"] == 1
+        assert all(np.isfinite(v).all() for v in result.params.values())
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(mode="model"), "needs mode='data'"),
+    (dict(policy=ps.Async(compensation=ps.DelayCompensation())), "delay compensation"),
+    (dict(dispatch="dynamic"), "dispatch='dynamic'"),
+])
+def test_what_sparse_tables_cannot_do_is_refused_on_every_rank(options, match):
+    X, y = ids_data()
+    with pytest.raises(ps.ConfigError, match=match):
+        ps.train(bag_model(), (X, y), steps=2, verbose=False, **options)
+    WORLD.Barrier()
+
+
+def test_bad_ids_are_refused_on_every_rank():
+    X, y = ids_data()
+    X[5, 1] = ROWS
+    with pytest.raises(ps.ConfigError, match="found id 40"):
+        ps.train(bag_model(), (X, y), steps=2, verbose=False)
+    WORLD.Barrier()
