@@ -1,16 +1,20 @@
 """A throwaway one-node Slurm (munged, slurmctld, slurmd) in a temporary directory, for tests."""
 import ctypes
+import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 TOOLS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel"]
 SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin"  # daemons live in sbin
 POLICY_RC = "/usr/sbin/policy-rc.d"
+OWNER = "PSFRAME_LOCAL_SLURM_OWNER"  # in every daemon's and job's environment: our pid
+STATE_PREFIX = "psframe-slurm-"
 # The node claims more CPUs than this 2-core machine has (slurmd reports the configured
 # count, see config_overrides), so 1 server + 3 workers fit with the script's 1 CPU per task.
 NODE_CPUS = 4
@@ -22,13 +26,13 @@ def tool(name):
     return shutil.which(name, path=SEARCH_PATH)
 
 
-def install(timeout_s=240):
+def install(timeout_s=180):
     """Installs Debian's Slurm and munge when missing; returns why it could not, or None."""
+    if os.geteuid() != 0:
+        return "slurmd runs jobs as root here (and installing Slurm needs root too); not root"
     missing = [t for t in TOOLS if tool(t) is None]
     if not missing:
         return None
-    if os.geteuid() != 0:
-        return f"Slurm is not installed ({', '.join(missing)} missing) and installing needs root"
     if tool("apt-get") is None:
         return f"Slurm is not installed ({', '.join(missing)} missing) and there is no apt-get"
     # Without systemd, the packages' scripts would start the daemons from /etc/init.d, with
@@ -90,9 +94,10 @@ class LocalSlurm:
         self.daemons = {}
 
     def env(self, **extra):
-        """The caller's environment less any outer job's, pointing at this cluster."""
+        """The caller's environment less any outer job's, pointing at this cluster, marked
+        with its owner (see sweep)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_"))}
-        return dict(env, SLURM_CONF=self.conf, **extra)
+        return dict(env, SLURM_CONF=self.conf, **{OWNER: str(os.getpid())}, **extra)
 
     def run(self, *cmd, timeout=30, **kw):
         return subprocess.run([tool(cmd[0]), *cmd[1:]], env=kw.pop("env", self.env()),
@@ -217,22 +222,50 @@ class LocalSlurm:
                 proc.wait(timeout=10)
         # slurmstepd (and a job's ranks) outlive slurmd by design; they all carry our
         # SLURM_CONF, which no other process on the machine has.
-        for pid in self.leftovers():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        deadline = time.time() + 5  # a killed process shows its environment until it is gone
+        while (pids := self.leftovers()) and time.time() < deadline:
+            for pid in pids:
+                _kill(pid)
+            time.sleep(0.1)
 
     def leftovers(self):
-        mark = f"SLURM_CONF={self.conf}".encode()
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if mark in f.read().split(b"\0"):
-                        pids.append(int(entry))
-            except OSError:  # gone, or not ours to read
-                pass
-        return pids
+        return [pid for pid, env in _environments() if env.get("SLURM_CONF") == self.conf]
+
+
+def sweep():
+    """Kills and removes what a run killed outright left (pytest-timeout's thread method ends
+    the process without finalizers; the daemons die with it, but not slurmstepd and a job)."""
+    for pid, env in _environments():
+        owner = env.get(OWNER)
+        if owner and not os.path.exists(f"/proc/{owner}"):
+            _kill(pid)
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{STATE_PREFIX}*-*")):
+        owner = os.path.basename(path)[len(STATE_PREFIX):].split("-")[0]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def state_dir():
+    """A fresh directory named by its owner, for sweep."""
+    return tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{os.getpid()}-")
+
+
+def _environments():
+    """(pid, environment) of every other process whose environment is readable."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                raw = f.read()
+        except OSError:  # gone, or not ours to read
+            continue
+        pairs = (e.split("=", 1) for e in raw.decode(errors="replace").split("\0") if "=" in e)
+        yield int(entry), dict(pairs)
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
