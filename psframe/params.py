@@ -23,9 +23,11 @@ class ParamLayout:
     layout, so frame sizes never travel on the wire.
     """
 
-    def __init__(self, shapes, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS, cuts=()):
+    def __init__(self, shapes, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS, cuts=(),
+                 rows=None):
         """``cuts``: element offsets that must also be shard bounds (where one server's range
-        ends and the next one's begins, inside a tensor if need be)."""
+        ends and the next one's begins, inside a tensor if need be). ``rows``: tensors that
+        servers split only between rows (row-sparse tables): name -> elements per row."""
         if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
         if int(shard_elems) < 1:
@@ -33,6 +35,7 @@ class ParamLayout:
         self.dtype = np.dtype(dtype)
         self.shard_elems = int(shard_elems)
         self.names = list(shapes)
+        self.rows = dict(rows or {})
         self.shapes = {n: tuple(int(d) for d in shapes[n]) for n in self.names}
         self.sizes = {n: int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names}
         self.offsets = {}
@@ -74,7 +77,9 @@ class ParamLayout:
 
     def uncut(self):
         """This layout without the servers' cuts."""
-        return ParamLayout(self.shapes, self.dtype, self.shard_elems) if self.cuts else self
+        if not self.cuts:
+            return self
+        return ParamLayout(self.shapes, self.dtype, self.shard_elems, rows=self.rows)
 
     def cut_for(self, n_servers):
         """This layout with its shards also cut where each of ``n_servers`` servers' equal
@@ -89,7 +94,17 @@ class ParamLayout:
         if n == 1:
             return self
         return ParamLayout(self.shapes, self.dtype, self.shard_elems,
-                           cuts=[self.size * s // n for s in range(1, n)])
+                           cuts=[self.server_cut(s, n) for s in range(1, n)], rows=self.rows)
+
+    def server_cut(self, s, n_servers):
+        """Where server ``s``'s range begins among ``n_servers``: at its equal share of the
+        elements, moved back to a row's start inside a table of ``rows``."""
+        cut = self.size * s // n_servers
+        for name, width in self.rows.items():
+            start = self.offsets[name]
+            if start < cut < start + self.sizes[name]:
+                return start + (cut - start) // width * width
+        return cut
 
     # -- ranges -----------------------------------------------------------------------------
     def shard_range(self, lo, hi):
@@ -183,7 +198,7 @@ def server_ranges(layout, n_servers):
     shard, each one the shards up to the next of the layout's cuts (see cut_for), so each
     server holds an equal share of the elements, to one element."""
     n = int(n_servers)
-    cuts = [0] + [layout.shards_of_range(0, layout.size * s // n)[1] for s in range(1, n)]
+    cuts = [0] + [layout.shards_of_range(0, layout.server_cut(s, n))[1] for s in range(1, n)]
     cuts.append(layout.n_shards)
     return [(cuts[s], cuts[s + 1]) for s in range(n)]
 

@@ -14,7 +14,7 @@ def range_arrays(engine, own_shards):
             arrays[f"opt.{key}"] = value[start:stop]
     rows = getattr(engine, "rows", None)
     if rows is not None:  # row state with no place in the flat arrays (per-row step counts)
-        arrays.update(rows.extra_state)
+        arrays.update(rows.state_part())
     return arrays
 
 

@@ -74,7 +74,8 @@ class ParameterServer:
         self.rows = None
         if sparse is not None:
             self.rows = ServerRows(channel.comm, sparse, self.engine.weights, optimizer,
-                                   self.engine.opt_state, self.workers)
+                                   self.engine.opt_state, self.workers,
+                                   row_ranges=sparse.rows_in(*self.own))
         self.engine.rows = self.rows  # checkpointed with the engine's state
         self.sparse_on_arrival = sparse_on_arrival
         self.inbox = GradientInbox(layout, self.paths, self.recorder.stats, on_bad_gradient,
@@ -164,7 +165,8 @@ class ParameterServer:
         result = self.recorder.result(self.weights, self.groups, [p.name for p in self.paths],
                                       wall, cpu, waiting.total, busy.total)
         if self.rows is not None:
-            result.stats["sparse"] = self.rows.stats()
+            result.stats["sparse"] = self.rows.stats(
+                [s.get("sparse") for s in self.recorder.servers or ()])
         return result
 
     def waiting_for(self):
@@ -233,10 +235,7 @@ class ParameterServer:
     def _on_pull(self, worker, header, posted=None):
         group, local = self.group_of[worker]
         if self.rows is not None:  # its ids: the rows to answer with
-            before = self.rows.bytes_in[worker]
-            self.rows.land(worker)
-            self.recorder.stats.bytes_pushed += self.rows.bytes_in[worker] - before
-            self.recorder.bytes_pushed_by[worker] += self.rows.bytes_in[worker] - before
+            self._land_rows(worker)
         self._check_shards(worker, header, group)
         self._update_and_send(group, None, self._register_pull(worker, header, group, local,
                                                                int(header[Field.CLOCK])), None)
@@ -261,22 +260,27 @@ class ParameterServer:
         count, clock = int(header[Field.COUNT]), int(header[Field.CLOCK])
         accepted = self.inbox.receive(worker, lo, hi, count, clock, int(header[Field.FLAGS]),
                                       posted)
-        nbytes = count * self.layout.dtype.itemsize
         if self.rows is not None:
-            before = self.rows.bytes_in[worker]
-            rows_finite = self.rows.land(worker)
-            nbytes += self.rows.bytes_in[worker] - before
-            if accepted and not rows_finite:
+            if not self._land_rows(worker) and accepted:
                 accepted = self.inbox.reject(worker, clock)
             if accepted and self.sparse_on_arrival is not None:
                 self.rows.apply_one(worker, self.sparse_on_arrival)
-        self.recorder.pushed(worker, nbytes, accepted,
+        self.recorder.pushed(worker, count * self.layout.dtype.itemsize, accepted,
                              int(header[Field.SAMPLES]), loss_of(header[Field.LOSS]),
                              int(header[Field.BATCH]))
         decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
         serve = (self._register_pull(worker, header, group, local, clock + 1)
                  if then_pull else [])
         self._carry_out(decision, group, worker, serve)
+
+    def _land_rows(self, worker):
+        """Land worker's row-sparse ids (and pushed rows), counted in its bytes pushed;
+        False when the rows are not finite."""
+        before = self.rows.bytes_in[worker]
+        finite = self.rows.land(worker)
+        self.recorder.stats.bytes_pushed += self.rows.bytes_in[worker] - before
+        self.recorder.bytes_pushed_by[worker] += self.rows.bytes_in[worker] - before
+        return finite
 
     def _on_done(self, worker, header, posted=None):
         self.recorder.reported(worker, self.channel.recv_object(self.workers[worker],

@@ -31,8 +31,9 @@ class ShardServer(ParameterServer):
         self.interrupted = False
         self._replies = {}
         # The workers whose shards meet this range: they send it requests; the others never.
+        # With row-sparse tables every worker may touch rows here.
         self.serves = [w for w in range(len(self.workers))
-                       if self._meets(self.group_of[w][0])]
+                       if self.rows is not None or self._meets(self.group_of[w][0])]
         self._queue_index = {w: i for i, w in enumerate(self.serves)}
         # Weights in rank 0's own buffer (the node's shared window): a snapshot is a word.
         self.shares_weights = self.window.segment(leader) is not None
@@ -69,13 +70,15 @@ class ShardServer(ParameterServer):
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
                 load = self.recorder.load(self.channel.rank, self.own_shards,
                                           self.own[1] - self.own[0], wall, cpu)
+                if self.rows is not None:
+                    load["sparse"] = self.rows.stats()
                 self.channel.send_object(load, self.leader, Tag.CONTROL)
                 return None
 
     def _follow(self, order):
         worker, op = order.worker, order.op
         group, _ = self.group_of[worker]
-        if not self._meets(group):
+        if worker not in self._queue_index:
             return  # none of this worker's shards are here
         self._waiting = worker  # its request, which rank 0 has already handled
         if worker not in self._landing:
@@ -86,6 +89,8 @@ class ShardServer(ParameterServer):
                                 f"{fields[Field.OP]} where rank 0 had op {op}")
         if op in (Op.PUSH, Op.PUSH_PULL):
             self._land(worker, fields, group, posted)
+        elif op == Op.PULL and self.rows is not None:
+            self._land_rows(worker)
         if op in (Op.PULL, Op.PUSH_PULL):
             self._check_shards(worker, fields, group)
             self._awaiting[worker] = True
@@ -120,6 +125,8 @@ class ShardServer(ParameterServer):
     def _start_landing(self, worker):
         fields = self.requests.take(self._queue_index[worker])
         posted = None
+        if self.rows is not None and fields[Field.OP] != Op.DONE:
+            self.rows.post(worker, push=fields[Field.OP] != Op.PULL)
         if fields[Field.OP] in (Op.PUSH, Op.PUSH_PULL):
             group, _ = self.group_of[worker]
             if worker in group.pending:
@@ -138,6 +145,11 @@ class ShardServer(ParameterServer):
                                       int(fields[Field.FLAGS]), posted)
         self.recorder.stats.bytes_pushed += count * self.layout.dtype.itemsize
         self.recorder.bytes_pushed_by[worker] += count * self.layout.dtype.itemsize
+        if self.rows is not None:
+            # Every server refuses a push alike: the worker flags non-finite rows too.
+            self._land_rows(worker)
+            if accepted and self.sparse_on_arrival is not None:
+                self.rows.apply_one(worker, self.sparse_on_arrival)
         return accepted
 
     def _answer(self, worker, group, clock):

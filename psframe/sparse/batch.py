@@ -17,9 +17,7 @@ class BatchIds:
     def __init__(self, unique: Dict[str, np.ndarray], X: Any):
         self.unique = unique
         self.X = X
-
-    def counts(self, names):
-        return [len(self.unique[n]) for n in names]
+        self.split = None  # each server's share of the rows (WorkerRows, once per batch)
 
 
 def batch_ids(tables, X) -> BatchIds:

@@ -33,11 +33,18 @@ class ServerRows:
     ``extra_state``.
     """
 
-    def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks):
+    def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks,
+                 row_ranges=None):
+        """``row_ranges``: {name: (first row, end row)} this server holds (default: all)."""
         self.comm = comm
         self.tables = tables
         self.names = tables.names
         self.table = tables.views(weights)
+        self.row_ranges = row_ranges or {n: (0, tables.rows[n]) for n in self.names}
+        self.capacity = {n: min(tables.capacity[n], hi - lo)
+                         for n, (lo, hi) in self.row_ranges.items()}
+        max_ids = sum(self.capacity.values())
+        max_elems = sum(self.capacity[n] * tables.dims[n] for n in self.names)
         self.optimizer = optimizer
         self.state = {}
         self.extra_state = {}  # checkpoint key -> array, for row state not in opt_state
@@ -57,12 +64,14 @@ class ServerRows:
         self.workers = list(worker_ranks)
         n = len(self.workers)
         t = len(self.names)
-        self._ids = [np.zeros(2 * t + 2 * tables.max_ids, np.int64) for _ in range(n)]
-        self._rows = [np.zeros(tables.max_elems, dtype) for _ in range(n)]
-        self._out = [np.zeros(tables.max_elems, dtype) for _ in range(n)]
+        self._ids = [np.zeros(2 * t + 2 * max_ids, np.int64) for _ in range(n)]
+        self._rows = [np.zeros(max_elems, dtype) for _ in range(n)]
+        self._out = [np.zeros(max_elems, dtype) for _ in range(n)]
         self._posted = [None] * n
         self._landed = [_Request() for _ in range(n)]
-        self._acc = {name: np.zeros((tables.capacity[name] * n, tables.dims[name]), dtype)
+        self._acc = {name: np.zeros((min(self.capacity[name] * n,
+                                         self.row_ranges[name][1] - self.row_ranges[name][0]),
+                                     tables.dims[name]), dtype)
                      for name in self.names}
         self.version = 0  # updates applied to the tables
         self._pulled_at = [0] * n  # the table version each worker's rows came from
@@ -122,11 +131,22 @@ class ServerRows:
         return not req.has_rows or frame_finite(self._rows[worker][:elems])
 
     def _check_ids(self, worker, name, rows):
-        if len(rows) > self.tables.capacity[name] or (
-                len(rows) and (rows[0] < 0 or rows[-1] >= self.tables.rows[name]
+        lo, hi = self.row_ranges[name]
+        if len(rows) > self.capacity[name] or (
+                len(rows) and (rows[0] < lo or rows[-1] >= hi
                                or (len(rows) > 1 and (np.diff(rows) <= 0).any()))):
             raise ProtocolError(f"worker {worker} sent {len(rows)} ids of table {name!r} that "
-                                "are not distinct sorted rows of it")
+                                f"are not distinct sorted rows of this server's [{lo}, {hi})")
+
+    def state_part(self):
+        """The row state with no place in the flat arrays, this server's rows of it (the
+        servers' parts, joined in order, are the whole tables')."""
+        out = {}
+        for key, value in self.extra_state.items():
+            name = key[len("rows."):].rsplit(".", 1)[0]
+            lo, hi = self.row_ranges[name]
+            out[key] = value[lo:hi]
+        return out
 
     def _pushed(self, worker):
         """(name, ids, (n, dim) rows) of worker's landed push."""
@@ -190,8 +210,15 @@ class ServerRows:
         self.bytes_out[worker] += at * out.itemsize
         return self.comm.Isend(out[:at], self.workers[worker], Tag.SPARSE_PULL)
 
-    def stats(self):
-        return {"tables": self.tables.describe(), "rows_pushed": self.rows_in,
-                "rows_pulled": self.rows_out, "bytes_pushed": sum(self.bytes_in),
-                "bytes_pulled": sum(self.bytes_out), "updates": self.version,
-                "staleness": dict(sorted(self.staleness.items()))}
+    def stats(self, others=()):
+        """The exchange's counts (with ``others``: the other servers' stats, summed in)."""
+        mine = {"rows_pushed": self.rows_in, "rows_pulled": self.rows_out,
+                "bytes_pushed": sum(self.bytes_in), "bytes_pulled": sum(self.bytes_out)}
+        out = {"tables": self.tables.describe(), **mine, "updates": self.version,
+               "staleness": dict(sorted(self.staleness.items()))}
+        servers = [mine] + [o for o in others if o]
+        if len(servers) > 1:  # each server's rows: the partition's load
+            for key in mine:
+                out[key] = sum(o[key] for o in servers)
+            out["servers"] = [{k: o[k] for k in mine} for o in servers]
+        return out

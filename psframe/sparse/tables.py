@@ -36,6 +36,17 @@ class SparseTables:
         self.max_ids = sum(self.capacity.values())
         self.max_elems = sum(self.capacity[n] * self.dims[n] for n in self.names)
 
+    def rows_in(self, start, stop):
+        """{name: (first row, end row)} of each table's rows in elements [start, stop) (a
+        server's range; servers split tables between rows)."""
+        out = {}
+        for n in self.names:
+            off, dim, rows = self.offsets[n], self.dims[n], self.rows[n]
+            lo = min(max(start - off, 0), rows * dim) // dim
+            hi = min(max(stop - off, 0), rows * dim) // dim
+            out[n] = (lo, hi)
+        return out
+
     def __len__(self):
         return len(self.names)
 

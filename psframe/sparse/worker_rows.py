@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..finite import frame_finite
 from ..transport.wire import Tag
 
 __all__ = ["WorkerRows", "ids_message"]
@@ -10,79 +11,126 @@ __all__ = ["WorkerRows", "ids_message"]
 
 def ids_message(out, names, push, want):
     """Fill ``out`` with one request's ids: the push's and the pull's row counts per table,
-    then the push's ids, then the pull's (either BatchIds may be None: nothing). Returns the
-    message's length."""
+    then the push's ids, then the pull's; ``push`` and ``want`` map each name to an ids array
+    (either may be None: nothing). Returns the message's length."""
     t = len(names)
-    pushed = push.counts(names) if push is not None else [0] * t
-    wanted = want.counts(names) if want is not None else [0] * t
+    pushed = [len(push[n]) for n in names] if push is not None else [0] * t
+    wanted = [len(want[n]) for n in names] if want is not None else [0] * t
     out[:t], out[t:2 * t] = pushed, wanted
     at = 2 * t
-    for batch, counts in ((push, pushed), (want, wanted)):
+    for ids, counts in ((push, pushed), (want, wanted)):
         for name, n in zip(names, counts):
             if n:
-                out[at:at + n] = batch.unique[name]
+                out[at:at + n] = ids[name]
                 at += n
     return at
 
 
-class WorkerRows:
-    """Sends each request's ids (and a push's gradient rows), receives a pull's rows.
+class _Server:
+    """One server's share of the exchange: its rows of each table, and its buffers (one
+    message each way per request, whatever the number of tables)."""
 
-    The model computes on compact tables: views into the pulled rows, one per table, in the
-    order of ``tables.names``; its gradients of them are the rows a push carries.
-    """
-
-    def __init__(self, channel, tables, server, dtype):
-        self.channel = channel
-        self.tables = tables
-        self.server = server
+    def __init__(self, rank, row_ranges, tables, dtype):
+        self.rank = rank
+        self.row_ranges = row_ranges  # name -> (first row, end row) it holds
         self.ids = np.zeros(2 * len(tables) + 2 * tables.max_ids, dtype=np.int64)
         self.push_rows = np.zeros(tables.max_elems, dtype=dtype)
         self.pull_rows = np.zeros(tables.max_elems, dtype=dtype)
+
+
+class WorkerRows:
+    """Sends each request's ids (and a push's gradient rows) to the servers holding those
+    rows, and receives a pull's rows from them.
+
+    The model computes on compact tables, one per table: its batch's distinct rows in id
+    order (views into the one server's reply; with several servers, their replies side by
+    side), and its gradients of them are the rows a push carries.
+    """
+
+    def __init__(self, channel, tables, servers, dtype):
+        """``servers``: (rank, {name: (first row, end row)}) of every server, in order."""
+        self.channel = channel
+        self.tables = tables
+        self.names = tables.names
+        self.servers = [_Server(rank, ranges, tables, dtype) for rank, ranges in servers]
+        self._compact = {n: np.zeros((tables.capacity[n], tables.dims[n]), dtype)
+                         for n in self.names}
         self.current = None  # BatchIds of the batch computed on the rows last pulled
-        self.bytes_sent = self.bytes_received = 0
 
-    def _split(self, flat, batch):
-        """(name, (n, dim) view) of each table's rows of ``batch`` in ``flat``."""
+    def _split(self, batch):
+        """Per server: {name: (a, b)}, its slice of each table's distinct ids in ``batch``
+        (computed once per batch, kept with it)."""
+        if batch.split is None:
+            parts = [{} for _ in self.servers]
+            for name in self.names:
+                ids = batch.unique[name]
+                for part, server in zip(parts, self.servers):
+                    lo, hi = server.row_ranges[name]
+                    part[name] = (int(np.searchsorted(ids, lo)), int(np.searchsorted(ids, hi)))
+            batch.split = parts
+        return batch.split
+
+    def _ids_for(self, batch, s):
+        if batch is None:
+            return None
+        return {n: batch.unique[n][a:b] for n, (a, b) in self._split(batch)[s].items()}
+
+    def _blocks(self, batch, s, flat):
+        """(name, (a, b), (b - a, dim) view) of server s's rows of ``batch`` in ``flat``."""
         at = 0
-        for name in self.tables.names:
-            n, dim = len(batch.unique[name]), self.tables.dims[name]
-            yield name, flat[at:at + n * dim].reshape(n, dim)
-            at += n * dim
-
-    def _elems(self, batch):
-        return sum(len(batch.unique[n]) * self.tables.dims[n] for n in self.tables.names)
+        for name, (a, b) in self._split(batch)[s].items():
+            dim = self.tables.dims[name]
+            yield name, (a, b), flat[at:at + (b - a) * dim].reshape(b - a, dim)
+            at += (b - a) * dim
 
     def compact(self, params):
         """``params`` with each table replaced by the current batch's pulled rows."""
         out = dict(params)
-        for name, rows in self._split(self.pull_rows, self.current):
-            out[name] = rows.reshape((len(rows),) + self.tables.layout.shapes[name][1:])
+        shape = self.tables.layout.shapes
+        if len(self.servers) == 1:
+            for name, _, rows in self._blocks(self.current, 0, self.servers[0].pull_rows):
+                out[name] = rows.reshape((len(rows),) + shape[name][1:])
+            return out
+        for name in self.names:
+            n = len(self.current.unique[name])
+            out[name] = self._compact[name][:n].reshape((n,) + shape[name][1:])
+        for s, server in enumerate(self.servers):
+            for name, (a, b), rows in self._blocks(self.current, s, server.pull_rows):
+                self._compact[name][a:b] = rows
         return out
 
     def pack(self, grads):
-        """Each table's gradient (of the compact table) into the push's rows buffer."""
-        for name, rows in self._split(self.push_rows, self.current):
-            g = grads[name]
-            if np.shape(g)[0] != len(rows):
-                raise ValueError(f"gradient {name!r} has {np.shape(g)[0]} rows, but the batch "
-                                 f"touches {len(rows)} rows of the table")
-            rows[:] = np.asarray(g).reshape(rows.shape)
+        """Each table's gradient (of the compact table) into each server's push buffer."""
+        for name in self.names:
+            n = len(self.current.unique[name])
+            if np.shape(grads[name])[0] != n:
+                raise ValueError(f"gradient {name!r} has {np.shape(grads[name])[0]} rows, but "
+                                 f"the batch touches {n} rows of the table")
+        for s, server in enumerate(self.servers):
+            for name, (a, b), rows in self._blocks(self.current, s, server.push_rows):
+                rows[:] = np.asarray(grads[name]).reshape(-1, rows.shape[1])[a:b]
 
-    def post_pull(self, want):
-        """The receive of the rows of ``want`` (BatchIds), posted before they are asked for."""
-        n = self._elems(want)
-        self.bytes_received += n * self.pull_rows.itemsize
-        return self.channel.comm.Irecv(self.pull_rows[:n], self.server, Tag.SPARSE_PULL)
+    def push_finite(self):
+        """Whether every pushed row is finite (several servers must refuse a push alike)."""
+        return all(frame_finite(server.push_rows[:self._elems(self.current, s)])
+                   for s, server in enumerate(self.servers))
 
-    def send(self, push, want):
-        """The request's ids (and the rows of ``push``); the sends to wait on."""
-        n = ids_message(self.ids, self.tables.names, push, want)
-        sends = [self.channel.comm.Isend(self.ids[:n], self.server, Tag.SPARSE_IDS)]
-        self.bytes_sent += n * self.ids.itemsize
+    def _elems(self, batch, s):
+        return sum((b - a) * self.tables.dims[n] for n, (a, b) in self._split(batch)[s].items())
+
+    def post_pull(self, want, s):
+        """Server s's reply of the rows of ``want`` (BatchIds), posted before it is asked."""
+        server = self.servers[s]
+        n = self._elems(want, s)
+        return self.channel.comm.Irecv(server.pull_rows[:n], server.rank, Tag.SPARSE_PULL)
+
+    def send(self, push, want, s):
+        """Server s's share of the request: its ids (and its rows of ``push``); the sends."""
+        server = self.servers[s]
+        n = ids_message(server.ids, self.names, self._ids_for(push, s), self._ids_for(want, s))
+        sends = [self.channel.comm.Isend(server.ids[:n], server.rank, Tag.SPARSE_IDS)]
         if push is not None:
-            m = self._elems(push)
-            sends.append(self.channel.comm.Isend(self.push_rows[:m], self.server,
+            m = self._elems(push, s)
+            sends.append(self.channel.comm.Isend(server.push_rows[:m], server.rank,
                                                  Tag.SPARSE_ROWS))
-            self.bytes_sent += m * self.push_rows.itemsize
         return sends

@@ -105,6 +105,9 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     params = model.init_params(np.random.default_rng(o.seed))
     params = dense_first(params, getattr(model, "embedding_inputs", dict)())
     layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
+    # Servers split row-sparse tables between rows: each holds whole rows.
+    layout.rows = {n: layout.sizes[n] // max(1, layout.shapes[n][0])
+                   for n in getattr(model, "embedding_inputs", dict)()}
     layout = layout.cut_for(n_servers)  # or: fewer weights than servers
     if o.init is not None:
         if not isinstance(o.init, dict):
@@ -176,8 +179,6 @@ def _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_ser
         problems.append("dispatch='dynamic' (a pull must know its batch's rows)")
     if o.overlap:
         problems.append("overlap=True")
-    if n_servers > 1:
-        problems.append(f"servers={n_servers} (one server holds the tables for now)")
     if policy.keeps_sent_weights():
         problems.append(f"{policy!r} (delay compensation of rows is not built)")
     if backend.name != "numpy":

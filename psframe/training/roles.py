@@ -67,7 +67,8 @@ def build_shard_server(channel, plan: RunPlan):
         resume=plan.resume, transport=plan.options.transport,
         keep_sent_weights=plan.policy.keeps_sent_weights(),
         own_shards=plan.server_shards[index], leader=0, index=index,
-        layer_shards=plan.layer_shards,
+        layer_shards=plan.layer_shards, sparse=plan.sparse,
+        sparse_on_arrival=_rows_on_arrival(plan),
     )
 
 

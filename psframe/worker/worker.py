@@ -94,7 +94,9 @@ class Worker:
         self._parts_of = {}  # shard range -> _parts(range), the same every step
         self.rows = None
         if sparse is not None:
-            self.rows = WorkerRows(self.channel, sparse, self.server, layout.dtype)
+            self.rows = WorkerRows(self.channel, sparse, [
+                (rank, sparse.rows_in(*layout.shard_range(*own))) for rank, own in self.servers
+            ], layout.dtype)
             self.shards = sparse.dense_shards
         self._want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
         self._rows_recv = None
@@ -294,7 +296,8 @@ class Worker:
             parts = []
             for i, (_, own) in enumerate(self.servers):
                 part = overlap(own, (lo, hi))
-                if i == 0 or part[0] < part[1]:
+                # With row-sparse tables every server may hold rows a batch touches.
+                if i == 0 or part[0] < part[1] or self.rows is not None:
                     parts.append((i, part))
             self._parts_of[(lo, hi)] = parts
         return parts
@@ -308,7 +311,8 @@ class Worker:
         for i, (a, b), _, _ in posted:
             self._send_header(Op.PULL, clock, a, b, status=status, to=i)
         if self.rows is not None:
-            self.channel.wait_frames(self.rows.send(None, self._want))
+            self.channel.wait_frames([r for i, *_ in posted
+                                      for r in self.rows.send(None, self._want, i)])
         return self._receive_weights(posted)
 
     def push_pull(self, clock, loss, samples, lo=0, hi=None, meanwhile=None):
@@ -340,7 +344,7 @@ class Worker:
             reply = self.channel.irecv_header(self._replies[i], self.servers[i][0], Tag.REPLY)
             posted.append((i, (a, b), reply, self.paths[i].post_weights(a, b)))
         if self.rows is not None:
-            self._rows_recv = self.rows.post_pull(self._want)
+            self._rows_recv = [self.rows.post_pull(self._want, i) for i, *_ in posted]
         return posted
 
     def _receive_weights(self, posted, wait_frames=True):
@@ -359,14 +363,15 @@ class Worker:
                     r.Cancel()
                 self.channel.wait_frames(frames)
             if self._rows_recv is not None:
-                self._rows_recv.Cancel()
-                self._rows_recv.Wait()
+                for r in self._rows_recv:
+                    r.Cancel()
+                self.channel.wait_frames(self._rows_recv)
                 self._rows_recv = None
             return False
         self.version = int(self._reply[Field.VERSION])
         self.batch = int(self._reply[Field.BATCH])
         if self._rows_recv is not None:
-            self.channel.wait(self._rows_recv)
+            self.channel.wait_frames(self._rows_recv)
             self._rows_recv = None
             self.rows.current = self._want  # the next compute runs on these rows
         if not wait_frames:
@@ -399,17 +404,19 @@ class Worker:
         flags = 0
         if self._check_finite:
             start, stop = self.layout.shard_range(lo, hi)
-            if not frame_finite(self.grad[start:stop]):
+            if not frame_finite(self.grad[start:stop]) or (
+                    self.rows is not None and not self.rows.push_finite()):
                 flags = Flag.NON_FINITE
         sends = []
         self.path.before_push()  # the paths share one gradient buffer: one fence does
+        want = self._want if op == Op.PUSH_PULL else None
         for i, (a, b) in self._parts(lo, hi):
             start, stop = self.layout.shard_range(a, b)
             self._send_header(op, clock, a, b, count=stop - start, loss=loss, samples=samples,
                               status=status, flags=flags, to=i)
             sends += self.paths[i].post_frames(a, b, self._push_order(a, b))
-        if self.rows is not None:  # the rows computed on, and (with a pull) the next ones
-            sends += self.rows.send(self.rows.current, self._want if op == Op.PUSH_PULL else None)
+            if self.rows is not None:  # the rows computed on, and (with a pull) the next ones
+                sends += self.rows.send(self.rows.current, want, i)
         self.channel.wait_frames(sends)
 
     def _push_order(self, lo, hi):

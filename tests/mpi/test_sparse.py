@@ -29,7 +29,20 @@ def bag_model(combine="mean", sparse=True):
                           ps.layers.Dense(DIM, CLASSES)], ps.losses.SoftmaxCrossEntropy())
 
 
-def torch_sync(params, X, y, combine, batch, steps, lr, shuffle, seed):
+def servers_for(n):
+    """n servers where the world leaves at least one worker, else skip."""
+    if WORLD.Get_size() <= n:
+        pytest.skip(f"{n} servers need at least {n + 1} ranks")
+    return n
+
+
+def on(n_ranks):
+    """A communicator of the first n_ranks ranks (None on the others)."""
+    sub = WORLD.Split(0 if WORLD.Get_rank() < n_ranks else MPI.UNDEFINED)
+    return None if sub == MPI.COMM_NULL else sub
+
+
+def torch_sync(params, X, y, combine, batch, steps, lr, shuffle, seed, n_workers=N_WORKERS):
     """N-worker Sync restated serially in torch: EmbeddingBag + Linear, plain SGD, each step
     the mean of the workers' batch gradients."""
     bag = torch.nn.EmbeddingBag(ROWS, DIM, mode=combine).double()
@@ -41,7 +54,7 @@ def torch_sync(params, X, y, combine, batch, steps, lr, shuffle, seed):
     weights = [bag.weight, lin.weight, lin.bias]
     for t in range(steps):
         total = [torch.zeros_like(w) for w in weights]
-        for rows in worker_rows(len(X), N_WORKERS, batch, t, shuffle, seed):
+        for rows in worker_rows(len(X), n_workers, batch, t, shuffle, seed):
             for w in weights:
                 w.grad = None
             out = lin(bag(torch.tensor(X[rows])))
@@ -50,7 +63,7 @@ def torch_sync(params, X, y, combine, batch, steps, lr, shuffle, seed):
                 acc += w.grad
         with torch.no_grad():
             for acc, w in zip(total, weights):
-                w -= lr * (acc / N_WORKERS)
+                w -= lr * (acc / n_workers)
     return {"0.W": bag.weight.detach().numpy(), "1.W": lin.weight.detach().numpy().T,
             "1.b": lin.bias.detach().numpy()}
 
@@ -76,6 +89,28 @@ def test_sync_with_sparse_tables_equals_torch(transport, combine):
         np.testing.assert_allclose(result.params[name], value, rtol=1e-10, atol=1e-10,
                                    err_msg=name)
     assert result.stats["sparse"]["updates"] == steps
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sync_with_tables_split_over_two_servers_equals_torch(transport):
+    servers = servers_for(2)
+    X, y = ids_data()
+    model = bag_model("sum")
+    steps, batch, lr = 6, 5, 0.3
+    # 20 rows x 4 of each server's 80 + 15 elements: the cut falls inside the table.
+    result = ps.train(model, (X, y), optimizer=ps.SGD(lr), batch_size=batch, steps=steps,
+                      seed=3, shuffle=True, dtype="float64", transport=transport,
+                      servers=servers, verbose=False)
+    if WORLD.Get_rank():
+        return
+    expected = torch_sync(init_params(model), X, y, "sum", batch, steps, lr, True, 3,
+                          n_workers=WORLD.Get_size() - servers)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.params[name], value, rtol=1e-10, atol=1e-10,
+                                   err_msg=name)
+    per_server = result.stats["sparse"]["servers"]
+    assert len(per_server) == 2 and all(s["rows_pushed"] > 0 for s in per_server)
+    assert sum(s["rows_pushed"] for s in per_server) == result.stats["sparse"]["rows_pushed"]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -170,6 +205,33 @@ def test_resume_with_sparse_tables_is_exact(shared_dir, optimizer):
     if WORLD.Get_rank() == 0:
         for name in full.params:
             np.testing.assert_array_equal(resumed.params[name], full.params[name], name)
+
+
+@pytest.mark.parametrize("optimizer", [ps.Adam(0.05), ps.Adagrad(0.3)],
+                         ids=["lazy-adam", "adagrad"])
+def test_resume_with_tables_on_two_servers_and_resharded_is_exact(shared_dir, optimizer):
+    """Every run first, the checks after (a failed check must not leave ranks waiting)."""
+    servers = servers_for(2)
+    X, y = ids_data()
+
+    def run(servers=servers, **kw):
+        return ps.train(bag_model(), (X, y), optimizer=optimizer, batch_size=4, steps=10,
+                        seed=2, shuffle=True, dtype="float64", servers=servers, verbose=False,
+                        **kw)
+
+    full = run(checkpoint_dir=shared_dir, checkpoint_every=4, checkpoint_keep=5)
+    first = os.path.join(shared_dir, "ckpt-00000004.json")
+    WORLD.Barrier()
+    resumed = run(resume=first)
+    sub = on(WORLD.Get_size() - 1)  # the same workers with one server: the rows resharded
+    down = run(servers=1, resume=first, comm=sub) if sub is not None else None
+    if sub is not None:
+        sub.Free()
+    WORLD.Barrier()
+    if WORLD.Get_rank() == 0:
+        for name in full.params:
+            np.testing.assert_array_equal(resumed.params[name], full.params[name], name)
+            np.testing.assert_array_equal(down.params[name], full.params[name], name)
 
 
 class NaNRows(ps.Model):
