@@ -165,6 +165,7 @@ class ParameterServer:
         result = self.recorder.result(self.weights, self.groups, [p.name for p in self.paths],
                                       wall, cpu, waiting.total, busy.total)
         if self.rows is not None:
+            result.params = self.rows.tables.from_storage(result.params)
             result.stats["sparse"] = self.rows.stats(
                 [s.get("sparse") for s in self.recorder.servers or ()])
         return result

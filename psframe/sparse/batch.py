@@ -9,7 +9,8 @@ __all__ = ["BatchIds", "batch_ids"]
 
 
 class BatchIds:
-    """``unique[name]``: the sorted distinct rows of table ``name`` the batch reads;
+    """``unique[name]``: the sorted distinct rows (in storage: RowPlacement) of table
+    ``name`` the batch reads;
     ``X``: the batch with each table's ids replaced by their place in ``unique``, so the
     model computes on a compact table of just those rows (its gradient is then exactly the
     rows to push, duplicates summed by the model's backward)."""
@@ -26,7 +27,9 @@ def batch_ids(tables, X) -> BatchIds:
     remapped = dict(X) if isinstance(X, dict) else X
     for name in tables.names:
         ids = tables.ids_of(X, name)
-        rows, inverse = np.unique(np.asarray(ids).reshape(-1), return_inverse=True)
+        # Distinct rows in storage order (each id's placed row), the order servers hold them.
+        placed = tables.placement[name].position(np.asarray(ids).reshape(-1))
+        rows, inverse = np.unique(placed, return_inverse=True)
         unique[name] = rows.astype(np.int64, copy=False)
         local = inverse.reshape(np.shape(ids)).astype(np.int64, copy=False)
         key = tables.inputs[name]

@@ -5,6 +5,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .placement import RowPlacement
+
 __all__ = ["SparseTables", "sparse_tables", "dense_first"]
 
 
@@ -29,6 +31,8 @@ class SparseTables:
         self.rows = {n: layout.shapes[n][0] for n in self.names}
         self.dims = {n: int(np.prod(layout.shapes[n][1:], dtype=np.int64)) for n in self.names}
         self.offsets = {n: layout.offsets[n] for n in self.names}
+        # Each id's row in storage: the servers' row ranges split ids by a hash (placement).
+        self.placement = {n: RowPlacement(self.rows[n]) for n in self.names}
         first = min(self.offsets.values())
         self.dense_shards: Tuple[int, int] = (0, layout.shards_of_range(0, first)[1])
         self.capacity = {n: min(self.rows[n], int(ids_per_sample[n]) * int(batch_size))
@@ -59,6 +63,27 @@ class SparseTables:
         """The ids table ``name`` reads in a batch ``X``."""
         key = self.inputs[name]
         return X if key is None else X[key]
+
+    def placed(self, X):
+        """``X`` with each table's ids replaced by their rows in storage (the server's view
+        of the tables: evaluation on rank 0 reads them so)."""
+        if any(k is None for k in self.inputs.values()):
+            name = self.names[0]
+            return self.placement[name].position(X)
+        out = {k: v for k, v in X.items()}
+        for name, key in self.inputs.items():
+            out[key] = self.placement[name].position(X[key])
+        return type(X)(out) if not isinstance(X, dict) else out
+
+    def to_storage(self, params):
+        """A dict of parameters with each table in storage order (placement)."""
+        return {n: self.placement[n].to_storage(v) if n in self.placement else v
+                for n, v in params.items()}
+
+    def from_storage(self, params):
+        """A dict of parameters with each stored table back in id order."""
+        return {n: self.placement[n].from_storage(v) if n in self.placement else v
+                for n, v in params.items()}
 
     def describe(self):
         return [{"name": n, "rows": self.rows[n], "dim": self.dims[n], "input": self.inputs[n]}

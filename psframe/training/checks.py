@@ -116,11 +116,13 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
         layout.flatten(params, out=layout.empty())  # checks names and shapes
         if not all(np.isfinite(v).all() for v in params.values()):
             raise ValueError("init has non-finite values")
+    sparse = _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers)
+    if sparse is not None:  # the servers hold each table's rows where placement puts them
+        params = sparse.to_storage(params)
     weights = layout.flatten(params, out=layout.empty())
     _probe(model, layout, weights, train_set)
     server_shards = server_ranges(layout, n_servers)
     layer_shards = _check_overlap(o, model, layout, policy, n_servers)
-    sparse = _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers)
     parallel = plan_parallel(o.mode, model, layout, n_workers, o.stages, o.micro_batches,
                              o.batch_size, o.dispatch)
     if sparse is not None:  # the dense shards move as before; the tables' rows apart

@@ -20,8 +20,10 @@ def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
     hooks = CallbackList(([PrintProgress()] if verbose else []) + list(callbacks or []))
     eval_data = None
     if plan.eval is not None:
-        eval_data = (features(plan.eval.X, plan.dtype, plan.model.id_inputs()),
-                     labels_for(plan.model, plan.eval.y, plan.dtype))
+        X = features(plan.eval.X, plan.dtype, plan.model.id_inputs())
+        if plan.sparse is not None:  # the server's tables are in storage order
+            X = plan.sparse.placed(X)
+        eval_data = (X, labels_for(plan.model, plan.eval.y, plan.dtype))
     n_workers = plan.n_workers
     recorder = Recorder(
         plan.model, plan.layout, n_workers, eval_data=eval_data,

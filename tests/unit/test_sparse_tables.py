@@ -1,0 +1,72 @@
+"""Row-sparse bookkeeping without MPI: placement, server row ranges, batch ids, the ids wire."""
+import numpy as np
+import pytest
+
+import psframe as ps
+from psframe.params import ParamLayout, server_ranges
+from psframe.sparse import batch_ids, sparse_tables
+from psframe.sparse.placement import RowPlacement
+from psframe.sparse.worker_rows import ids_message
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 40, 1024, 999_983])
+def test_placement_is_a_bijection_and_round_trips(n):
+    p = RowPlacement(n)
+    assert np.array_equal(np.sort(p.position(np.arange(n))), np.arange(n))
+    table = np.random.default_rng(0).normal(size=(n, 2))
+    np.testing.assert_array_equal(p.from_storage(p.to_storage(table)), table)
+
+
+def test_placement_spreads_a_frequency_sorted_vocabulary_over_row_ranges():
+    n, servers = 100_000, 4
+    hot = np.arange(1000)  # the most frequent ids of a vocabulary numbered by frequency
+    owner = RowPlacement(n).position(hot) * servers // n
+    counts = np.bincount(owner, minlength=servers)
+    assert counts.max() / counts.mean() < 1.1  # by raw id range: all 1000 on server 0
+
+
+def model(rows=40, dim=3):
+    return ps.Sequential([ps.layers.Embedding(rows, dim, "sum"), ps.layers.Dense(dim, 2)],
+                         ps.losses.SoftmaxCrossEntropy())
+
+
+def layout_for(m, servers=1):
+    params = m.init_params(np.random.default_rng(0))
+    params = {**{k: v for k, v in params.items() if k != "0.W"}, "0.W": params["0.W"]}
+    layout = ParamLayout.from_params(params, "float64", shard_elems=16)
+    layout.rows = {"0.W": 3}
+    return layout.cut_for(servers)
+
+
+def test_servers_split_tables_between_rows():
+    layout = layout_for(model(), servers=3)
+    tables = sparse_tables(model(), layout, np.zeros((5, 4), np.int64), batch_size=8)
+    assert tables.names == ["0.W"] and tables.dense_shards[0] == 0
+    ranges = [tables.rows_in(*layout.shard_range(*r)) for r in server_ranges(layout, 3)]
+    bounds = [r["0.W"] for r in ranges]
+    assert bounds[0][0] == 0 and bounds[-1][1] == 40
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # whole rows, in order
+    for cut in layout.cuts:
+        off = layout.offsets["0.W"]
+        assert cut <= off or (cut - off) % 3 == 0
+    assert tables.capacity["0.W"] == 32  # 8 samples x 4 ids, under the table's 40 rows
+
+
+def test_batch_ids_remap_to_the_compact_table():
+    m = model()
+    layout = layout_for(m)
+    tables = sparse_tables(m, layout, np.zeros((1, 4), np.int64), batch_size=4)
+    X = np.array([[3, 3, 7, 0], [7, 9, 9, 9]])
+    ids = batch_ids(tables, X)
+    placed = tables.placement["0.W"].position(X)
+    assert np.array_equal(ids.unique["0.W"], np.unique(placed))
+    # The compact table's rows, looked up by the remapped ids, are the placed rows.
+    assert np.array_equal(ids.unique["0.W"][ids.X], placed)
+
+
+def test_the_ids_message_lists_counts_then_push_then_pull_ids():
+    out = np.zeros(16, np.int64)
+    n = ids_message(out, ["a", "b"], {"a": np.array([1, 4]), "b": np.array([2])},
+                    {"a": np.array([5]), "b": np.array([], np.int64)})
+    assert out[:n].tolist() == [2, 1, 1, 0, 1, 4, 2, 5]
+    assert ids_message(out, ["a", "b"], None, {"a": np.array([3]), "b": np.array([6])}) == 6
