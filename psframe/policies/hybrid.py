@@ -40,8 +40,8 @@ class Hybrid(Policy):
 
     @property
     def lockstep(self):
-        # Rows are exchanged by message, never read in place, so only the dense part counts.
-        return self.dense.lockstep
+        # Rows applied on arrival change while workers compute: nobody may read in place.
+        return self.dense.lockstep and not self.on_arrival
 
     @property
     def on_arrival(self) -> bool:

@@ -75,7 +75,8 @@ class ParameterServer:
         if sparse is not None:
             self.rows = ServerRows(channel.comm, sparse, self.engine.weights, optimizer,
                                    self.engine.opt_state, self.workers,
-                                   row_ranges=sparse.rows_in(*self.own))
+                                   row_ranges=sparse.rows_in(*self.own), paths=self.paths,
+                                   base=sparse.base_of(*self.own))
         self.engine.rows = self.rows  # checkpointed with the engine's state
         self.sparse_on_arrival = sparse_on_arrival
         self.inbox = GradientInbox(layout, self.paths, self.recorder.stats, on_bad_gradient,
@@ -348,12 +349,14 @@ class ParameterServer:
                 self._send_reply(w)
         requests = self.engine.update_and_send(self.channel, group.shard_range, update, answered)
         if self.rows is not None:
-            for w, _ in answered:
+            for w, _ in answered:  # before the shared paths' replies: their rows are there
                 before = self.rows.bytes_out[w]
-                requests.append(self.rows.serve(w))
-                sent = self.rows.bytes_out[w] - before
-                self.recorder.stats.bytes_pulled += sent
-                self.recorder.bytes_pulled_by[w] += sent
+                send = self.rows.serve(w)
+                if send is not None:
+                    requests.append(send)
+                moved = self.rows.bytes_out[w] - before
+                self.recorder.stats.bytes_pulled += moved
+                self.recorder.bytes_pulled_by[w] += moved
         last = [w for w, _ in pulls if not self.paths[w].reply_first]
         for path in {self.paths[w].ready_key: self.paths[w] for w in last}.values():
             path.replies_ready()  # once per window, however many workers share it

@@ -31,11 +31,20 @@ class ServerRows:
     moments, Adagrad's sum) is a view into the dense state's flat arrays too, so it is
     checkpointed with them; what has no place there (lazy Adam's per-row step counts) is in
     ``extra_state``.
+
+    Rows travel as messages to and from a worker on the message path. Through a shared
+    window (psframe.transport.paths.SharedPath), a worker writes its pushed rows into its
+    gradient segment and the server reads them there; the server writes a pull's rows into
+    the worker's copy of the weights ("shared-copy"), or the worker gathers them straight
+    from the server's tables ("shared-read"). Only the ids are messages then. Each server's
+    rows lie in the segments at ``base``, the start of its range of the tables, which has
+    room for them: a server never holds more rows than its range.
     """
 
     def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks,
-                 row_ranges=None):
-        """``row_ranges``: {name: (first row, end row)} this server holds (default: all)."""
+                 row_ranges=None, paths=None, base=None):
+        """``row_ranges``: {name: (first row, end row)} this server holds (default: all);
+        ``paths``: each worker's PayloadPath (default: messages)."""
         self.comm = comm
         self.tables = tables
         self.names = tables.names
@@ -65,8 +74,15 @@ class ServerRows:
         n = len(self.workers)
         t = len(self.names)
         self._ids = [np.zeros(2 * t + 2 * max_ids, np.int64) for _ in range(n)]
-        self._rows = [np.zeros(max_elems, dtype) for _ in range(n)]
-        self._out = [np.zeros(max_elems, dtype) for _ in range(n)]
+        self.modes = [getattr(p, "name", "mpi") for p in paths] if paths else ["mpi"] * n
+        base = min(tables.offsets.values()) if base is None else base
+        self._rows, self._out = [], []
+        for w, mode in enumerate(self.modes):
+            shared = mode != "mpi"
+            self._rows.append(paths[w].gradient[base:base + max_elems] if shared
+                              else np.zeros(max_elems, dtype))
+            self._out.append(paths[w].weights[base:base + max_elems] if mode == "shared-copy"
+                             else np.zeros(max_elems, dtype) if mode == "mpi" else None)
         self._posted = [None] * n
         self._landed = [_Request() for _ in range(n)]
         self._acc = {name: np.zeros((min(self.capacity[name] * n,
@@ -88,18 +104,18 @@ class ServerRows:
             raise ProtocolError(f"worker {worker} sent a request before its last one landed")
         rank = self.workers[worker]
         posted = [self.comm.Irecv(self._ids[worker], rank, Tag.SPARSE_IDS)]
-        if push:
+        if push and self.modes[worker] == "mpi":
             posted.append(self.comm.Irecv(self._rows[worker], rank, Tag.SPARSE_ROWS))
-        self._posted[worker] = posted
+        self._posted[worker] = (posted, push)
 
     def land(self, worker):
         """Wait for worker's ids (and rows) and check them; False when the pushed rows are
         not finite (the push is then refused whole)."""
         from mpi4py import MPI  # here: importing psframe must not start MPI
 
-        posted, self._posted[worker] = self._posted[worker], None
-        if posted is None:
+        if self._posted[worker] is None:
             raise ProtocolError(f"no row-sparse request of worker {worker} was posted")
+        (posted, push), self._posted[worker] = self._posted[worker], None
         status = MPI.Status()
         posted[0].Wait(status)
         got = status.Get_count(MPI.INT64_T)
@@ -120,11 +136,12 @@ class ServerRows:
                 if which is req.push:
                     elems += n * self.tables.dims[name]
         req.push_elems = elems
-        req.has_rows = len(posted) > 1
-        if req.has_rows:
+        req.has_rows = push
+        if len(posted) > 1:  # by message; through the window they lie in its segment
             posted[1].Wait(status)
             if status.Get_count(MPI._typedict[self._rows[worker].dtype.char]) != elems:
                 raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
+        if push:
             self.bytes_in[worker] += elems * self._rows[worker].itemsize
             self.rows_in += sum(len(r) for r in req.push.values())
         self.bytes_in[worker] += got * 8
@@ -197,17 +214,22 @@ class ServerRows:
 
     # -- answers ----------------------------------------------------------------------------
     def serve(self, worker):
-        """Send worker the rows its pull asked for, as they are now; the send to wait on."""
+        """Give worker the rows its pull asked for, as they are now: by message (the send to
+        wait on is returned), into its copy of the weights, or (it reads them in place,
+        after the reply) nothing to do but count them."""
         out, at = self._out[worker], 0
         for name in self.names:
             ids = self._landed[worker].want[name]
             n = len(ids) * self.tables.dims[name]
-            np.take(self.table[name], ids, axis=0,
-                    out=out[at:at + n].reshape(len(ids), self.tables.dims[name]))
+            if out is not None:
+                np.take(self.table[name], ids, axis=0,
+                        out=out[at:at + n].reshape(len(ids), self.tables.dims[name]))
             at += n
             self.rows_out += len(ids)
         self._pulled_at[worker] = self.version
-        self.bytes_out[worker] += at * out.itemsize
+        self.bytes_out[worker] += at * self.table[self.names[0]].itemsize
+        if self.modes[worker] != "mpi":
+            return None
         return self.comm.Isend(out[:at], self.workers[worker], Tag.SPARSE_PULL)
 
     def stats(self, others=()):
@@ -215,7 +237,8 @@ class ServerRows:
         mine = {"rows_pushed": self.rows_in, "rows_pulled": self.rows_out,
                 "bytes_pushed": sum(self.bytes_in), "bytes_pulled": sum(self.bytes_out)}
         out = {"tables": self.tables.describe(), **mine, "updates": self.version,
-               "staleness": dict(sorted(self.staleness.items()))}
+               "staleness": dict(sorted(self.staleness.items())),
+               "worker_paths": list(self.modes)}
         servers = [mine] + [o for o in others if o]
         if len(servers) > 1:  # each server's rows: the partition's load
             for key in mine:

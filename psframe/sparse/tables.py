@@ -51,6 +51,11 @@ class SparseTables:
             out[n] = (lo, hi)
         return out
 
+    def base_of(self, start, stop):
+        """Where the rows of a server with elements [start, stop) begin in a shared segment:
+        the start of its range of the tables (room for every row it holds)."""
+        return max(start, min(self.offsets.values()))
+
     def __len__(self):
         return len(self.names)
 

@@ -28,14 +28,24 @@ def ids_message(out, names, push, want):
 
 class _Server:
     """One server's share of the exchange: its rows of each table, and its buffers (one
-    message each way per request, whatever the number of tables)."""
+    message each way per request, whatever the number of tables; through a shared window,
+    the rows lie in the segments at the start of the server's range of the tables)."""
 
-    def __init__(self, rank, row_ranges, tables, dtype):
+    def __init__(self, rank, row_ranges, tables, dtype, path=None, base=0):
         self.rank = rank
         self.row_ranges = row_ranges  # name -> (first row, end row) it holds
         self.ids = np.zeros(2 * len(tables) + 2 * tables.max_ids, dtype=np.int64)
-        self.push_rows = np.zeros(tables.max_elems, dtype=dtype)
-        self.pull_rows = np.zeros(tables.max_elems, dtype=dtype)
+        self.mode = getattr(path, "name", "mpi")
+        size = tables.max_elems
+        if self.mode == "mpi":
+            self.push_rows, self.pull_rows = np.zeros(size, dtype), np.zeros(size, dtype)
+            return
+        # A server's rows fit in its range of the tables, where they lie in the segments.
+        room = min(size, sum((hi - lo) * tables.dims[n] for n, (lo, hi) in row_ranges.items()))
+        self.push_rows = path.gradient[base:base + room]
+        self.tables = tables.views(path.weights)  # the server's own, read in place
+        self.pull_rows = (path.weights[base:base + room] if self.mode == "shared-copy"
+                          else np.zeros(size, dtype))
 
 
 class WorkerRows:
@@ -47,12 +57,15 @@ class WorkerRows:
     side), and its gradients of them are the rows a push carries.
     """
 
-    def __init__(self, channel, tables, servers, dtype):
-        """``servers``: (rank, {name: (first row, end row)}) of every server, in order."""
+    def __init__(self, channel, tables, servers, dtype, paths=None):
+        """``servers``: (rank, {name: (first row, end row)}, base) of every server, in
+        order; ``paths``: the PayloadPath to each (default: messages)."""
         self.channel = channel
         self.tables = tables
         self.names = tables.names
-        self.servers = [_Server(rank, ranges, tables, dtype) for rank, ranges in servers]
+        paths = paths or [None] * len(servers)
+        self.servers = [_Server(rank, ranges, tables, dtype, path, base)
+                        for (rank, ranges, base), path in zip(servers, paths)]
         self._compact = {n: np.zeros((tables.capacity[n], tables.dims[n]), dtype)
                          for n in self.names}
         self.current = None  # BatchIds of the batch computed on the rows last pulled
@@ -119,17 +132,28 @@ class WorkerRows:
         return sum((b - a) * self.tables.dims[n] for n, (a, b) in self._split(batch)[s].items())
 
     def post_pull(self, want, s):
-        """Server s's reply of the rows of ``want`` (BatchIds), posted before it is asked."""
+        """Server s's reply of the rows of ``want`` (BatchIds), posted before it is asked;
+        None where they come through the shared window."""
         server = self.servers[s]
+        if server.mode != "mpi":
+            return None
         n = self._elems(want, s)
         return self.channel.comm.Irecv(server.pull_rows[:n], server.rank, Tag.SPARSE_PULL)
+
+    def landed(self, want):
+        """After the replies: the rows read in place from the servers' tables (a lockstep
+        policy's "shared-read": no update runs until this worker pushes again)."""
+        for s, server in enumerate(self.servers):
+            if server.mode == "shared-read":
+                for name, (a, b), rows in self._blocks(want, s, server.pull_rows):
+                    np.take(server.tables[name], want.unique[name][a:b], axis=0, out=rows)
 
     def send(self, push, want, s):
         """Server s's share of the request: its ids (and its rows of ``push``); the sends."""
         server = self.servers[s]
         n = ids_message(server.ids, self.names, self._ids_for(push, s), self._ids_for(want, s))
         sends = [self.channel.comm.Isend(server.ids[:n], server.rank, Tag.SPARSE_IDS)]
-        if push is not None:
+        if push is not None and server.mode == "mpi":
             m = self._elems(push, s)
             sends.append(self.channel.comm.Isend(server.push_rows[:m], server.rank,
                                                  Tag.SPARSE_ROWS))

@@ -94,9 +94,10 @@ class Worker:
         self._parts_of = {}  # shard range -> _parts(range), the same every step
         self.rows = None
         if sparse is not None:
+            ranges = [layout.shard_range(*own) for _, own in self.servers]
             self.rows = WorkerRows(self.channel, sparse, [
-                (rank, sparse.rows_in(*layout.shard_range(*own))) for rank, own in self.servers
-            ], layout.dtype)
+                (rank, sparse.rows_in(*r), sparse.base_of(*r))
+                for (rank, _), r in zip(self.servers, ranges)], layout.dtype, self.paths)
             self.shards = sparse.dense_shards
         self._want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
         self._rows_recv = None
@@ -344,7 +345,8 @@ class Worker:
             reply = self.channel.irecv_header(self._replies[i], self.servers[i][0], Tag.REPLY)
             posted.append((i, (a, b), reply, self.paths[i].post_weights(a, b)))
         if self.rows is not None:
-            self._rows_recv = [self.rows.post_pull(self._want, i) for i, *_ in posted]
+            self._rows_recv = [r for r in (self.rows.post_pull(self._want, i) for i, *_ in posted)
+                               if r is not None]
         return posted
 
     def _receive_weights(self, posted, wait_frames=True):
@@ -373,6 +375,7 @@ class Worker:
         if self._rows_recv is not None:
             self.channel.wait_frames(self._rows_recv)
             self._rows_recv = None
+            self.rows.landed(self._want)
             self.rows.current = self._want  # the next compute runs on these rows
         if not wait_frames:
             return True

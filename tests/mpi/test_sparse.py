@@ -141,14 +141,20 @@ def expected_bytes(X, batch, steps, itemsize=8):
     return pushed, pulled
 
 
-def test_bytes_per_step_are_the_touched_rows_and_the_dense_parameters():
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bytes_per_step_are_the_touched_rows_and_the_dense_parameters(transport):
     X, y = ids_data()
     batch, steps = 4, 6
     result = ps.train(bag_model(), (X, y), optimizer=ps.SGD(0.1), batch_size=batch,
-                      steps=steps, dtype="float64", transport="mpi", shuffle=False,
+                      steps=steps, dtype="float64", transport=transport, shuffle=False,
                       verbose=False)
     if WORLD.Get_rank():
         return
+    # One node: the rows go through the shared window (read in place under Sync), as the
+    # dense weights do; only the ids are messages.
+    assert result.stats["sparse"]["worker_paths"] == result.stats["worker_transport"]
+    expected_path = "mpi" if transport == "mpi" else "shared-read"
+    assert result.stats["worker_transport"] == [expected_path] * N_WORKERS
     pushed, pulled = expected_bytes(X, batch, steps)
     assert result.stats["bytes_pushed"] == pushed
     assert result.stats["bytes_pulled"] == pulled
@@ -169,6 +175,8 @@ def test_hybrid_sync_dense_async_rows_records_row_staleness():
     # Pulls wait for each dense Sync step, so at most the other workers' rows come between.
     assert max(sparse["staleness"]) <= N_WORKERS - 1
     assert result.stats["max_staleness"] == 0  # the dense part is Sync
+    # Rows change while workers compute: they get copies, never the tables in place.
+    assert set(sparse["worker_paths"]) == {"shared-copy"}
     assert "sparse rows: on arrival" in result.stats["update_weighting"]
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0]
