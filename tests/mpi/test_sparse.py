@@ -294,3 +294,37 @@ def test_bad_ids_are_refused_on_every_rank():
     with pytest.raises(ps.ConfigError, match="found id 40"):
         ps.train(bag_model(), (X, y), steps=2, verbose=False)
     WORLD.Barrier()
+
+
+@pytest.mark.parametrize("n_servers", [1, 2])
+def test_a_sparse_dlrm_equals_the_same_dlrm_kept_dense(n_servers):
+    """Several id fields, several tables: each moves by its rows, and plain SGD gives the
+    same weights bit for bit as moving every table whole."""
+    servers = servers_for(n_servers)
+    train, _ = ps.data.click_log(90, fields=(20, 6), ids_per_field=2, dense_features=3, seed=1)
+    runs = [ps.train(ps.models.DLRM(3, train.vocab, dim=4, bottom=(5,), top=(6,), sparse=sparse),
+                     train, optimizer=ps.SGD(0.2), batch_size=5, steps=8, shuffle=True, seed=2,
+                     dtype="float64", servers=servers, verbose=False)
+            for sparse in (True, False)]
+    if WORLD.Get_rank() == 0:
+        assert [t["input"] for t in runs[0].stats["sparse"]["tables"]] == ["c0", "c1"]
+        for name in runs[1].params:
+            np.testing.assert_array_equal(runs[0].params[name], runs[1].params[name], name)
+
+
+@pytest.mark.parametrize("policy", ["sync", ps.Hybrid(dense=ps.Sync(), sparse=ps.Async())],
+                         ids=["sync", "hybrid"])
+def test_a_sparse_dlrm_learns_the_click_log(policy):
+    train, test = ps.data.click_log(6000, seed=0)
+    model = ps.models.DLRM(8, train.vocab, dim=8, bottom=(16,), top=(16,))
+    result = ps.train(model, train, eval_data=test, policy=policy, optimizer=ps.SGD(lr=0.5),
+                      batch_size=32, epochs=3, seed=0, verbose=False)
+    if WORLD.Get_rank() != 0:
+        return
+    majority = max(test.y.mean(), 1 - test.y.mean())
+    assert result.history[-1]["eval_accuracy"] > majority + 0.03
+    X = ps.data.features(test.X, np.float32, model.id_inputs())
+    assert model.evaluate(result.params, X, test.y)["auc"] > 0.7
+    # Only the touched rows moved: far fewer bytes than the tables once per step each way.
+    tables = sum(t["rows"] * t["dim"] for t in result.stats["sparse"]["tables"]) * 4
+    assert result.stats["sparse"]["bytes_pulled"] < tables * result.stats["pulls_answered"]
