@@ -117,6 +117,12 @@ class TrainResult:
                       f"{v['params']:,} weights, {_fmt_bytes(v['bytes_pushed'])} in, "
                       f"{_fmt_bytes(v['bytes_pulled'])} out, {v['updates']} updates, "
                       f"CPU {v['cpu_share']:.0%}") for v in servers]
+        sparse = s.get("sparse")
+        if sparse:  # the row-sparse tables: what moved of them, and their rows' staleness
+            total = sum(t["rows"] for t in sparse["tables"])
+            rows.append(("sparse tables", f"{len(sparse['tables'])} ({total:,} rows): "
+                         f"{sparse['rows_pulled']:,} rows pulled, {sparse['rows_pushed']:,} "
+                         f"pushed, max row staleness {max(sparse['staleness'], default=0)}"))
         width = max(len(k) for k, _ in rows)
         lines = ["psframe run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
         return "\n".join(lines)
