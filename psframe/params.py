@@ -24,10 +24,13 @@ class ParamLayout:
     """
 
     def __init__(self, shapes, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS, cuts=(),
-                 rows=None):
+                 rows=None, traffic=None):
         """``cuts``: element offsets that must also be shard bounds (where one server's range
         ends and the next one's begins, inside a tensor if need be). ``rows``: tensors that
-        servers split only between rows (row-sparse tables): name -> elements per row."""
+        servers split only between rows (row-sparse tables): name -> elements per row.
+        ``traffic``: name -> the share of its elements a step moves (default 1, a dense
+        tensor; a row-sparse table's is its touched rows over its rows), which servers
+        balance."""
         if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
         if int(shard_elems) < 1:
@@ -36,6 +39,7 @@ class ParamLayout:
         self.shard_elems = int(shard_elems)
         self.names = list(shapes)
         self.rows = dict(rows or {})
+        self.traffic = dict(traffic or {})
         self.shapes = {n: tuple(int(d) for d in shapes[n]) for n in self.names}
         self.sizes = {n: int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names}
         self.offsets = {}
@@ -79,7 +83,8 @@ class ParamLayout:
         """This layout without the servers' cuts."""
         if not self.cuts:
             return self
-        return ParamLayout(self.shapes, self.dtype, self.shard_elems, rows=self.rows)
+        return ParamLayout(self.shapes, self.dtype, self.shard_elems, rows=self.rows,
+                           traffic=self.traffic)
 
     def cut_for(self, n_servers):
         """This layout with its shards also cut where each of ``n_servers`` servers' equal
@@ -94,17 +99,30 @@ class ParamLayout:
         if n == 1:
             return self
         return ParamLayout(self.shapes, self.dtype, self.shard_elems,
-                           cuts=[self.server_cut(s, n) for s in range(1, n)], rows=self.rows)
+                           cuts=[self.server_cut(s, n) for s in range(1, n)], rows=self.rows,
+                           traffic=self.traffic)
 
     def server_cut(self, s, n_servers):
         """Where server ``s``'s range begins among ``n_servers``: at its equal share of the
-        elements, moved back to a row's start inside a table of ``rows``."""
-        cut = self.size * s // n_servers
+        elements (weighted by ``traffic``: of what a step moves), moved back to a row's start
+        inside a table of ``rows``."""
+        cut = self._weighted_point(s / n_servers) if self.traffic else self.size * s // n_servers
         for name, width in self.rows.items():
             start = self.offsets[name]
             if start < cut < start + self.sizes[name]:
                 return start + (cut - start) // width * width
         return cut
+
+    def _weighted_point(self, share):
+        """The element offset below which ``share`` of the layout's traffic lies."""
+        weights = [self.sizes[n] * float(self.traffic.get(n, 1.0)) for n in self.names]
+        target, seen = share * sum(weights), 0.0
+        for n, w in zip(self.names, weights):
+            if seen + w >= target and w > 0:
+                return self.offsets[n] + min(self.sizes[n], int((target - seen) / w
+                                                                * self.sizes[n]))
+            seen += w
+        return self.size
 
     # -- ranges -----------------------------------------------------------------------------
     def shard_range(self, lo, hi):

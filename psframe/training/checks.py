@@ -105,9 +105,11 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     params = model.init_params(np.random.default_rng(o.seed))
     params = dense_first(params, getattr(model, "embedding_inputs", dict)())
     layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
-    # Servers split row-sparse tables between rows: each holds whole rows.
-    layout.rows = {n: layout.sizes[n] // max(1, layout.shapes[n][0])
-                   for n in getattr(model, "embedding_inputs", dict)()}
+    # Servers split row-sparse tables between rows (each holds whole rows), balancing what a
+    # step moves: a table's touched rows, not its size.
+    tables = getattr(model, "embedding_inputs", dict)()
+    layout.rows = {n: layout.sizes[n] // max(1, layout.shapes[n][0]) for n in tables}
+    layout.traffic = _touched_share(tables, layout, train_set, o.batch_size) if tables else {}
     layout = layout.cut_for(n_servers)  # or: fewer weights than servers
     if o.init is not None:
         if not isinstance(o.init, dict):
@@ -192,6 +194,21 @@ def _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_ser
                          f"{'; '.join(problems)}; make them dense (sparse=False) or change "
                          "the run")
     return tables
+
+
+def _touched_share(tables, layout, train_set, batch_size, batches=8):
+    """Each row-sparse table's share of rows a batch touches, from a few random batches of
+    the data (the same on every rank: a fixed seed)."""
+    rng = np.random.default_rng(0)
+    n = len(train_set)
+    picks = [np.sort(rng.choice(n, size=min(n, int(batch_size)), replace=False))
+             for _ in range(batches)]
+    out = {}
+    for name, key in tables.items():
+        X = train_set.X if key is None else train_set.X[key]
+        touched = [len(np.unique(np.asarray(X[rows]))) for rows in picks]
+        out[name] = float(np.mean(touched)) / max(1, layout.shapes[name][0])
+    return out
 
 
 def _steps_rows(optimizer, dtype):

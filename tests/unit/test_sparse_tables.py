@@ -70,3 +70,15 @@ def test_the_ids_message_lists_counts_then_push_then_pull_ids():
                     {"a": np.array([5]), "b": np.array([], np.int64)})
     assert out[:n].tolist() == [2, 1, 1, 0, 1, 4, 2, 5]
     assert ids_message(out, ["a", "b"], None, {"a": np.array([3]), "b": np.array([6])}) == 6
+
+
+def test_servers_balance_what_a_step_moves_not_the_tables_size():
+    shapes = {"dense": (1000,), "table": (10_000, 10)}
+    layout = ParamLayout(shapes, "float32", rows={"table": 10}, traffic={"table": 0.01})
+    cut = layout.cut_for(2).cuts[0]
+    # 1000 dense elements move each step, and 1% of the table's 100,000: half is at 1000.
+    assert cut == 1000
+    even = ParamLayout(shapes, "float32", rows={"table": 10}).cut_for(2).cuts[0]
+    assert even == 50_500 and (even - 1000) % 10 == 0  # by size: the middle, on a row bound
+    cut3 = layout.cut_for(4).cuts  # inside the table, on row bounds, in order
+    assert list(cut3) == sorted(cut3) and all((c - 1000) % 10 == 0 for c in cut3 if c > 1000)
