@@ -23,7 +23,8 @@ for _name, _module in (("layers", layers), ("losses", losses), ("models", models
 __version__ = "0.1.0"
 
 __all__ = [
-    "train", "launch", "LaunchResult", "TrainResult", "ConfigError", "GradientError", "TrainingInterrupted",
+    "train", "launch", "LaunchResult", "TrainResult", "ConfigError", "GradientError",
+    "TrainingInterrupted",
     "Model", "Sequential", "TorchModel", "layers", "losses", "models", "data", "xp",
     "Policy", "PolicyState", "PushDecision", "Sync", "Async", "SSP", "Mixed",
     "DelayCompensation", "Optimizer", "SGD", "Adam", "Callback",

@@ -173,20 +173,20 @@ class MetricsLog(_RunClock):
         super().on_start(info)
         os.makedirs(self.log_dir, exist_ok=True)
         path = os.path.join(self.log_dir, "metrics.jsonl")
-        resumed = info.get("resumed_step")
-        if resumed is None:
+        resumed, restart = info.get("resumed_step"), environ.restart()
+        if resumed is None and not restart:
             self.file = open(path, "w", buffering=1)
             self._write("start", 0, epoch=0.0, total_steps=self.total,
                         n_workers=info.get("n_workers"))
             return
-        self.step = resumed
+        # A restart with no checkpoint yet starts over, from step 0.
+        self.step = resumed or 0
         # The steps after the checkpoint happen again: drop the records the failed run
         # wrote of them, so that each step is in the log once.
-        kept = _records_up_to(path, resumed)
+        kept = _records_up_to(path, self.step)
         write_atomic(path, lambda f: f.write("".join(kept).encode()))
         self.file = open(path, "a", buffering=1)
-        restart = environ.restart()
-        self._write("restart" if restart else "resume", resumed, total_steps=self.total,
+        self._write("restart" if restart else "resume", self.step, total_steps=self.total,
                     n_workers=info.get("n_workers"), restart=restart or None)
 
     def on_update(self, version, stats):

@@ -1,4 +1,4 @@
-"""`python -m psframe.training.runner SCRIPT ARGS`: a user's script as one rank of a launched job."""
+"""`python -m psframe.training.runner SCRIPT ARGS`: a user's script as a rank of a launched job."""
 import os
 import runpy
 import sys
