@@ -164,6 +164,19 @@ def test_sigkilled_ranks_heal_bitwise_with_continuous_logs(tmp_path, reference, 
     assert starts == len(plan) + 1
 
 
+@pytest.mark.parametrize("fault, extra", [
+    ("1:3:raise", []),
+    ("2:3:stop", ["--stall-timeout", "3"]),
+], ids=["an-exception", "a-stall-the-watchdog-ends"])
+def test_an_aborted_job_heals_too(tmp_path, reference, fault, extra):
+    rc, _, err = psframe_train("--checkpoint-dir", str(tmp_path / "ckpt"), "--save",
+                               str(tmp_path / "w.npz"), "--max-restarts", "1", *extra,
+                               CHAOS_KILLS=fault)
+    assert rc == 0, err[-3000:]
+    assert [step for _, _, step, _ in RESTART_LINE.findall(err)] == ["2"], err[-3000:]
+    assert_bitwise_equal(weights(tmp_path / "w.npz"), reference[True][0])
+
+
 def test_spent_restarts_end_the_job_with_its_failure_and_say_so(tmp_path):
     rc, _, err = psframe_train("--checkpoint-dir", str(tmp_path / "ckpt"), "--max-restarts", "2",
                                CHAOS_KILLS="1:3,0:3,2:3")
