@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ from typing import Mapping, Optional, Sequence
 
 from .. import env as environ
 from ..errors import ConfigError
+from ..server.checkpoints import CheckpointError, load_checkpoint, manifests
 from . import leftovers
 
 __all__ = ["LaunchResult", "launch", "supervise", "supervised_resume", "check_restarts",
@@ -116,14 +116,9 @@ def _say(err, line):
     print(line, file=err, flush=True)
 
 
-def _manifests(directory):
-    """Manifest paths in ``directory``, newest step first (their names sort by step)."""
-    return sorted(glob.glob(os.path.join(directory, "ckpt-*.json")), reverse=True)
-
-
 def _identities(directory):
     out = set()
-    for path in _manifests(directory) if directory else ():
+    for path in manifests(directory) if directory else ():
         try:
             st = os.stat(path)
         except FileNotFoundError:  # pruned meanwhile
@@ -134,9 +129,7 @@ def _identities(directory):
 
 def _newest(directory, earlier):
     """(path, step) of this run's newest checkpoint that verifies, or None."""
-    from ..server.checkpoints import CheckpointError, load_checkpoint
-
-    for path in _manifests(directory):
+    for path in manifests(directory):
         try:
             st = os.stat(path)
             if (path, st.st_ino, st.st_mtime_ns) in earlier:
