@@ -21,6 +21,7 @@ __all__ = ["LaunchResult", "launch", "supervise", "supervised_resume", "check_re
 NO_RESTART = {0: "finished", 2: "bad input", 130: "stopped by a signal"}
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+END_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,7 @@ class _Child:
             signal.signal(sig, handler)
         if self.proc is not None and self.proc.returncode is None:
             # We are leaving on an error of our own: never leave the job running.
-            _kill_group(self.proc)
+            _end(self.proc)
 
     def _forward(self, signum, frame):
         self.signals.append(signum)
@@ -207,9 +208,12 @@ def _child_setup():
     return setup
 
 
-def _kill_group(proc):
+def _end(proc):
+    """End the job as its death signal would (mpiexec stops the ranks on SIGTERM), or kill
+    mpiexec if that takes longer than a stop may."""
+    proc.terminate()
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        proc.wait(timeout=END_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
