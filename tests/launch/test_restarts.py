@@ -162,6 +162,7 @@ def test_sigkilled_ranks_heal_bitwise_with_continuous_logs(tmp_path, reference, 
     with open(tmp_path / "log" / "worker-1.log") as f:
         starts = f.read().count(" started")
     assert starts == len(plan) + 1
+    no_orphans(str(tmp_path))  # every killed start was taken down whole
 
 
 @pytest.mark.parametrize("fault, extra", [
@@ -184,6 +185,7 @@ def test_spent_restarts_end_the_job_with_its_failure_and_say_so(tmp_path):
     assert len(RESTART_LINE.findall(err)) == 2
     assert err.count("psframe: the job failed (exit status 9) and no restarts are left "
                      "(2 of max_restarts 2 used); giving up") == 1
+    no_orphans(str(tmp_path))
 
 
 def test_bad_input_is_never_restarted(tmp_path):
