@@ -13,6 +13,7 @@ from .nn.torch_model import TorchModel  # torch itself loads only when one is bu
 from .policies import (SSP, Async, DelayCompensation, Hybrid, Mixed, Policy, PolicyState,
                        PushDecision, Sync)
 from .training import train
+from .training.supervisor import LaunchResult, launch
 
 # The model library lives in psframe.nn; its public modules keep their old import paths too
 # (``from psframe.layers import Dense``), as users of ps.layers, ps.losses and ps.models wrote.
@@ -22,7 +23,8 @@ for _name, _module in (("layers", layers), ("losses", losses), ("models", models
 __version__ = "0.1.0"
 
 __all__ = [
-    "train", "TrainResult", "ConfigError", "GradientError", "TrainingInterrupted",
+    "train", "launch", "LaunchResult", "TrainResult", "ConfigError", "GradientError",
+    "TrainingInterrupted",
     "Model", "Sequential", "TorchModel", "layers", "losses", "models", "data", "xp",
     "Policy", "PolicyState", "PushDecision", "Sync", "Async", "SSP", "Mixed", "Hybrid",
     "DelayCompensation", "Optimizer", "SGD", "Adam", "Adagrad", "Callback",

@@ -5,9 +5,9 @@ import os
 import shlex
 from typing import Mapping, Optional
 
-__all__ = ["BACKEND", "CACHE", "CLUSTER_DIR", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "TTY",
-           "YIELD_S", "backend", "cache_dir", "cluster_dir", "launched", "mpiexec",
-           "mpiexec_args", "tty_columns", "yield_s"]
+__all__ = ["BACKEND", "CACHE", "CLUSTER_DIR", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "RESTART",
+           "RESUME", "TTY", "YIELD_S", "backend", "cache_dir", "cluster_dir", "launched",
+           "mpiexec", "mpiexec_args", "restart", "resume", "tty_columns", "yield_s"]
 
 BACKEND = "PSFRAME_BACKEND"  # the worker array backend when train(backend="auto")
 CACHE = "PSFRAME_CACHE"  # where downloaded datasets are kept
@@ -21,7 +21,10 @@ LAUNCHED = "PSFRAME_LAUNCHED"
 TTY = "PSFRAME_TTY"
 YIELD_S = "PSFRAME_YIELD_S"  # oversubscribed waits: how long to sched_yield before sleeping
 CLUSTER_DIR = "PSFRAME_CLUSTER_DIR"  # where `psframe cluster` keeps its clusters' state
-
+# Set by the supervising launcher (psframe.training.supervisor) in a restarted job: which
+# restart it is, and the checkpoint manifest its ps.train(checkpoint_dir=...) continues from.
+RESTART = "PSFRAME_RESTART"
+RESUME = "PSFRAME_RESUME"
 
 
 def _env(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
@@ -73,3 +76,16 @@ def cluster_dir(environ: Optional[Mapping[str, str]] = None) -> str:
     """$PSFRAME_CLUSTER_DIR, else /run/psframe/clusters (a tmpfs: gone at reboot, as the
     namespaces it describes are)."""
     return _env(environ).get(CLUSTER_DIR) or "/run/psframe/clusters"
+
+
+def restart(environ: Optional[Mapping[str, str]] = None) -> int:
+    """$PSFRAME_RESTART: 0 in a job's first start, K in its K-th restart."""
+    try:
+        return int(_env(environ).get(RESTART, 0))
+    except ValueError:
+        return 0
+
+
+def resume(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """$PSFRAME_RESUME, the checkpoint a restarted job continues from, or None."""
+    return _env(environ).get(RESUME) or None

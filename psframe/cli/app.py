@@ -7,11 +7,12 @@ import shlex
 import sys
 
 from .. import callbacks
+from .. import env as environ
 from ..bench import grid as bench
 from ..bench import report
 from ..cluster import commands as cluster_commands
 from ..errors import TrainingInterrupted
-from ..training import config, launch
+from ..training import config, launch, supervisor
 from . import progress
 
 __all__ = ["main", "build_parser", "resolve", "parse_model", "parse_data", "load_model_file",
@@ -256,9 +257,8 @@ def main(argv=None):
         return _tool(args)
     launching = args.nprocs is not None and not launch.under_mpi()
     try:
-        if launching:
-            resolve(args)  # a bad config file fails here, before any rank starts
-            return _launch(args, argv)
+        if launching:  # a bad config file fails here, before any rank starts
+            return _launch(args, argv, resolve(args))
         if args.dry_run:
             if _is_rank0():
                 print("psframe: nothing to launch: under MPI already, or no -n N given; "
@@ -298,14 +298,26 @@ def _is_rank0():
     return MPI.COMM_WORLD.Get_rank() == 0
 
 
-def _launch(args, argv):
+def _launch(args, argv, o):
     if args.nprocs < 2:
         raise ValueError(f"-n {args.nprocs}: psframe needs at least 2 ranks (1 server + 1 worker)")
+    _check_restarts(o)
     cmd = launch.command(args.nprocs, argv)
     if args.dry_run:
         print(shlex.join(cmd), flush=True)
         return 0
-    launch.run(cmd)  # does not return
+    sys.stdout.flush()
+    return supervisor.supervise(cmd, max_restarts=o["max_restarts"],
+                                checkpoint_dir=o["checkpoint_dir"],
+                                env=launch.child_env()).returncode
+
+
+def _check_restarts(o):
+    supervisor.check_restarts(o["max_restarts"], o["checkpoint_dir"])
+    if o["max_restarts"] and not o["checkpoint_every"]:
+        # Without it the only checkpoint is the last one: every restart would start over.
+        raise ValueError("max_restarts needs checkpoint_every K, a checkpoint every K steps "
+                         "to restart from")
 
 
 def _agree(world, error):
@@ -380,6 +392,9 @@ def _prepare(o, nprocs, rank):
     import psframe as ps
 
     _check_world(nprocs)
+    if o["max_restarts"] and not environ.launched():
+        raise ValueError("max_restarts needs psframe to start the job (psframe train -n N): "
+                         "under mpiexec or srun there is no launcher to restart it")
     if o["log_every"] < 0:
         raise ValueError(f"log_every must be >= 0, got {o['log_every']}")
     if o["log_dir"]:

@@ -11,6 +11,7 @@ from .. import env as environ
 from ..callbacks import Callback
 from ..data import steps_per_epoch
 from ..metrics import jsonable
+from ..server.checkpoints import write_atomic
 
 __all__ = ["ProgressBar", "MetricsLog", "display_mode", "worker_log"]
 
@@ -150,6 +151,7 @@ class MetricsLog(_RunClock):
         self.log_dir = log_dir
         self.every = every
         self.file = None
+        self.step = 0  # the newest step seen: a resumed run's counters start at its restart
 
     def _write(self, kind, step, **fields):
         now = time.perf_counter()
@@ -170,12 +172,26 @@ class MetricsLog(_RunClock):
     def on_start(self, info):
         super().on_start(info)
         os.makedirs(self.log_dir, exist_ok=True)
-        self.file = open(os.path.join(self.log_dir, "metrics.jsonl"), "w", buffering=1)
-        self._write("start", 0, epoch=0.0, total_steps=self.total,
-                    n_workers=info.get("n_workers"))
+        path = os.path.join(self.log_dir, "metrics.jsonl")
+        resumed, restart = info.get("resumed_step"), environ.restart()
+        if resumed is None and not restart:
+            self.file = open(path, "w", buffering=1)
+            self._write("start", 0, epoch=0.0, total_steps=self.total,
+                        n_workers=info.get("n_workers"))
+            return
+        # A restart with no checkpoint yet starts over, from step 0.
+        self.step = resumed or 0
+        # The steps after the checkpoint happen again: drop the records the failed run
+        # wrote of them, so that each step is in the log once.
+        kept = _records_up_to(path, self.step)
+        write_atomic(path, lambda f: f.write("".join(kept).encode()))
+        self.file = open(path, "a", buffering=1)
+        self._write("restart" if restart else "resume", self.step, total_steps=self.total,
+                    n_workers=info.get("n_workers"), restart=restart or None)
 
     def on_update(self, version, stats):
         self.stats = stats
+        self.step = version
         if self.every and version % self.every == 0:
             self._write("update", version)
 
@@ -186,7 +202,7 @@ class MetricsLog(_RunClock):
 
     def on_end(self, result):
         stats = result.stats
-        self._write("end", stats["updates_applied"], wall_s=stats["wall_s"],
+        self._write("end", self.step, wall_s=stats["wall_s"],
                     samples_per_s=stats["samples_per_s"])
         self.file.close()
         summary = {"stats": stats, "final": result.final, "config": result.config}
@@ -195,6 +211,24 @@ class MetricsLog(_RunClock):
             f.write("\n")
         with open(os.path.join(self.log_dir, "summary.txt"), "w") as f:
             f.write(result.summary() + "\n")
+
+
+def _records_up_to(path, step):
+    """The lines of a metrics.jsonl whose step is at most ``step`` (never its "end"), or none
+    when there is no file. A line cut short by a killed server is left out."""
+    kept = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("kind") != "end" and record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    except FileNotFoundError:
+        pass
+    return kept
 
 
 @contextlib.contextmanager
@@ -212,8 +246,11 @@ def worker_log(log_dir, rank):
         f.write(f"{stamp} rank {rank}: {text}\n")
         f.flush()
 
-    with open(path, "w") as f:
-        line(f, f"started on {socket.gethostname()} pid {os.getpid()}")
+    restart = environ.restart()
+    # A restart adds to the log of the starts before it, so the file tells the whole story.
+    with open(path, "a" if restart else "w") as f:
+        again = f" (restart {restart})" if restart else ""
+        line(f, f"started{again} on {socket.gethostname()} pid {os.getpid()}")
         try:
             yield
         except BaseException as exc:

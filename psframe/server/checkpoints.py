@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["Checkpointer", "load_checkpoint", "CheckpointError"]
+__all__ = ["Checkpointer", "load_checkpoint", "manifests", "CheckpointError"]
 
 FORMAT = 1
 
@@ -106,7 +106,7 @@ class Checkpointer:
                 "bytes": os.path.getsize(path)}
 
     def _prune(self):
-        for manifest in _manifests(self.directory)[self.keep:]:
+        for manifest in manifests(self.directory)[self.keep:]:
             stem = manifest[: -len(".json")]
             for path in [manifest, stem + ".npz"] + glob.glob(stem + ".server*.npz"):
                 try:
@@ -115,7 +115,7 @@ class Checkpointer:
                     pass
 
 
-def _manifests(directory):
+def manifests(directory):
     """Manifest paths, newest version first."""
     return sorted(glob.glob(os.path.join(directory, "ckpt-*.json")), reverse=True)
 
@@ -161,7 +161,7 @@ def load_checkpoint(path):
     so the user can resume from it explicitly (``resume="DIR/ckpt-00000100.json"``).
     """
     if os.path.isdir(path):
-        candidates = _manifests(path)
+        candidates = manifests(path)
         if not candidates:
             raise CheckpointError(f"no checkpoint (ckpt-*.json) in {path}")
     elif os.path.exists(path):
@@ -179,7 +179,7 @@ def load_checkpoint(path):
 
 def _earlier_good(path, bad):
     directory = path if os.path.isdir(path) else os.path.dirname(path)
-    for manifest in _manifests(directory):
+    for manifest in manifests(directory):
         if manifest >= bad:
             continue
         try:

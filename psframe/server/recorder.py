@@ -43,6 +43,8 @@ class Recorder:
         self.last_logged = -1
         self._last_epoch = 0
         self._seen_version = 0
+        self.resumed_step = None  # the checkpoint's step, when the run continues one
+        self._time_offset = 0.0  # a resumed history's time_s goes on from its last row
         self.t0 = time.perf_counter()
         # Called before the weights are read whole: with several servers, it gathers the
         # other servers' ranges into them (ParameterServer._gather).
@@ -57,7 +59,8 @@ class Recorder:
     def start(self):
         self._hook("on_start", {**self.run_info, "total_steps": self.total_steps,
                                 "n_workers": self.n_workers,
-                                "epoch_samples": self.epoch_samples})
+                                "epoch_samples": self.epoch_samples,
+                                "resumed_step": self.resumed_step})
         self.t0 = time.perf_counter()
 
     # -- events -----------------------------------------------------------------------------
@@ -112,7 +115,7 @@ class Recorder:
         row = {
             "step": version,
             "epoch": self.stats.samples / self.epoch_samples,
-            "time_s": time.perf_counter() - self.t0,
+            "time_s": time.perf_counter() - self.t0 + self._time_offset,
             "train_loss": self._loss_sum / self._loss_n if self._loss_n else None,
             "eval_loss": None,
             "eval_accuracy": None,
@@ -132,7 +135,8 @@ class Recorder:
         """Continue a checkpointed run's counters and history."""
         self.stats.samples = samples
         self.history = list(history)
-        self._seen_version = self.last_logged = version
+        self._seen_version = self.last_logged = self.resumed_step = version
+        self._time_offset = self.history[-1]["time_s"] if self.history else 0.0
         self._last_epoch = int(self.stats.samples // self.epoch_samples)
 
     def load(self, rank, shards, n_elems, wall, cpu):

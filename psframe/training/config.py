@@ -56,6 +56,9 @@ _CLI_OPTIONS = {
                        ("auto", "bar", "lines")),
     "log_dir": Option(str, None, "write metrics.jsonl, config.json and the summary here"),
     "log_every": Option(int, 100, "a metrics.jsonl record every N updates (0: evaluations only)"),
+    "max_restarts": Option(int, 0, "with -n N: when the job dies, start it again from its "
+                                   "newest checkpoint, up to K times (needs checkpoint_dir and "
+                                   "checkpoint_every)"),
 }
 
 # The run options the CLI passes to ps.train as they are (eval_data and init are read from

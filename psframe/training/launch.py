@@ -1,4 +1,4 @@
-"""Auto-launch: `psframe train -n N` re-runs itself under the mpiexec of mpi4py's own MPI."""
+"""Auto-launch: `psframe train -n N` runs itself under the mpiexec of mpi4py's own MPI."""
 import os
 import re
 import shutil
@@ -7,7 +7,7 @@ import sys
 from .. import env as environ
 
 __all__ = ["under_mpi", "env_rank", "env_size", "find_mpiexec", "child_argv", "command",
-           "child_env", "run"]
+           "python_command", "child_env"]
 
 # Variables a process manager sets in every rank it starts: Hydra (MPICH, Intel MPI) sets
 # PMI_*, Open MPI sets OMPI_COMM_WORLD_*, PMIx-based launchers (srun --mpi=pmix, prterun)
@@ -126,11 +126,15 @@ def child_argv(argv):
 
 def command(n, argv, env=None):
     """The full mpiexec command line that trains with ``n`` ranks."""
+    return python_command(n, ["-m", "psframe", *child_argv(argv)], env)
+
+
+def python_command(n, args, env=None):
+    """mpiexec running ``python -m mpi4py ARGS`` in ``n`` ranks."""
     env = os.environ if env is None else env
     extra = environ.mpiexec_args(env)
     # -m mpi4py: an uncaught exception in one rank aborts them all instead of hanging.
-    return [find_mpiexec(env), *extra, "-n", str(n), sys.executable, "-m", "mpi4py",
-            "-m", "psframe", *child_argv(argv)]
+    return [find_mpiexec(env), *extra, "-n", str(n), sys.executable, "-m", "mpi4py", *args]
 
 
 def child_env(stdout=None):
@@ -142,12 +146,3 @@ def child_env(stdout=None):
     else:
         env.pop(TTY_VAR, None)
     return env
-
-
-def run(cmd):
-    """Become mpiexec. Never returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # exec, not a child process: mpiexec then gets the user's Ctrl-C and Slurm's signals
-    # directly, and its exit status is the command's, with no Python parent in between.
-    os.execve(cmd[0], cmd, child_env())

@@ -8,6 +8,7 @@ from ..metrics import TrainResult
 from .checks import check_run
 from .failures import abort_job, abort_now, agree_or_raise, stop_on_signals
 from .options import RunOptions, train_signature
+from .supervisor import supervised_resume
 
 __all__ = ["train"]
 
@@ -32,7 +33,8 @@ def train(model: Any, data: Any, *, verbose: bool = False,
     from .roles import build_server, build_shard_server, build_worker
     from .watchdog import Watchdog
 
-    run_options = RunOptions.from_keywords(options)
+    # A restarted job continues from the checkpoint its launcher chose (psframe.env.RESUME).
+    run_options = supervised_resume(RunOptions.from_keywords(options))
     world = MPI.COMM_WORLD if comm is None else comm
     plan = None
     try:
