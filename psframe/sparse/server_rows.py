@@ -139,7 +139,7 @@ class ServerRows:
         req.has_rows = push
         if len(posted) > 1:  # by message; through the window they lie in its segment
             posted[1].Wait(status)
-            if status.Get_count(MPI._typedict[self._rows[worker].dtype.char]) != elems:
+            if status.Get_count(MPI.BYTE) != elems * self._rows[worker].itemsize:
                 raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
         if push:
             self.bytes_in[worker] += elems * self._rows[worker].itemsize
