@@ -11,6 +11,7 @@ import pytest
 from psframe.cli import progress
 from psframe.training import launch
 from psframe.metrics import ServerStats, TrainResult
+from launch_env import clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -21,16 +22,6 @@ needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC),
 TRAIN = ["--data", "digits", "--model", "mlp:64,32,10", "--epochs", "1"]
 # A launch starts 3 Pythons that import scikit-learn on 2 cores: ~5 s idle, more when busy.
 JOB_TIMEOUT_S = 60
-
-
-def clean_env(**extra):
-    """This environment minus any MPI or psframe launch state, so children start afresh."""
-    drop = ("PMI_", "PMIX_", "OMPI_", "MV2_", "HYDRA_", "PSFRAME_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
-    env.update(extra)
-    return env
 
 
 def run(cmd, timeout=JOB_TIMEOUT_S, **env):

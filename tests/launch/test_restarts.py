@@ -16,6 +16,7 @@ import psframe as ps
 from psframe.server.checkpoints import Checkpointer
 from psframe.training import leftovers, supervisor
 from psframe.training.options import RunOptions
+from launch_env import clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "tests", "scripts")
@@ -44,16 +45,6 @@ def kill_plans(seed=18, runs=6, kills=4):
 
 
 PLANS = kill_plans()
-
-
-def clean_env(**extra):
-    """This environment minus any MPI or psframe launch state, so children start afresh."""
-    drop = ("PMI_", "PMIX_", "OMPI_", "MV2_", "HYDRA_", "PSFRAME_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
-    env.update(extra)
-    return env
 
 
 def start(cmd, **env):
