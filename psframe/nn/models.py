@@ -21,6 +21,15 @@ def _check_chunk(chunk):
     return int(chunk)
 
 
+def _eval_size(X, chunk):
+    """(chunk, rows) of an evaluation over ``X``; an empty X or a bad chunk is refused."""
+    chunk = _check_chunk(chunk)
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    return chunk, n
+
+
 def _integer_valued(y):
     if y.dtype.kind in "iub":
         return True
@@ -115,10 +124,7 @@ class Model:
     def evaluate(self, params: Dict[str, Any], X: Any, y: Any,
                  chunk: int = 4096) -> Dict[str, Optional[float]]:
         """Mean loss over ``X`` (in chunks) and accuracy where it is defined, else None."""
-        chunk = _check_chunk(chunk)
-        n = X.shape[0]
-        if n == 0:
-            raise ValueError("cannot evaluate on an empty data set")
+        chunk, n = _eval_size(X, chunk)
         scored = self.has_predict() and _integer_valued(y)
         total, correct = 0.0, 0
         for lo in range(0, n, chunk):
@@ -284,10 +290,7 @@ class Sequential(Model):
         return self.loss.predict(self._infer(params, X))
 
     def evaluate(self, params, X, y, chunk=4096):
-        chunk = _check_chunk(chunk)
-        n = X.shape[0]
-        if n == 0:
-            raise ValueError("cannot evaluate on an empty data set")
+        chunk, n = _eval_size(X, chunk)
         scored = bool(getattr(self.loss, "classification", False))
         total, correct = 0.0, 0
         for lo in range(0, n, chunk):
@@ -617,10 +620,7 @@ class DLRM(Model):
 
     def evaluate(self, params, X, y, chunk=4096):
         """Mean loss, accuracy and AUC (None when y holds one class only) over X, in chunks."""
-        chunk = _check_chunk(chunk)
-        n = X.shape[0]
-        if n == 0:
-            raise ValueError("cannot evaluate on an empty data set")
+        chunk, n = _eval_size(X, chunk)
         logits = np.concatenate([np.asarray(self._infer(params, X[lo:lo + chunk])).reshape(-1)
                                  for lo in range(0, n, chunk)])
         y = np.asarray(y)
