@@ -7,8 +7,9 @@ Layout of a cluster named NAME (``psf-`` and 6 hex digits unless named):
 - ``/etc/netns/HOST/hosts``, which ``ip netns exec`` shows as ``/etc/hosts`` inside HOST, so
   every host resolves every other by name;
 - a state directory (``$PSFRAME_CLUSTER_DIR``, default /run/psframe/clusters) holding
-  ``NAME/cluster.json``, the hostfile, and ``ssh``: the stand-in through which MPICH's hydra
-  starts its proxy on a host (``ip netns exec HOST``, then that host's own hostname).
+  ``NAME/cluster.json``, the hostfile, ``ssh``: the stand-in through which MPICH's hydra
+  starts its proxy on a host (``ip netns exec HOST``, then that host's own hostname), and
+  ``mpiexec``: the venv's mpiexec on host 0 across the hosts, for ``PSFRAME_MPIEXEC``.
 
 Nothing is added to the machine's own namespace: no interface, address or route; the hosts
 have no route out, so their traffic never leaves them. ``--bandwidth`` shapes each host's
@@ -74,6 +75,10 @@ class Cluster:
     def ssh(self) -> str:
         return os.path.join(self.directory, "ssh")
 
+    @property
+    def mpiexec(self) -> str:
+        return os.path.join(self.directory, "mpiexec")
+
     def hostfile(self, ppn: Optional[int] = None) -> str:
         """A hostfile of every host, ``host:ppn`` (hydra fills a host with ppn ranks, then the
         next, cycling), written in the state directory; default ppn: one slot per host."""
@@ -95,14 +100,23 @@ class Cluster:
             raise ValueError(f"--ppn must be >= 1, got {ppn}")
         if not program:
             raise ValueError("name the program to run after --")
+        job = [*self._mpiexec_across(ppn, mpiexec), *extra, "-n", str(n_procs), *program]
+        return self.on_host(0, job)
+
+    def _mpiexec_across(self, ppn: int, mpiexec: Optional[str] = None) -> List[str]:
+        """mpiexec with the hosts' launcher, hostfile and MPI settings; its -n and program
+        to follow."""
         if mpiexec is None:
             from ..training.launch import find_mpiexec
 
             mpiexec = find_mpiexec()
+            if os.path.realpath(mpiexec).startswith(os.path.realpath(_state_root()) + os.sep):
+                # $PSFRAME_MPIEXEC names a cluster's wrapper: the real mpiexec is the one
+                # the search finds without it (else the wrapper would start itself).
+                mpiexec = find_mpiexec({})
         genv = [a for k, v in MPI_ENV.items() for a in ("-genv", k, v)]
-        job = [mpiexec, "-launcher", "ssh", "-launcher-exec", self.ssh,
-               "-f", self.hostfile(ppn), *genv, *extra, "-n", str(n_procs), *program]
-        return self.on_host(0, job)
+        return [mpiexec, "-launcher", "ssh", "-launcher-exec", self.ssh,
+                "-f", self.hostfile(ppn), *genv]
 
     def on_host(self, i: int, argv: Sequence[str]) -> List[str]:
         """argv that runs ``argv`` on host ``i``: in its namespace, under its hostname."""
@@ -165,6 +179,7 @@ class Cluster:
         rows = [f"cluster {self.name}: {len(self.hosts)} hosts, links {rate}, "
                 f"state in {self.directory}"]
         rows += [f"  {h}  {a}" for h, a in zip(self.hosts, self.addresses)]
+        rows.append(f"  mpiexec across the hosts: {self.mpiexec}")
         return "\n".join(rows)
 
 
@@ -263,6 +278,17 @@ exec ip netns exec "$host" unshare --uts -- sh -c 'hostname "$0" && exec sh -c "
 """
 
 
+def _mpiexec_wrapper(cluster: Cluster) -> str:
+    """An mpiexec that takes mpiexec's own arguments (``-n N PROGRAM...``) and runs the job
+    across the hosts, one rank per host before the next (round-robin), rank 0 on host 0.
+    ``exec`` all the way: its pid is mpiexec's, so a supervisor's signals reach mpiexec."""
+    argv = shlex.join(cluster.on_host(0, cluster._mpiexec_across(1)))
+    return f"""#!/bin/sh
+# psframe cluster {cluster.name}: mpiexec across its hosts (PSFRAME_MPIEXEC={cluster.mpiexec}).
+exec {argv} "$@"
+"""
+
+
 def up(nodes: int, bandwidth: Optional[str] = None, name: Optional[str] = None,
        owner_pid: Optional[int] = None) -> Cluster:
     """Make a cluster of ``nodes`` hosts (see the module docstring); leftovers of crashed
@@ -317,7 +343,7 @@ def _build(c: Cluster) -> None:
         os.makedirs(etc, exist_ok=True)
         with open(os.path.join(etc, "hosts"), "w") as f:
             f.write(hosts_file)
-    with open(c.ssh, "w") as f:
-        f.write(_ssh_standin(c))
-    os.chmod(c.ssh, 0o755)
-    c.hostfile()
+    for path, text in ((c.ssh, _ssh_standin(c)), (c.mpiexec, _mpiexec_wrapper(c))):
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o755)

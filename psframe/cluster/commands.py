@@ -1,4 +1,4 @@
-"""`psframe cluster up | run | status | down`: a simulated cluster from the command line."""
+"""`psframe cluster up | run | mpiexec | status | down`: a simulated cluster, from a shell."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--name", default=None, help="which cluster (default: the only one)")
     run.add_argument("program", nargs=argparse.REMAINDER,
                      help="-- PROGRAM ARGS... (e.g. -- python -m mpi4py train.py)")
+    mpiexec = sub.add_parser(
+        "mpiexec", help="print the path of an mpiexec that runs jobs across the hosts",
+        description="Print the path of an mpiexec for this cluster: it takes mpiexec's own "
+                    "arguments and runs the job on host 0 across the hosts (one rank per "
+                    "host, cycling). PSFRAME_MPIEXEC=$(psframe cluster mpiexec) psframe "
+                    "train -n N ... then trains, and restarts, across the hosts.")
+    mpiexec.add_argument("--name", default=None, help="which cluster (default: the only one)")
     status = sub.add_parser("status", help="what clusters exist")
     status.add_argument("--name", default=None)
     down = sub.add_parser("down", help="remove what up made (harmless when nothing is up)")
@@ -52,6 +59,12 @@ def _up(args):
     print(f"hostfile: {c.hostfile()}")
     print(f"run a job: psframe cluster run -n NP -- PROGRAM ARGS...  (`--name {c.name}` "
           "when several are up)")
+    print(f"or: PSFRAME_MPIEXEC={c.mpiexec} psframe train -n NP ...")
+    return 0
+
+
+def _mpiexec(args):
+    print(clusters.find(args.name).mpiexec)
     return 0
 
 
@@ -86,4 +99,4 @@ def _down(args):
     return 0
 
 
-_ACTIONS = {"up": _up, "run": _run, "status": _status, "down": _down}
+_ACTIONS = {"up": _up, "run": _run, "mpiexec": _mpiexec, "status": _status, "down": _down}
