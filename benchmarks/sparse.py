@@ -93,7 +93,7 @@ def psframe_run(args, train, sparse, warmup, steps, batch=None):
 
 # -- (a) the baselines, on the workers' ranks ---------------------------------------------------
 class Flat:
-    """The model's parameters as views into one flat float32 vector, in the model's order."""
+    """Parameters as views into one flat float32 vector, in the order given."""
 
     def __init__(self, params):
         self.shapes = {n: v.shape for n, v in params.items()}

@@ -6,20 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from launch_env import BIN, ROOT, clean_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.path.join(BIN, "mpiexec")
 TORCH = importlib.util.find_spec("torch") is not None
 # ~6 s on 2 idle cores (5 ranks, 4 of them importing torch for DDP); a loaded machine is slower.
 RUN_TIMEOUT_S = 150
-
-
-def clean_env():
-    drop = ("PMI_", "PMIX_", "OMPI_", "MV2_", "HYDRA_", "PSFRAME_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.fixture(scope="module")
