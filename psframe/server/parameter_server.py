@@ -137,6 +137,8 @@ class ParameterServer:
         self._ready = []  # (worker, fields, receives) to handle, in the order they got ready
         self._landed_frames = 0
         self.recorder.start()
+        if self.rows is not None:
+            self.rows.start(range(len(self.workers)))
         waiting, busy = Stopwatch(), Stopwatch()
         t0, cpu0 = time.perf_counter(), time.process_time()
         while len(self.finished) < len(self.workers):
@@ -289,6 +291,8 @@ class ParameterServer:
                                                                 Tag.CONTROL))
         self.finished.add(worker)
         self.requests.close(worker)
+        if self.rows is not None:
+            self.rows.close(worker)
         group, local = self.group_of[worker]
         self._carry_out(group.policy.finish(local), group, worker)
 

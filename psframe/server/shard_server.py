@@ -50,6 +50,8 @@ class ShardServer(ParameterServer):
         self.requests = self.channel.requests_from([self.workers[w] for w in self.serves],
                                                    Tag.REQUEST)
         orders = OrderReader(self.channel, self.leader, len(self.workers))
+        if self.rows is not None:
+            self.rows.start(self.serves)
         self._landing = {}  # worker -> (its request's fields, the receives posted for it)
         self._landed_frames = 0
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -96,6 +98,8 @@ class ShardServer(ParameterServer):
             self._awaiting[worker] = True
         if op == Op.DONE:
             self.requests.close(self._queue_index[worker])
+            if self.rows is not None:
+                self.rows.close(worker)
         self._replies = {w: (status, version, batch)
                          for w, status, version, batch in order.replies}
         decision = order.decision

@@ -83,7 +83,13 @@ class ServerRows:
                               else np.zeros(max_elems, dtype))
             self._out.append(paths[w].weights[base:base + max_elems] if mode == "shared-copy"
                              else np.zeros(max_elems, dtype) if mode == "mpi" else None)
-        self._posted = [None] * n
+        # Each worker's next ids (and pushed rows) always have a receive posted: a message
+        # past MPICH's eager size would otherwise wait, and its push with it, until the
+        # server had read the request's header. A worker has one request in flight and waits
+        # for its reply, so the buffers are free again before it can send the next.
+        self._ids_recv = [None] * n
+        self._rows_recv = [None] * n
+        self._expect = [None] * n
         self._landed = [_Request() for _ in range(n)]
         self._acc = {name: np.zeros((min(self.capacity[name] * n,
                                          self.row_ranges[name][1] - self.row_ranges[name][0]),
@@ -98,26 +104,43 @@ class ServerRows:
         self.rows_out = 0
 
     # -- landing ----------------------------------------------------------------------------
-    def post(self, worker, push):
-        """Post the receives of worker's ids (and its pushed rows, for a push)."""
-        if self._posted[worker] is not None:
-            raise ProtocolError(f"worker {worker} sent a request before its last one landed")
+    def start(self, workers):
+        """Post the first receives of ``workers``' ids and rows (before any can arrive)."""
+        for w in workers:
+            self._repost(w, rows=True)
+
+    def _repost(self, worker, rows):
         rank = self.workers[worker]
-        posted = [self.comm.Irecv(self._ids[worker], rank, Tag.SPARSE_IDS)]
-        if push and self.modes[worker] == "mpi":
-            posted.append(self.comm.Irecv(self._rows[worker], rank, Tag.SPARSE_ROWS))
-        self._posted[worker] = (posted, push)
+        self._ids_recv[worker] = self.comm.Irecv(self._ids[worker], rank, Tag.SPARSE_IDS)
+        if rows and self.modes[worker] == "mpi":
+            self._rows_recv[worker] = self.comm.Irecv(self._rows[worker], rank, Tag.SPARSE_ROWS)
+
+    def post(self, worker, push):
+        """Worker's request header is here: its ids (and, for a push, rows) are to land."""
+        if self._expect[worker] is not None:
+            raise ProtocolError(f"worker {worker} sent a request before its last one landed")
+        if self._ids_recv[worker] is None:
+            raise ProtocolError(f"worker {worker} sent a request after it finished")
+        self._expect[worker] = push
+
+    def close(self, worker):
+        """Worker is done: its receives still posted are cancelled."""
+        for recvs in (self._ids_recv, self._rows_recv):
+            if recvs[worker] is not None:
+                recvs[worker].Cancel()
+                recvs[worker].Wait()
+                recvs[worker] = None
 
     def land(self, worker):
         """Wait for worker's ids (and rows) and check them; False when the pushed rows are
         not finite (the push is then refused whole)."""
         from mpi4py import MPI  # here: importing psframe must not start MPI
 
-        if self._posted[worker] is None:
-            raise ProtocolError(f"no row-sparse request of worker {worker} was posted")
-        (posted, push), self._posted[worker] = self._posted[worker], None
+        push, self._expect[worker] = self._expect[worker], None
+        if push is None:
+            raise ProtocolError(f"no row-sparse request of worker {worker} was announced")
         status = MPI.Status()
-        posted[0].Wait(status)
+        self._ids_recv[worker].Wait(status)
         got = status.Get_count(MPI.INT64_T)
         ids = self._ids[worker]
         t = len(self.names)
@@ -137,10 +160,12 @@ class ServerRows:
                     elems += n * self.tables.dims[name]
         req.push_elems = elems
         req.has_rows = push
-        if len(posted) > 1:  # by message; through the window they lie in its segment
-            posted[1].Wait(status)
+        by_message = push and self.modes[worker] == "mpi"
+        if by_message:  # through the window they lie in its segment
+            self._rows_recv[worker].Wait(status)
             if status.Get_count(MPI.BYTE) != elems * self._rows[worker].itemsize:
                 raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
+        self._repost(worker, rows=by_message)
         if push:
             self.bytes_in[worker] += elems * self._rows[worker].itemsize
             self.rows_in += sum(len(r) for r in req.push.values())
