@@ -203,3 +203,26 @@ def test_while_the_link_stays_down_each_restart_fails_at_its_start_and_the_job_g
     assert re.search(rf'unable to connect from "{c.hosts[2]}" to "{c.hosts[0]}" '
                      r"\(No route to host\)", text), text[-4000:]
     assert "restart 2/2" in text and "(2 of max_restarts 2 used); giving up" in text
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 45)
+def test_an_outage_well_inside_the_stall_timeout_is_ridden_out(cluster, tmp_path):
+    """TCP resends what the cut dropped once the link is back (its backoff has reached ~3 s
+    after 2 s down): the job goes on, no stall, no restart."""
+    c = cluster
+    proc, out = start_job(c, tmp_path)
+    try:
+        try:
+            cut_mid_run(c, proc, out, tmp_path)
+            time.sleep(2)
+        finally:
+            link(c, 2, "up")
+        rc = proc.wait(timeout=JOB_TIMEOUT_S)
+    finally:
+        end_job(c, proc)
+    text = out.text()
+    assert rc == 0, text[-4000:]
+    assert "stalled" not in text and "restart" not in text, text[-4000:]
+    with open(tmp_path / "log" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["kind"] == "end" and records[-1]["step"] == STEPS
