@@ -176,7 +176,9 @@ def test_a_link_down_is_diagnosed_within_the_stall_timeout_and_healed_once_back(
     with open(tmp_path / "log" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert records[-1]["kind"] == "end" and records[-1]["step"] == STEPS
-    assert [r["restart"] for r in records if r["kind"] == "restart"] == [1]
+    # Usually one restart heals it; on a loaded machine the first may start within the
+    # second before the link is back and fail at launch, and the second heals it.
+    assert [r["restart"] for r in records if r["kind"] == "restart"] in ([1], [1, 2])
     assert 0 < int(restart.group(1)) < STEPS
     assert_no_process_on(c)
 
