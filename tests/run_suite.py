@@ -16,10 +16,11 @@ def stages():
     py = sys.executable
     yield "unit", [py, "-m", "pytest", "tests", "-m", "not mpi", "-q"]
     # Hybrid 2x2 needs 4 workers: a fifth run covers the pipeline tests alone, and with two
-    # servers a sixth; both run the several-servers tests at those sizes too.
-    servers = "tests/mpi/test_servers.py"
+    # servers a sixth; both run the several-servers tests (dense and row-sparse) at those
+    # sizes too.
+    servers = ["tests/mpi/test_servers.py", "tests/mpi/test_sparse.py"]
     for n, paths in ((2, ["tests/mpi"]), (3, ["tests/mpi"]), (4, ["tests/mpi"]),
-                     (5, ["tests/mpi/test_pipeline.py", servers]), (6, [servers])):
+                     (5, ["tests/mpi/test_pipeline.py", *servers]), (6, servers)):
         yield f"mpi-{n}", [
             "timeout", "--kill-after=10", str(STAGE_TIMEOUT_S),
             os.path.join(BIN, "mpiexec"), "-n", str(n),
