@@ -43,7 +43,8 @@ class RunOptions:
                        shown=True)
     policy: Any = option("sync", "a ps.Policy, or a spec as the CLI takes it", cli=str,
                          cli_help="sync, sync:K (K backup workers), async, async:lr, ssp:S, "
-                                  "mixed:STEPS[:THEN]; modifiers +raw (unweighted pushes), "
+                                  "mixed:STEPS[:THEN], hybrid[:DENSE] (embedding rows on "
+                                  "arrival); modifiers +raw (unweighted pushes), "
                                   "+scale=X, +dc[=LAMBDA] (delay compensation)")
     optimizer: Any = option(None, "a psframe optimizer (default ps.SGD())")
     batch_size: int = option(32, "rows per worker step", cli=int, shown=True)
