@@ -12,5 +12,5 @@ from .specs import policy_from_spec
 from .sync import Sync, SyncState
 
 __all__ = ["Policy", "PolicyState", "PushDecision", "Sync", "SyncState", "Async", "SSP",
-           "ApplyOnArrival", "Mixed", "MixedState", "Hybrid", "DelayCompensation", "delay_compensate",
-           "policy_from_spec", "SCALES"]
+           "ApplyOnArrival", "Mixed", "MixedState", "Hybrid", "DelayCompensation",
+           "delay_compensate", "policy_from_spec", "SCALES"]
