@@ -88,7 +88,7 @@ PATHS = {"messages": ("mpi", False), "shared": ("auto", True), "shared-copy": ("
 def psframe_round_trips(comm, waiter, layout, optimizer, warmup, reps, path="messages"):
     """Rank 0 runs a real ParameterServer (Sync, 1 worker); rank 1 times Worker.push_pull:
     a step's push and the next step's pull, as Worker.run does between two computes."""
-    transport, read_master = PATHS[path]
+    transport, reads_in_place = PATHS[path]
     timed = warmup + reps
     steps = timed + 1  # the last step's push is a push alone
     model = FlatModel(layout.size)
@@ -109,7 +109,7 @@ def psframe_round_trips(comm, waiter, layout, optimizer, warmup, reps, path="mes
     X, y = np.zeros((2, 1), np.float32), np.zeros(2, np.int64)
     stream = BatchStream(np.arange(2), 1, False, 0, 0)
     worker = Worker(channel, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps,
-                    transport=transport, read_master=read_master)
+                    transport=transport, reads_in_place=reads_in_place)
     if (worker.path.name == "mpi") != (path == "messages"):
         raise RuntimeError(f"path {path!r} asked for, but the worker's is {worker.path.name}")
     worker.grad[:] = 1e-3  # a finite gradient, or the server rejects the push

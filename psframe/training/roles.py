@@ -116,7 +116,7 @@ def build_worker(channel, plan: RunPlan):
     servers = list(enumerate(plan.server_shards))  # server s is rank s
     common = (channel, servers, index, plan.layout, plan.model, plan.backend, X, y, stream, steps)
     options = dict(delay=plan.delay.get(index, 0.0), start_step=start_step,
-                   transport=o.transport, read_master=plan.read_in_place)
+                   transport=o.transport, reads_in_place=plan.read_in_place)
     if par.stage_layers is None:
         if plan.layer_shards is not None:
             return LayerwiseWorker(*common, layer_shards=plan.layer_shards, **options)

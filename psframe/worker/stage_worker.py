@@ -23,10 +23,10 @@ class StageWorker(Worker):
 
     def __init__(self, channel, server_rank, index, layout, model, backend, X, y, stream, steps,
                  *, layer_ids, stage, n_stages, prev_rank, next_rank, micro_batches,
-                 delay=0.0, start_step=0, transport="mpi", read_master=False):
+                 delay=0.0, start_step=0, transport="mpi", reads_in_place=False):
         super().__init__(channel, server_rank, index, layout, model, backend, X, y, stream, steps,
                          delay=delay, start_step=start_step, transport=transport,
-                         read_master=read_master)
+                         reads_in_place=reads_in_place)
         self.layer_ids = list(layer_ids)
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.prev_rank, self.next_rank = prev_rank, next_rank

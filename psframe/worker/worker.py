@@ -35,7 +35,7 @@ class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
     def __init__(self, channel, servers, index, layout, model, backend, X, y, stream, steps,
-                 delay=0.0, start_step=0, transport="mpi", read_master=False, layer_shards=None,
+                 delay=0.0, start_step=0, transport="mpi", reads_in_place=False, layer_shards=None,
                  sparse=None):
         """``channel``: a psframe.transport.Channel (or a communicator, wrapped in one).
         ``servers``: the server's rank, or (rank, shard range) of every server, the first
@@ -44,7 +44,7 @@ class Worker:
         each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None).
 
         ``transport="auto"``: on the server's node, gradients and weights go through a shared
-        window (psframe.transport.shm), only headers as messages; ``read_master``: read the
+        window (psframe.transport.shm), only headers as messages; ``reads_in_place``: read the
         weights straight from the server's segment, which is safe only when no update can
         run while a worker computes (a lockstep policy).
 
@@ -74,7 +74,7 @@ class Worker:
         self.start_step = int(start_step)  # > 0 when resuming from a checkpoint
         self.interrupted = False
         self._stop_requested = False
-        self._open_window(transport, read_master)
+        self._open_window(transport, reads_in_place)
         self.params = layout.views(self._weights_dev)
         self.grad_views = layout.views(self.grad)
         self._data = _NOT_YET  # (X, y) on the device once the first batch asks for them
@@ -102,11 +102,11 @@ class Worker:
         self._want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
         self._rows_recv = None
 
-    def _open_window(self, transport, read_master):
+    def _open_window(self, transport, reads_in_place):
         """The payload path to each server, with the gradient and weight buffers they share
         (see psframe.transport.paths.open_worker_path)."""
         self.window, self.paths, self._weights_dev = open_worker_path(
-            self.channel, self.layout, [r for r, _ in self.servers], transport, read_master,
+            self.channel, self.layout, [r for r, _ in self.servers], transport, reads_in_place,
             self.backend, self._device)
         self.path = self.paths[0]
         self.grad, self.weights = self.path.gradient, self.path.weights
