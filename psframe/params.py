@@ -24,13 +24,11 @@ class ParamLayout:
     """
 
     def __init__(self, shapes, dtype="float32", shard_elems=DEFAULT_SHARD_ELEMS, cuts=(),
-                 rows=None, traffic=None):
+                 weights=None):
         """``cuts``: element offsets that must also be shard bounds (where one server's range
-        ends and the next one's begins, inside a tensor if need be). ``rows``: tensors that
-        servers split only between rows (row-sparse tables): name -> elements per row.
-        ``traffic``: name -> the share of its elements a step moves (default 1, a dense
-        tensor; a row-sparse table's is its touched rows over its rows), which servers
-        balance."""
+        ends and the next one's begins, inside a tensor if need be). ``weights``: name -> what
+        one of its elements counts for when the servers' ranges are balanced (default 1; 0
+        for a row-sparse table, which the servers split by rows instead: psframe.sparse)."""
         if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
         if int(shard_elems) < 1:
@@ -38,8 +36,7 @@ class ParamLayout:
         self.dtype = np.dtype(dtype)
         self.shard_elems = int(shard_elems)
         self.names = list(shapes)
-        self.rows = dict(rows or {})
-        self.traffic = dict(traffic or {})
+        self.weights = dict(weights or {})
         self.shapes = {n: tuple(int(d) for d in shapes[n]) for n in self.names}
         self.sizes = {n: int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names}
         self.offsets = {}
@@ -83,8 +80,7 @@ class ParamLayout:
         """This layout without the servers' cuts."""
         if not self.cuts:
             return self
-        return ParamLayout(self.shapes, self.dtype, self.shard_elems, rows=self.rows,
-                           traffic=self.traffic)
+        return ParamLayout(self.shapes, self.dtype, self.shard_elems, weights=self.weights)
 
     def cut_for(self, n_servers):
         """This layout with its shards also cut where each of ``n_servers`` servers' equal
@@ -93,29 +89,26 @@ class ParamLayout:
         n = int(n_servers)
         if n < 1:
             raise ValueError(f"servers must be >= 1, got {n_servers!r}")
-        if self.size < n:
-            raise ValueError(f"the model has {self.size} weights, too few to give each of {n} "
-                             "servers a shard; use fewer servers")
+        counted = sum(self.sizes[t] for t in self.names if self.weights.get(t, 1))
+        if counted < n:
+            raise ValueError(f"the model has {counted} weights to split by range, too few to "
+                             f"give each of {n} servers a shard; use fewer servers")
         if n == 1:
             return self
         return ParamLayout(self.shapes, self.dtype, self.shard_elems,
-                           cuts=[self.server_cut(s, n) for s in range(1, n)], rows=self.rows,
-                           traffic=self.traffic)
+                           cuts=[self.server_cut(s, n) for s in range(1, n)],
+                           weights=self.weights)
 
     def server_cut(self, s, n_servers):
         """Where server ``s``'s range begins among ``n_servers``: at its equal share of the
-        elements (weighted by ``traffic``: of what a step moves), moved back to a row's start
-        inside a table of ``rows``."""
-        cut = self._weighted_point(s / n_servers) if self.traffic else self.size * s // n_servers
-        for name, width in self.rows.items():
-            start = self.offsets[name]
-            if start < cut < start + self.sizes[name]:
-                return start + (cut - start) // width * width
-        return cut
+        elements (as ``weights`` count them)."""
+        if not self.weights:
+            return self.size * s // n_servers
+        return self._weighted_point(s / n_servers)
 
     def _weighted_point(self, share):
-        """The element offset below which ``share`` of the layout's traffic lies."""
-        weights = [self.sizes[n] * float(self.traffic.get(n, 1.0)) for n in self.names]
+        """The element offset below which ``share`` of the layout's weighted elements lie."""
+        weights = [self.sizes[n] * float(self.weights.get(n, 1.0)) for n in self.names]
         target, seen = share * sum(weights), 0.0
         for n, w in zip(self.names, weights):
             if seen + w >= target and w > 0:

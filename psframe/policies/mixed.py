@@ -109,4 +109,8 @@ def _phase_policy(p):
     """A phase's Policy, from an instance or a spec of one policy."""
     if isinstance(p, str) and spec_name(p) == "mixed":
         raise ValueError("Mixed phases cannot themselves be Mixed")
-    return single_policy_from_spec(p)
+    policy = single_policy_from_spec(p)
+    if getattr(policy, "name", None) == "hybrid":
+        # The rows' treatment is the run's, not a phase's: Mixed would drop it silently.
+        raise ValueError("a Mixed phase cannot be a Hybrid; use Hybrid(dense=Mixed(...))")
+    return policy

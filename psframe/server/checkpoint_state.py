@@ -4,16 +4,28 @@ from __future__ import annotations
 __all__ = ["save_server_state", "restore_server_state", "range_arrays"]
 
 
+def _dense_range(engine, own_shards):
+    """The elements of a server's range it checkpoints as flat arrays: with row-sparse
+    tables, their rows are checkpointed by block instead (ServerRows.state_part)."""
+    start, stop = engine.layout.shard_range(*own_shards)
+    rows = getattr(engine, "rows", None)
+    if rows is not None:
+        end = rows.tables.dense_end
+        start, stop = min(start, end), min(stop, end)
+    return start, stop
+
+
 def range_arrays(engine, own_shards):
-    """The arrays of one server's range: its weights, optimizer state and shard counts."""
+    """The arrays of one server's range: its weights, optimizer state and shard counts, and
+    its rows of the row-sparse tables."""
     lo, hi = own_shards
-    start, stop = engine.layout.shard_range(lo, hi)
+    start, stop = _dense_range(engine, own_shards)
     arrays = {"weights": engine.weights[start:stop], "shard_updates": engine.shard_updates[lo:hi]}
     for key, value in engine.opt_state.items():
         if not key.startswith("_"):  # scratch buffers carry no state
             arrays[f"opt.{key}"] = value[start:stop]
     rows = getattr(engine, "rows", None)
-    if rows is not None:  # row state with no place in the flat arrays (per-row step counts)
+    if rows is not None:
         arrays.update(rows.state_part())
     return arrays
 
@@ -37,15 +49,15 @@ def restore_server_state(manifest, arrays, engine, groups, recorder, own_shards=
     others' may lie in the same shared buffer: never write them), clocks, data position,
     history."""
     lo, hi = own_shards if own_shards is not None else (0, engine.layout.n_shards)
-    start, stop = engine.layout.shard_range(lo, hi)
+    start, stop = _dense_range(engine, (lo, hi))
     engine.weights[start:stop] = arrays["weights"][start:stop]
     engine.shard_updates[lo:hi] = arrays["shard_updates"][lo:hi]
     for key in engine.opt_state:
         if not key.startswith("_"):
             engine.opt_state[key][start:stop] = arrays[f"opt.{key}"][start:stop]
     rows = getattr(engine, "rows", None)
-    for key, value in (rows.extra_state if rows is not None else {}).items():
-        value[...] = arrays[key]
+    if rows is not None:
+        rows.restore(arrays)
     for g, saved in zip(groups, manifest["groups"]):
         g.policy.restore(saved["version"], saved["clocks"])
     version = min(g.policy.version for g in groups)

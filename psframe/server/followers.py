@@ -6,7 +6,16 @@ from typing import Any, Dict, List, Sequence, Tuple
 from ..transport import Tag
 from .orders import Kind, OrderWriter
 
-__all__ = ["Followers"]
+__all__ = ["Followers", "snapshot_shards"]
+
+
+def snapshot_shards(shards, sparse):
+    """The shards of a server's range that a snapshot copies as frames: with row-sparse
+    tables, the dense ones (the tables' rows go by block)."""
+    if sparse is None:
+        return tuple(shards)
+    end = sparse.dense_shards[1]
+    return min(shards[0], end), min(shards[1], end)
 
 
 class Followers:
@@ -21,10 +30,12 @@ class Followers:
     """
 
     def __init__(self, channel, ranks: Sequence[int], shards: Sequence[Tuple[int, int]],
-                 n_workers: int):
+                 n_workers: int, sparse: Any = None):
+        """``sparse``: the run's row-sparse tables, whose rows each server holds a block of."""
         self.channel = channel
         self.ranks = list(ranks)
-        self.shards = list(shards)
+        self.sparse = sparse
+        self.shards = [snapshot_shards(r, sparse) for r in shards]
         self.shared = [False] * len(self.ranks)
         self.writer = OrderWriter(channel, self.ranks, n_workers)
 
@@ -41,9 +52,14 @@ class Followers:
         """Every server's range into rank 0's ``weights``, as of the last order."""
         self.writer.plain(Kind.SNAPSHOT)
         frames = []
-        for rank, (lo, hi), shared in zip(self.ranks, self.shards, self.shared):
+        for s, (rank, (lo, hi), shared) in enumerate(zip(self.ranks, self.shards, self.shared)):
             if not shared:
                 frames += self.channel.irecv_frames(weights, lo, hi, rank, Tag.RANGE)
+                if self.sparse is not None:  # and its block of each table's rows
+                    tables = self.sparse.views(weights)
+                    for name, (a, b) in self.sparse.row_blocks[s + 1].items():
+                        frames.append(self.channel.comm.Irecv(tables[name][a:b], rank,
+                                                              Tag.RANGE))
         for rank in self.ranks:
             self.channel.recv_object(rank, Tag.CONTROL)  # each has sent (or written) its range
         self.channel.wait_frames(frames)

@@ -45,7 +45,7 @@ class ParameterServer:
                  recorder=None, model=None, dispatcher=None, on_bad_gradient="raise",
                  checkpointer=None, resume=None, stop_units=None, transport="mpi",
                  keep_sent_weights=False, owner=0, own_shards=None, followers=None,
-                 layer_shards=None, sparse=None, sparse_on_arrival=None):
+                 layer_shards=None, sparse=None, sparse_on_arrival=None, index=0):
         if not isinstance(channel, Channel):  # a communicator: the default channel over it
             channel = Channel(channel, layout)
         self.channel = channel
@@ -54,9 +54,15 @@ class ParameterServer:
         n = len(self.workers)
         self.own_shards = tuple(own_shards) if own_shards is not None else (0, layout.n_shards)
         self.own = layout.shard_range(*self.own_shards)  # the elements this server updates
+        self.index = index  # this server's place among the servers
         self.followers = followers
+        # With row-sparse tables a server's range holds dense weights only: its rows of the
+        # tables are a block of each (sparse.row_blocks), which it copies in itself.
+        dense_own = self.own if sparse is None else tuple(min(e, sparse.dense_end)
+                                                          for e in self.own)
+        initial = weights
         self.window, weights, self.paths = open_server_paths(
-            channel, layout, weights, self.workers, transport, owner=owner, own=self.own)
+            channel, layout, weights, self.workers, transport, owner=owner, own=dense_own)
         self.groups = list(groups)
         self.group_of = {}
         for g in self.groups:
@@ -75,8 +81,10 @@ class ParameterServer:
         if sparse is not None:
             self.rows = ServerRows(channel.comm, sparse, self.engine.weights, optimizer,
                                    self.engine.opt_state, self.workers,
-                                   row_ranges=sparse.rows_in(*self.own), paths=self.paths,
-                                   base=sparse.base_of(*self.own))
+                                   row_ranges=sparse.row_blocks[index], paths=self.paths,
+                                   base=sparse.bases[index])
+            if weights is not initial:  # moved into the shared window: its rows too
+                self.rows.copy_rows(sparse.views(initial))
         self.engine.rows = self.rows  # checkpointed with the engine's state
         self.sparse_on_arrival = sparse_on_arrival
         self.inbox = GradientInbox(layout, self.paths, self.recorder.stats, on_bad_gradient,
@@ -93,7 +101,10 @@ class ParameterServer:
             restore_server_state(*resume, self.engine, self.groups, self.recorder,
                                  self.own_shards)
         self.recorder.own_shards = self.own_shards  # what stats["servers"] says of rank 0
-        self.recorder.own_params = self.own[1] - self.own[0]
+        self.n_params = self.own[1] - self.own[0]
+        if sparse is not None:
+            self.n_params = dense_own[1] - dense_own[0] + sparse.server_params(index)
+        self.recorder.own_params = self.n_params
         if followers is not None:
             followers.share(self.window)
             self.recorder.before_read = self._gather

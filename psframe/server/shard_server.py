@@ -4,8 +4,9 @@ from __future__ import annotations
 import time
 
 from ..errors import ProtocolError
-from ..transport import Field, Op, Status, Tag, fill_header
+from ..transport import Field, Flag, Op, Status, Tag, fill_header
 from .checkpoint_state import range_arrays
+from .followers import snapshot_shards
 from .orders import Kind, OrderReader
 from .parameter_server import ParameterServer
 
@@ -25,9 +26,8 @@ class ShardServer(ParameterServer):
     """
 
     def __init__(self, channel, layout, weights, *, leader=0, index=1, **kwargs):
-        super().__init__(channel, layout, weights, owner=leader, **kwargs)
+        super().__init__(channel, layout, weights, owner=leader, index=index, **kwargs)
         self.leader = leader
-        self.index = index  # this server's place among the servers, for its checkpoint file
         self.interrupted = False
         self._replies = {}
         # The workers whose shards meet this range: they send it requests; the others never.
@@ -71,7 +71,7 @@ class ShardServer(ParameterServer):
                 self.interrupted = order.interrupted
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
                 load = self.recorder.load(self.channel.rank, self.own_shards,
-                                          self.own[1] - self.own[0], wall, cpu)
+                                          self.n_params, wall, cpu)
                 if self.rows is not None:
                     load["sparse"] = self.rows.stats()
                 self.channel.send_object(load, self.leader, Tag.CONTROL)
@@ -150,8 +150,11 @@ class ShardServer(ParameterServer):
         self.recorder.stats.bytes_pushed += count * self.layout.dtype.itemsize
         self.recorder.bytes_pushed_by[worker] += count * self.layout.dtype.itemsize
         if self.rows is not None:
-            # Every server refuses a push alike: the worker flags non-finite rows too.
-            self._land_rows(worker)
+            # Every server refuses a push alike: the worker flags non-finite rows too, and
+            # unflagged ones here would be applied here and refused by rank 0.
+            if not self._land_rows(worker) and not int(fields[Field.FLAGS]) & Flag.NON_FINITE:
+                raise ProtocolError(f"worker {worker} pushed non-finite rows to server "
+                                    f"{self.index} without flagging them")
             if accepted and self.sparse_on_arrival is not None:
                 self.rows.apply_one(worker, self.sparse_on_arrival)
         return accepted
@@ -173,6 +176,12 @@ class ShardServer(ParameterServer):
         """This range of the weights to rank 0 (unless it lies in rank 0's buffer already),
         then the word that it is there."""
         if not self.shares_weights:
-            self.channel.wait_frames(self.channel.isend_frames(
-                self.weights, *self.own_shards, self.leader, Tag.RANGE))
+            sparse = self.rows.tables if self.rows is not None else None
+            sends = self.channel.isend_frames(self.weights, *snapshot_shards(
+                self.own_shards, sparse), self.leader, Tag.RANGE)
+            if sparse is not None:  # its block of each table's rows, in the tables' order
+                tables = sparse.views(self.weights)
+                sends += [self.channel.comm.Isend(tables[name][a:b], self.leader, Tag.RANGE)
+                          for name, (a, b) in self.rows.row_ranges.items()]
+            self.channel.wait_frames(sends)
         self.channel.send_object(True, self.leader, Tag.CONTROL)

@@ -26,19 +26,19 @@ class ServerRows:
     """Lands each request's ids and pushed rows, updates the tables' touched rows with the
     optimizer's row method (Optimizer.apply_rows), and answers pulls with the rows asked for.
 
-    The tables are views into the server's flat weights, so checkpoints, evaluation and the
-    result hold them whole. The row state of an element-wise optimizer state (momentum, the
-    moments, Adagrad's sum) is a view into the dense state's flat arrays too, so it is
-    checkpointed with them; what has no place there (lazy Adam's per-row step counts) is in
-    ``extra_state``.
+    The tables are views into the server's flat weights, so evaluation and the result hold
+    them whole; this server updates its block of rows of each (``row_ranges``). The row
+    state of an element-wise optimizer state (momentum, the moments, Adagrad's sum) is a
+    view into the dense state's flat arrays too (no second copy). Both are checkpointed by
+    rows (state_part), as lazy Adam's per-row step counts are.
 
     Rows travel as messages to and from a worker on the message path. Through a shared
     window (psframe.transport.paths.SharedPath), a worker writes its pushed rows into its
     gradient segment and the server reads them there; the server writes a pull's rows into
     the worker's copy of the weights ("shared-copy"), or the worker gathers them straight
     from the server's tables ("shared-read"). Only the ids are messages then. Each server's
-    rows lie in the segments at ``base``, the start of its range of the tables, which has
-    room for them: a server never holds more rows than its range.
+    rows lie in the segments at ``base`` (SparseTables.bases), a region of the tables' with
+    room for the most rows a step can touch of its blocks, apart from the other servers'.
     """
 
     def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks,
@@ -56,7 +56,6 @@ class ServerRows:
         max_elems = sum(self.capacity[n] * tables.dims[n] for n in self.names)
         self.optimizer = optimizer
         self.state = {}
-        self.extra_state = {}  # checkpoint key -> array, for row state not in opt_state
         dtype = weights.dtype
         for name in self.names:
             rows, dim = tables.rows[name], tables.dims[name]
@@ -67,8 +66,6 @@ class ServerRows:
                         and value.shape == (rows, dim)):
                     off = tables.offsets[name]
                     state[key] = flat[off:off + rows * dim].reshape(rows, dim)
-                elif not key.startswith("_"):
-                    self.extra_state[f"rows.{name}.{key}"] = value
             self.state[name] = state
         self.workers = list(worker_ranks)
         n = len(self.workers)
@@ -109,10 +106,11 @@ class ServerRows:
         for w in workers:
             self._repost(w, rows=True)
 
-    def _repost(self, worker, rows):
+    def _repost(self, worker, ids=True, rows=True):
         rank = self.workers[worker]
-        self._ids_recv[worker] = self.comm.Irecv(self._ids[worker], rank, Tag.SPARSE_IDS)
-        if rows and self.modes[worker] == "mpi":
+        if ids:
+            self._ids_recv[worker] = self.comm.Irecv(self._ids[worker], rank, Tag.SPARSE_IDS)
+        if rows and self.modes[worker] == "mpi" and self._rows_recv[worker] is None:
             self._rows_recv[worker] = self.comm.Irecv(self._rows[worker], rank, Tag.SPARSE_ROWS)
 
     def post(self, worker, push):
@@ -155,17 +153,17 @@ class ServerRows:
                 rows = ids[at:at + n]
                 at += n
                 self._check_ids(worker, name, rows)
-                which[name] = rows
+                which[name] = rows.copy()  # the buffer takes the next request's ids
                 if which is req.push:
                     elems += n * self.tables.dims[name]
         req.push_elems = elems
         req.has_rows = push
-        by_message = push and self.modes[worker] == "mpi"
-        if by_message:  # through the window they lie in its segment
+        if push and self.modes[worker] == "mpi":  # through the window: in its segment
             self._rows_recv[worker].Wait(status)
+            self._rows_recv[worker] = None  # posted again when its pull is answered (serve)
             if status.Get_count(MPI.BYTE) != elems * self._rows[worker].itemsize:
                 raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
-        self._repost(worker, rows=by_message)
+        self._repost(worker, rows=False)
         if push:
             self.bytes_in[worker] += elems * self._rows[worker].itemsize
             self.rows_in += sum(len(r) for r in req.push.values())
@@ -180,15 +178,30 @@ class ServerRows:
             raise ProtocolError(f"worker {worker} sent {len(rows)} ids of table {name!r} that "
                                 f"are not distinct sorted rows of this server's [{lo}, {hi})")
 
+    def copy_rows(self, tables):
+        """This server's rows of ``tables`` (views of another flat buffer) into its own."""
+        for name, (lo, hi) in self.row_ranges.items():
+            self.table[name][lo:hi] = tables[name][lo:hi]
+
     def state_part(self):
-        """The row state with no place in the flat arrays, this server's rows of it (the
-        servers' parts, joined in order, are the whole tables')."""
+        """This server's rows of the tables and of their optimizer state, for its checkpoint
+        part (the servers' parts, joined in order, are the whole tables: each holds a block
+        of every table, in order)."""
         out = {}
-        for key, value in self.extra_state.items():
-            name = key[len("rows."):].rsplit(".", 1)[0]
-            lo, hi = self.row_ranges[name]
-            out[key] = value[lo:hi]
+        for name, (lo, hi) in self.row_ranges.items():
+            out[f"table.{name}"] = self.table[name][lo:hi]
+            for key, value in self.state[name].items():
+                if not key.startswith("_"):
+                    out[f"rows.{name}.{key}"] = value[lo:hi]
         return out
+
+    def restore(self, arrays):
+        """This server's rows of the tables and their state from a checkpoint's arrays."""
+        for name, (lo, hi) in self.row_ranges.items():
+            self.table[name][lo:hi] = arrays[f"table.{name}"][lo:hi]
+            for key, value in self.state[name].items():
+                if not key.startswith("_"):
+                    value[lo:hi] = arrays[f"rows.{name}.{key}"][lo:hi]
 
     def _pushed(self, worker):
         """(name, ids, (n, dim) rows) of worker's landed push."""
@@ -253,6 +266,8 @@ class ServerRows:
             self.rows_out += len(ids)
         self._pulled_at[worker] = self.version
         self.bytes_out[worker] += at * self.table[self.names[0]].itemsize
+        # Its last push's rows are used (a pull is answered only after): the buffer is free.
+        self._repost(worker, ids=False)
         if self.modes[worker] != "mpi":
             return None
         return self.comm.Isend(out[:at], self.workers[worker], Tag.SPARSE_PULL)

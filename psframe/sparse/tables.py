@@ -15,13 +15,17 @@ class SparseTables:
     the input it reads (a key of a dict X, or None for X itself), rows and width.
 
     The tables lie at the end of the flat layout, after every dense parameter, so the dense
-    part is one shard range (``dense_shards``) that moves as before, and the server's flat
-    buffer, checkpoints, evaluation and results hold the whole tables unchanged.
+    part is one shard range (``dense_shards``) that moves as before, and the servers' flat
+    buffers, evaluation and results hold the whole tables. The servers split the dense part
+    by its elements (their shard ranges), and every table by its rows: server s holds rows
+    ``row_blocks[s][t]``, an equal block of each table's storage (where RowPlacement puts
+    each id, so the blocks are hash partitions of the ids).
     ``capacity[t]``: the most rows one step can touch in table t (its ids per sample times
     the batch size, at most its rows); the wire's buffers are sized by it.
     """
 
-    def __init__(self, layout, inputs: Dict[str, Optional[str]], ids_per_sample, batch_size):
+    def __init__(self, layout, inputs: Dict[str, Optional[str]], ids_per_sample, batch_size,
+                 n_servers=1):
         keys = [k for k in inputs.values() if k is not None]
         if len(set(keys)) != len(keys) or (None in inputs.values() and len(inputs) > 1):
             raise ValueError(f"each row-sparse table must read its own input; got {inputs}")
@@ -33,28 +37,26 @@ class SparseTables:
         self.offsets = {n: layout.offsets[n] for n in self.names}
         # Each id's row in storage: the servers' row ranges split ids by a hash (placement).
         self.placement = {n: RowPlacement(self.rows[n]) for n in self.names}
-        first = min(self.offsets.values())
-        self.dense_shards: Tuple[int, int] = (0, layout.shards_of_range(0, first)[1])
+        self.dense_end = min(self.offsets.values())  # where the tables begin
+        self.dense_shards: Tuple[int, int] = (0, layout.shards_of_range(0, self.dense_end)[1])
         self.capacity = {n: min(self.rows[n], int(ids_per_sample[n]) * int(batch_size))
                          for n in self.names}
         self.max_ids = sum(self.capacity.values())
         self.max_elems = sum(self.capacity[n] * self.dims[n] for n in self.names)
+        S = int(n_servers)
+        self.row_blocks = [{n: (self.rows[n] * s // S, self.rows[n] * (s + 1) // S)
+                            for n in self.names} for s in range(S)]
+        # Server s's rows lie in a shared segment at bases[s], after the other servers': each
+        # has room for the most rows one step can touch of its blocks.
+        self.bases, at = [], self.dense_end
+        for blocks in self.row_blocks:
+            self.bases.append(at)
+            at += sum(min(self.capacity[n], hi - lo) * self.dims[n]
+                      for n, (lo, hi) in blocks.items())
 
-    def rows_in(self, start, stop):
-        """{name: (first row, end row)} of each table's rows in elements [start, stop) (a
-        server's range; servers split tables between rows)."""
-        out = {}
-        for n in self.names:
-            off, dim, rows = self.offsets[n], self.dims[n], self.rows[n]
-            lo = min(max(start - off, 0), rows * dim) // dim
-            hi = min(max(stop - off, 0), rows * dim) // dim
-            out[n] = (lo, hi)
-        return out
-
-    def base_of(self, start, stop):
-        """Where the rows of a server with elements [start, stop) begin in a shared segment:
-        the start of its range of the tables (room for every row it holds)."""
-        return max(start, min(self.offsets.values()))
+    def server_params(self, s):
+        """How many table weights server s holds."""
+        return sum((hi - lo) * self.dims[n] for n, (lo, hi) in self.row_blocks[s].items())
 
     def __len__(self):
         return len(self.names)
@@ -110,7 +112,7 @@ def _ids_per_sample(X, inputs):
     return out
 
 
-def sparse_tables(model, layout, X, batch_size) -> Optional[SparseTables]:
+def sparse_tables(model, layout, X, batch_size, n_servers=1) -> Optional[SparseTables]:
     """The run's SparseTables, or None when the model has no row-sparse table."""
     inputs = getattr(model, "embedding_inputs", lambda: {})()
     if not inputs:
@@ -119,4 +121,4 @@ def sparse_tables(model, layout, X, batch_size) -> Optional[SparseTables]:
     if unknown:
         raise ValueError(f"embedding_inputs() names {unknown}, which are not parameters of "
                          "the model")
-    return SparseTables(layout, dict(inputs), _ids_per_sample(X, inputs), batch_size)
+    return SparseTables(layout, dict(inputs), _ids_per_sample(X, inputs), batch_size, n_servers)

@@ -40,8 +40,9 @@ class _Server:
         if self.mode == "mpi":
             self.push_rows, self.pull_rows = np.zeros(size, dtype), np.zeros(size, dtype)
             return
-        # A server's rows fit in its range of the tables, where they lie in the segments.
-        room = min(size, sum((hi - lo) * tables.dims[n] for n, (lo, hi) in row_ranges.items()))
+        # The most rows a step can touch of this server's blocks: its region of the segments.
+        room = sum(min(tables.capacity[n], hi - lo) * tables.dims[n]
+                   for n, (lo, hi) in row_ranges.items())
         self.push_rows = path.gradient[base:base + room]
         self.tables = tables.views(path.weights)  # the server's own, read in place
         self.pull_rows = (path.weights[base:base + room] if self.mode == "shared-copy"

@@ -105,11 +105,14 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     params = model.init_params(np.random.default_rng(o.seed))
     params = dense_first(params, getattr(model, "embedding_inputs", dict)())
     layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
-    # Servers split row-sparse tables between rows (each holds whole rows), balancing what a
-    # step moves: a table's touched rows, not its size.
     tables = getattr(model, "embedding_inputs", dict)()
-    layout.rows = {n: layout.sizes[n] // max(1, layout.shapes[n][0]) for n in tables}
-    layout.traffic = _touched_share(tables, layout, train_set, o.batch_size) if tables else {}
+    unknown = [t for t in tables if t not in layout.shapes]
+    if unknown:
+        raise ValueError(f"embedding_inputs() names {unknown}, which are not parameters of "
+                         "the model")
+    # The servers' ranges split the dense weights; each server holds a block of every
+    # table's rows besides (psframe.sparse.SparseTables).
+    layout.weights = {t: 0 for t in tables}
     layout = layout.cut_for(n_servers)  # or: fewer weights than servers
     if o.init is not None:
         if not isinstance(o.init, dict):
@@ -121,6 +124,8 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     sparse = _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers)
     if sparse is not None:  # the servers hold each table's rows where placement puts them
         params = sparse.to_storage(params)
+    elif getattr(policy, "name", None) == "hybrid":
+        policy = policy.dense  # no row-sparse table: the Hybrid is its dense policy
     weights = layout.flatten(params, out=layout.empty())
     _probe(model, layout, weights, train_set)
     server_shards = server_ranges(layout, n_servers)
@@ -141,7 +146,11 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     resumed = None
     if o.resume is not None:
         resumed = _load_resume(o.resume, meta, optimizer, layout)
-        weights[:] = resumed[1]["weights"]
+        saved = resumed[1]
+        weights[:len(saved["weights"])] = saved["weights"]
+        if sparse is not None:  # the tables are checkpointed by rows, each server's block
+            for name, table in sparse.views(weights).items():
+                table[...] = saved[f"table.{name}"]
 
     per_epoch = steps_per_epoch(len(train_set), n_replicas, o.batch_size)
     steps_given = o.steps is not None
@@ -173,7 +182,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
 
 def _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers):
     """The run's row-sparse tables (psframe.sparse), or None; refuses what they cannot do."""
-    tables = sparse_tables(model, layout, train_set.X, o.batch_size)
+    tables = sparse_tables(model, layout, train_set.X, o.batch_size, n_servers)
     if tables is None:
         return None
     problems = []
@@ -194,21 +203,6 @@ def _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_ser
                          f"{'; '.join(problems)}; make them dense (sparse=False) or change "
                          "the run")
     return tables
-
-
-def _touched_share(tables, layout, train_set, batch_size, batches=8):
-    """Each row-sparse table's share of rows a batch touches, from a few random batches of
-    the data (the same on every rank: a fixed seed)."""
-    rng = np.random.default_rng(0)
-    n = len(train_set)
-    picks = [np.sort(rng.choice(n, size=min(n, int(batch_size)), replace=False))
-             for _ in range(batches)]
-    out = {}
-    for name, key in tables.items():
-        X = train_set.X if key is None else train_set.X[key]
-        touched = [len(np.unique(np.asarray(X[rows]))) for rows in picks]
-        out[name] = float(np.mean(touched)) / max(1, layout.shapes[name][0])
-    return out
 
 
 def _steps_rows(optimizer, dtype):

@@ -37,7 +37,7 @@ def build_server(channel, plan: RunPlan, verbose, callbacks, n_threads):
     followers = None
     if plan.n_servers > 1:
         followers = Followers(channel, range(1, plan.n_servers), plan.server_shards[1:],
-                              n_workers)
+                              n_workers, sparse=plan.sparse)
     return ParameterServer(
         channel, plan.layout, plan.weights, optimizer=plan.optimizer, groups=groups_of(plan, 0),
         worker_ranks=_worker_ranks(plan), recorder=recorder, dispatcher=plan.dispatcher,

@@ -94,10 +94,9 @@ class Worker:
         self._parts_of = {}  # shard range -> _parts(range), the same every step
         self.rows = None
         if sparse is not None:
-            ranges = [layout.shard_range(*own) for _, own in self.servers]
             self.rows = WorkerRows(self.channel, sparse, [
-                (rank, sparse.rows_in(*r), sparse.base_of(*r))
-                for (rank, _), r in zip(self.servers, ranges)], layout.dtype, self.paths)
+                (rank, sparse.row_blocks[i], sparse.bases[i])
+                for i, (rank, _) in enumerate(self.servers)], layout.dtype, self.paths)
             self.shards = sparse.dense_shards
         self._want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
         self._rows_recv = None

@@ -328,3 +328,43 @@ def test_a_sparse_dlrm_learns_the_click_log(policy):
     # Only the touched rows moved: far fewer bytes than the tables once per step each way.
     tables = sum(t["rows"] * t["dim"] for t in result.stats["sparse"]["tables"]) * 4
     assert result.stats["sparse"]["bytes_pulled"] < tables * result.stats["pulls_answered"]
+
+
+@pytest.mark.parametrize("policy", ["async", "ssp:1", "sync:1", "mixed:4"])
+def test_rows_follow_every_policy_s_decisions(policy):
+    """Rows are applied exactly when the dense gradient they came with is (a backup's late
+    push is dropped whole, SSP's bound holds, Mixed switches both)."""
+    if policy == "sync:1" and N_WORKERS < 2:
+        pytest.skip("a backup worker needs 2 workers")
+    X, y = ids_data(n=120)
+    result = ps.train(bag_model(), (X, y), policy=policy, optimizer=ps.SGD(0.2), batch_size=4,
+                      epochs=2, dtype="float64", delay={0: 0.002}, verbose=False)
+    if WORLD.Get_rank():
+        return
+    stats = result.stats
+    assert stats["sparse"]["updates"] == stats["updates_applied"]
+    assert all(np.isfinite(v).all() for v in result.params.values())
+    if policy == "ssp:1":
+        assert stats["max_clock_gap"] <= 1
+    if policy == "sync:1":
+        dropped = stats["updates_dropped"]
+        assert stats["sparse"]["rows_pushed"] > 0 and stats["updates_applied"] > 0
+        assert sum(stats["sparse"]["staleness"].values()) == stats["pushes_received"] - dropped
+
+
+def test_a_hybrid_cannot_be_a_mixed_phase():
+    with pytest.raises(ValueError, match="cannot be a Hybrid"):
+        ps.Mixed(sync_steps=5, then=ps.Hybrid())
+    WORLD.Barrier()
+
+
+def test_a_hybrid_without_row_sparse_tables_is_its_dense_policy():
+    X, y = ids_data()
+    runs = [ps.train(bag_model(sparse=False), (X, y), policy=policy, optimizer=ps.SGD(0.2),
+                     batch_size=4, steps=6, dtype="float64", verbose=False)
+            for policy in (ps.Hybrid(), "sync")]
+    if WORLD.Get_rank() == 0:
+        assert runs[0].config["policy"] == "Sync()"
+        assert runs[0].stats["worker_transport"] == runs[1].stats["worker_transport"]
+        for name in runs[1].params:
+            np.testing.assert_array_equal(runs[0].params[name], runs[1].params[name], name)

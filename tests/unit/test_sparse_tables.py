@@ -34,22 +34,28 @@ def layout_for(m, servers=1):
     params = m.init_params(np.random.default_rng(0))
     params = {**{k: v for k, v in params.items() if k != "0.W"}, "0.W": params["0.W"]}
     layout = ParamLayout.from_params(params, "float64", shard_elems=16)
-    layout.rows = {"0.W": 3}
+    layout.weights = {"0.W": 0}
     return layout.cut_for(servers)
 
 
-def test_servers_split_tables_between_rows():
+def test_servers_split_the_dense_weights_by_range_and_every_table_by_rows():
     layout = layout_for(model(), servers=3)
-    tables = sparse_tables(model(), layout, np.zeros((5, 4), np.int64), batch_size=8)
+    tables = sparse_tables(model(), layout, np.zeros((5, 4), np.int64), batch_size=8,
+                           n_servers=3)
     assert tables.names == ["0.W"] and tables.dense_shards[0] == 0
-    ranges = [tables.rows_in(*layout.shard_range(*r)) for r in server_ranges(layout, 3)]
-    bounds = [r["0.W"] for r in ranges]
-    assert bounds[0][0] == 0 and bounds[-1][1] == 40
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # whole rows, in order
-    for cut in layout.cuts:
-        off = layout.offsets["0.W"]
-        assert cut <= off or (cut - off) % 3 == 0
+    # The dense weights (3 x 2 + 2 = 8) by range; the cuts never fall in the table.
+    assert all(0 < c <= tables.dense_end for c in layout.cuts)
+    ranges = [layout.shard_range(*r) for r in server_ranges(layout, 3)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == layout.size
+    # Each server a block of the table's 40 rows, in order, covering it.
+    blocks = [b["0.W"] for b in tables.row_blocks]
+    assert blocks == [(0, 13), (13, 26), (26, 40)]
     assert tables.capacity["0.W"] == 32  # 8 samples x 4 ids, under the table's 40 rows
+    # Each server's rows lie in its own region of the shared segments, inside the tables'.
+    room = [min(32, hi - lo) * 3 for lo, hi in blocks]
+    assert tables.bases == [tables.dense_end, tables.dense_end + room[0],
+                            tables.dense_end + room[0] + room[1]]
+    assert tables.bases[-1] + room[-1] <= layout.size
 
 
 def test_batch_ids_remap_to_the_compact_table():
@@ -72,13 +78,10 @@ def test_the_ids_message_lists_counts_then_push_then_pull_ids():
     assert ids_message(out, ["a", "b"], None, {"a": np.array([3]), "b": np.array([6])}) == 6
 
 
-def test_servers_balance_what_a_step_moves_not_the_tables_size():
+def test_weighted_cuts_split_only_what_counts():
     shapes = {"dense": (1000,), "table": (10_000, 10)}
-    layout = ParamLayout(shapes, "float32", rows={"table": 10}, traffic={"table": 0.01})
-    cut = layout.cut_for(2).cuts[0]
-    # 1000 dense elements move each step, and 1% of the table's 100,000: half is at 1000.
-    assert cut == 1000
-    even = ParamLayout(shapes, "float32", rows={"table": 10}).cut_for(2).cuts[0]
-    assert even == 50_500 and (even - 1000) % 10 == 0  # by size: the middle, on a row bound
-    cut3 = layout.cut_for(4).cuts  # inside the table, on row bounds, in order
-    assert list(cut3) == sorted(cut3) and all((c - 1000) % 10 == 0 for c in cut3 if c > 1000)
+    layout = ParamLayout(shapes, "float32", weights={"table": 0})
+    assert list(layout.cut_for(4).cuts) == [250, 500, 750]
+    assert ParamLayout(shapes, "float32").cut_for(2).cuts[0] == 50_500  # every element
+    with pytest.raises(ValueError, match="1000 weights to split by range"):
+        layout.cut_for(1001)
