@@ -82,6 +82,12 @@ class SparseTables:
             out[key] = self.placement[name].position(X[key])
         return type(X)(out) if not isinstance(X, dict) else out
 
+    def place(self, weights):
+        """Move each table in flat buffer ``weights`` from id order to storage order in place
+        (one table's rows at a time of scratch)."""
+        for name, table in self.views(weights).items():
+            table[...] = self.placement[name].to_storage(table)
+
     def to_storage(self, params):
         """A dict of parameters with each table in storage order (placement)."""
         return {n: self.placement[n].to_storage(v) if n in self.placement else v

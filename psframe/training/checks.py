@@ -122,11 +122,12 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
         if not all(np.isfinite(v).all() for v in params.values()):
             raise ValueError("init has non-finite values")
     sparse = _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers)
-    if sparse is not None:  # the servers hold each table's rows where placement puts them
-        params = sparse.to_storage(params)
-    elif getattr(policy, "name", None) == "hybrid":
+    if sparse is None and getattr(policy, "name", None) == "hybrid":
         policy = policy.dense  # no row-sparse table: the Hybrid is its dense policy
     weights = layout.flatten(params, out=layout.empty())
+    del params  # the model's own init (float64): the tables are now in ``weights`` only
+    if sparse is not None:  # the servers hold each table's rows where placement puts them
+        sparse.place(weights)
     _probe(model, layout, weights, train_set)
     server_shards = server_ranges(layout, n_servers)
     layer_shards = _check_overlap(o, model, layout, policy, n_servers)
