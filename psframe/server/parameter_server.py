@@ -80,9 +80,8 @@ class ParameterServer:
         self.rows = None
         if sparse is not None:
             self.rows = ServerRows(channel.comm, sparse, self.engine.weights, optimizer,
-                                   self.engine.opt_state, self.workers,
-                                   row_ranges=sparse.row_blocks[index], paths=self.paths,
-                                   base=sparse.bases[index])
+                                   self.engine.opt_state, self.workers, index=index,
+                                   paths=self.paths)
             if weights is not initial:  # moved into the shared window: its rows too
                 self.rows.copy_rows(sparse.views(initial))
         self.engine.rows = self.rows  # checkpointed with the engine's state

@@ -18,8 +18,6 @@ class _Request:
     def __init__(self):
         self.push = {}
         self.want = {}
-        self.push_elems = 0
-        self.has_rows = False
 
 
 class ServerRows:
@@ -41,19 +39,18 @@ class ServerRows:
     room for the most rows a step can touch of its blocks, apart from the other servers'.
     """
 
-    def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks,
-                 row_ranges=None, paths=None, base=None):
-        """``row_ranges``: {name: (first row, end row)} this server holds (default: all);
-        ``paths``: each worker's PayloadPath (default: messages)."""
+    def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks, index=0,
+                 paths=None):
+        """``index``: this server's place among the servers (its block of each table's rows:
+        tables.row_blocks[index]); ``paths``: each worker's PayloadPath (default: messages)."""
         self.comm = comm
         self.tables = tables
         self.names = tables.names
         self.table = tables.views(weights)
-        self.row_ranges = row_ranges or {n: (0, tables.rows[n]) for n in self.names}
-        self.capacity = {n: min(tables.capacity[n], hi - lo)
-                         for n, (lo, hi) in self.row_ranges.items()}
+        self.row_ranges = tables.row_blocks[index]
+        self.capacity = tables.server_capacity(index)
         max_ids = sum(self.capacity.values())
-        max_elems = sum(self.capacity[n] * tables.dims[n] for n in self.names)
+        max_elems = tables.server_elems(index)
         self.optimizer = optimizer
         self.state = {}
         dtype = weights.dtype
@@ -72,7 +69,7 @@ class ServerRows:
         t = len(self.names)
         self._ids = [np.zeros(2 * t + 2 * max_ids, np.int64) for _ in range(n)]
         self.modes = [getattr(p, "name", "mpi") for p in paths] if paths else ["mpi"] * n
-        base = min(tables.offsets.values()) if base is None else base
+        base = tables.bases[index]
         self._rows, self._out = [], []
         for w, mode in enumerate(self.modes):
             shared = mode != "mpi"
@@ -156,8 +153,6 @@ class ServerRows:
                 which[name] = rows.copy()  # the buffer takes the next request's ids
                 if which is req.push:
                     elems += n * self.tables.dims[name]
-        req.push_elems = elems
-        req.has_rows = push
         if push and self.modes[worker] == "mpi":  # through the window: in its segment
             self._rows_recv[worker].Wait(status)
             self._rows_recv[worker] = None  # posted again when its pull is answered (serve)
@@ -168,7 +163,7 @@ class ServerRows:
             self.bytes_in[worker] += elems * self._rows[worker].itemsize
             self.rows_in += sum(len(r) for r in req.push.values())
         self.bytes_in[worker] += got * 8
-        return not req.has_rows or frame_finite(self._rows[worker][:elems])
+        return not push or frame_finite(self._rows[worker][:elems])
 
     def _check_ids(self, worker, name, rows):
         lo, hi = self.row_ranges[name]

@@ -41,18 +41,23 @@ class SparseTables:
         self.dense_shards: Tuple[int, int] = (0, layout.shards_of_range(0, self.dense_end)[1])
         self.capacity = {n: min(self.rows[n], int(ids_per_sample[n]) * int(batch_size))
                          for n in self.names}
-        self.max_ids = sum(self.capacity.values())
-        self.max_elems = sum(self.capacity[n] * self.dims[n] for n in self.names)
         S = int(n_servers)
         self.row_blocks = [{n: (self.rows[n] * s // S, self.rows[n] * (s + 1) // S)
                             for n in self.names} for s in range(S)]
         # Server s's rows lie in a shared segment at bases[s], after the other servers': each
         # has room for the most rows one step can touch of its blocks.
         self.bases, at = [], self.dense_end
-        for blocks in self.row_blocks:
+        for s in range(S):
             self.bases.append(at)
-            at += sum(min(self.capacity[n], hi - lo) * self.dims[n]
-                      for n, (lo, hi) in blocks.items())
+            at += self.server_elems(s)
+
+    def server_capacity(self, s):
+        """{name: the most rows one step can touch of server s's block of the table}."""
+        return {n: min(self.capacity[n], hi - lo) for n, (lo, hi) in self.row_blocks[s].items()}
+
+    def server_elems(self, s):
+        """The most elements one step's rows of server s's blocks take: its buffers' size."""
+        return sum(c * self.dims[n] for n, c in self.server_capacity(s).items())
 
     def server_params(self, s):
         """How many table weights server s holds."""

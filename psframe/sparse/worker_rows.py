@@ -27,26 +27,24 @@ def ids_message(out, names, push, want):
 
 
 class _Server:
-    """One server's share of the exchange: its rows of each table, and its buffers (one
-    message each way per request, whatever the number of tables; through a shared window,
-    the rows lie in the segments at the start of the server's range of the tables)."""
+    """Server s's share of the exchange: its block of each table's rows, and its buffers
+    (one message each way per request, whatever the number of tables; through a shared
+    window, the rows lie in the segments at its base, SparseTables.bases)."""
 
-    def __init__(self, rank, row_ranges, tables, dtype, path=None, base=0):
+    def __init__(self, rank, s, tables, dtype, path=None):
         self.rank = rank
-        self.row_ranges = row_ranges  # name -> (first row, end row) it holds
-        self.ids = np.zeros(2 * len(tables) + 2 * tables.max_ids, dtype=np.int64)
+        self.row_ranges = tables.row_blocks[s]  # name -> (first row, end row) it holds
+        self.ids = np.zeros(2 * len(tables) + 2 * sum(tables.server_capacity(s).values()),
+                            dtype=np.int64)
         self.mode = getattr(path, "name", "mpi")
-        size = tables.max_elems
+        room, base = tables.server_elems(s), tables.bases[s]
         if self.mode == "mpi":
-            self.push_rows, self.pull_rows = np.zeros(size, dtype), np.zeros(size, dtype)
+            self.push_rows, self.pull_rows = np.zeros(room, dtype), np.zeros(room, dtype)
             return
-        # The most rows a step can touch of this server's blocks: its region of the segments.
-        room = sum(min(tables.capacity[n], hi - lo) * tables.dims[n]
-                   for n, (lo, hi) in row_ranges.items())
         self.push_rows = path.gradient[base:base + room]
         self.tables = tables.views(path.weights)  # the server's own, read in place
         self.pull_rows = (path.weights[base:base + room] if self.mode == "shared-copy"
-                          else np.zeros(size, dtype))
+                          else np.zeros(room, dtype))
 
 
 class WorkerRows:
@@ -58,15 +56,15 @@ class WorkerRows:
     side), and its gradients of them are the rows a push carries.
     """
 
-    def __init__(self, channel, tables, servers, dtype, paths=None):
-        """``servers``: (rank, {name: (first row, end row)}, base) of every server, in
-        order; ``paths``: the PayloadPath to each (default: messages)."""
+    def __init__(self, channel, tables, ranks, dtype, paths=None):
+        """``ranks``: every server's rank, in order; ``paths``: the PayloadPath to each
+        (default: messages)."""
         self.channel = channel
         self.tables = tables
         self.names = tables.names
-        paths = paths or [None] * len(servers)
-        self.servers = [_Server(rank, ranges, tables, dtype, path, base)
-                        for (rank, ranges, base), path in zip(servers, paths)]
+        paths = paths or [None] * len(ranks)
+        self.servers = [_Server(rank, s, tables, dtype, path)
+                        for s, (rank, path) in enumerate(zip(ranks, paths))]
         self._compact = {n: np.zeros((tables.capacity[n], tables.dims[n]), dtype)
                          for n in self.names}
         self.current = None  # BatchIds of the batch computed on the rows last pulled

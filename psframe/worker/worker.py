@@ -94,9 +94,8 @@ class Worker:
         self._parts_of = {}  # shard range -> _parts(range), the same every step
         self.rows = None
         if sparse is not None:
-            self.rows = WorkerRows(self.channel, sparse, [
-                (rank, sparse.row_blocks[i], sparse.bases[i])
-                for i, (rank, _) in enumerate(self.servers)], layout.dtype, self.paths)
+            self.rows = WorkerRows(self.channel, sparse, [r for r, _ in self.servers],
+                                   layout.dtype, self.paths)
             self.shards = sparse.dense_shards
         self._want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
         self._rows_recv = None
