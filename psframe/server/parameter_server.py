@@ -290,10 +290,8 @@ class ParameterServer:
     def _land_rows(self, worker):
         """Land worker's row-sparse ids (and pushed rows), counted in its bytes pushed;
         False when the rows are not finite."""
-        before = self.rows.bytes_in[worker]
-        finite = self.rows.land(worker)
-        self.recorder.stats.bytes_pushed += self.rows.bytes_in[worker] - before
-        self.recorder.bytes_pushed_by[worker] += self.rows.bytes_in[worker] - before
+        finite, nbytes = self.rows.land(worker)
+        self.recorder.moved(worker, pushed=nbytes)
         return finite
 
     def _on_done(self, worker, header, posted=None):
@@ -364,13 +362,10 @@ class ParameterServer:
         requests = self.engine.update_and_send(self.channel, group.shard_range, update, answered)
         if self.rows is not None:
             for w, _ in answered:  # before the shared paths' replies: their rows are there
-                before = self.rows.bytes_out[w]
-                send = self.rows.serve(w)
+                send, nbytes = self.rows.serve(w)
                 if send is not None:
                     requests.append(send)
-                moved = self.rows.bytes_out[w] - before
-                self.recorder.stats.bytes_pulled += moved
-                self.recorder.bytes_pulled_by[w] += moved
+                self.recorder.moved(w, pulled=nbytes)
         last = [w for w, _ in pulls if not self.paths[w].reply_first]
         for path in {self.paths[w].ready_key: self.paths[w] for w in last}.values():
             path.replies_ready()  # once per window, however many workers share it

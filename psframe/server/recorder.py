@@ -66,8 +66,7 @@ class Recorder:
     # -- events -----------------------------------------------------------------------------
     def pushed(self, worker, nbytes, accepted, samples, loss, batch):
         self.stats.pushes_received += 1
-        self.stats.bytes_pushed += nbytes
-        self.bytes_pushed_by[worker] += nbytes
+        self.moved(worker, pushed=nbytes)
         if not accepted:
             return
         # Only the rank that saw the loss reports samples (a pipeline's last stage).
@@ -81,8 +80,15 @@ class Recorder:
 
     def pulled(self, worker, nbytes):
         self.stats.pulls_answered += 1
-        self.stats.bytes_pulled += nbytes
-        self.bytes_pulled_by[worker] += nbytes
+        self.moved(worker, pulled=nbytes)
+
+    def moved(self, worker, pushed=0, pulled=0):
+        """Bytes that moved for worker besides its push and pull counts (a server that only
+        follows rank 0's decisions, the row-sparse rows)."""
+        self.stats.bytes_pushed += pushed
+        self.bytes_pushed_by[worker] += pushed
+        self.stats.bytes_pulled += pulled
+        self.bytes_pulled_by[worker] += pulled
 
     def dropped(self):
         self.stats.updates_dropped += 1

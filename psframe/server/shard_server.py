@@ -147,8 +147,7 @@ class ShardServer(ParameterServer):
         count = int(fields[Field.COUNT])
         accepted = self.inbox.receive(worker, lo, hi, count, int(fields[Field.CLOCK]),
                                       int(fields[Field.FLAGS]), posted)
-        self.recorder.stats.bytes_pushed += count * self.layout.dtype.itemsize
-        self.recorder.bytes_pushed_by[worker] += count * self.layout.dtype.itemsize
+        self.recorder.moved(worker, pushed=count * self.layout.dtype.itemsize)
         if self.rows is not None:
             # Every server refuses a push alike: the worker flags non-finite rows too, and
             # unflagged ones here would be applied here and refused by rank 0.

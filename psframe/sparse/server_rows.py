@@ -127,8 +127,8 @@ class ServerRows:
                 recvs[worker] = None
 
     def land(self, worker):
-        """Wait for worker's ids (and rows) and check them; False when the pushed rows are
-        not finite (the push is then refused whole)."""
+        """Wait for worker's ids (and rows) and check them. Returns (finite, bytes): finite
+        False when the pushed rows are not (the push is then refused whole)."""
         from mpi4py import MPI  # here: importing psframe must not start MPI
 
         push, self._expect[worker] = self._expect[worker], None
@@ -159,11 +159,12 @@ class ServerRows:
             if status.Get_count(MPI.BYTE) != elems * self._rows[worker].itemsize:
                 raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
         self._repost(worker, rows=False)
+        nbytes = got * ids.itemsize
         if push:
-            self.bytes_in[worker] += elems * self._rows[worker].itemsize
+            nbytes += elems * self._rows[worker].itemsize
             self.rows_in += sum(len(r) for r in req.push.values())
-        self.bytes_in[worker] += got * 8
-        return not push or frame_finite(self._rows[worker][:elems])
+        self.bytes_in[worker] += nbytes
+        return (not push or frame_finite(self._rows[worker][:elems])), nbytes
 
     def _check_ids(self, worker, name, rows):
         lo, hi = self.row_ranges[name]
@@ -247,9 +248,9 @@ class ServerRows:
 
     # -- answers ----------------------------------------------------------------------------
     def serve(self, worker):
-        """Give worker the rows its pull asked for, as they are now: by message (the send to
-        wait on is returned), into its copy of the weights, or (it reads them in place,
-        after the reply) nothing to do but count them."""
+        """Give worker the rows its pull asked for, as they are now: by message, into its copy
+        of the weights, or (it reads them in place, after the reply) nothing to do but count
+        them. Returns (the send to wait on or None, bytes)."""
         out, at = self._out[worker], 0
         for name in self.names:
             ids = self._landed[worker].want[name]
@@ -260,12 +261,13 @@ class ServerRows:
             at += n
             self.rows_out += len(ids)
         self._pulled_at[worker] = self.version
-        self.bytes_out[worker] += at * self.table[self.names[0]].itemsize
+        nbytes = at * self.table[self.names[0]].itemsize
+        self.bytes_out[worker] += nbytes
         # Its last push's rows are used (a pull is answered only after): the buffer is free.
         self._repost(worker, ids=False)
         if self.modes[worker] != "mpi":
-            return None
-        return self.comm.Isend(out[:at], self.workers[worker], Tag.SPARSE_PULL)
+            return None, nbytes
+        return self.comm.Isend(out[:at], self.workers[worker], Tag.SPARSE_PULL), nbytes
 
     def stats(self, others=()):
         """The exchange's counts (with ``others``: the other servers' stats, summed in)."""
