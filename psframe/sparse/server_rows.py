@@ -100,6 +100,9 @@ class ServerRows:
     # -- landing ----------------------------------------------------------------------------
     def start(self, workers):
         """Post the first receives of ``workers``' ids and rows (before any can arrive)."""
+        from mpi4py import MPI  # here: importing psframe must not start MPI
+
+        self._status, self._int64, self._byte = MPI.Status(), MPI.INT64_T, MPI.BYTE
         for w in workers:
             self._repost(w, rows=True)
 
@@ -129,14 +132,12 @@ class ServerRows:
     def land(self, worker):
         """Wait for worker's ids (and rows) and check them. Returns (finite, bytes): finite
         False when the pushed rows are not (the push is then refused whole)."""
-        from mpi4py import MPI  # here: importing psframe must not start MPI
-
         push, self._expect[worker] = self._expect[worker], None
         if push is None:
             raise ProtocolError(f"no row-sparse request of worker {worker} was announced")
-        status = MPI.Status()
+        status = self._status
         self._ids_recv[worker].Wait(status)
-        got = status.Get_count(MPI.INT64_T)
+        got = status.Get_count(self._int64)
         ids = self._ids[worker]
         t = len(self.names)
         counts = ids[:2 * t]
@@ -156,7 +157,7 @@ class ServerRows:
         if push and self.modes[worker] == "mpi":  # through the window: in its segment
             self._rows_recv[worker].Wait(status)
             self._rows_recv[worker] = None  # posted again when its pull is answered (serve)
-            if status.Get_count(MPI.BYTE) != elems * self._rows[worker].itemsize:
+            if status.Get_count(self._byte) != elems * self._rows[worker].itemsize:
                 raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
         self._repost(worker, rows=False)
         nbytes = got * ids.itemsize
