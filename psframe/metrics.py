@@ -35,6 +35,7 @@ class ServerStats:
     staleness: Counter = field(default_factory=Counter)
     pulls_answered: int = 0
     pushes_received: int = 0
+    pushes_streamed: int = 0  # applied frame by frame as they landed (ParameterServer._streams)
     bytes_pulled: int = 0
     bytes_pushed: int = 0
     samples: int = 0
@@ -59,6 +60,7 @@ class ServerStats:
             "staleness_hist": dict(sorted(self.staleness.items())),
             "pulls_answered": self.pulls_answered,
             "pushes_received": self.pushes_received,
+            "pushes_streamed": self.pushes_streamed,
             "bytes_pulled": self.bytes_pulled,
             "bytes_pushed": self.bytes_pushed,
             "samples": self.samples,

@@ -45,13 +45,7 @@ class GradientInbox:
         ``flags`` with Flag.NON_FINITE: the worker found the whole gradient non-finite (with
         several servers, so that every server refuses it, not only the one whose range
         holds the NaN)."""
-        start, stop = self.layout.shard_range(lo, hi)
-        if count != stop - start:
-            raise GradientError(
-                f"worker {worker} pushed {count} elements for step {clock}, but shards "
-                f"[{lo}, {hi}) hold {stop - start}; the model's gradients do not match its "
-                "parameters"
-            )
+        self.check_size(worker, lo, hi, count, clock)
         grad = self.gradient(worker)
         finite = not flags & Flag.NON_FINITE
         # Frame by frame, in the order they complete (all of them, once the server's loop
@@ -59,6 +53,18 @@ class GradientInbox:
         for a, b in self.paths[worker].receive_gradient(lo, hi, self._frames(lo, hi), posted):
             finite = frame_finite(grad[a:b]) and finite
         return finite or self.reject(worker, clock)
+
+    def check_size(self, worker, lo, hi, count, clock):
+        """Raise GradientError unless a push of ``count`` elements fits shards [lo, hi) (a
+        push streamed as it lands is checked this way at its header, and its frames by
+        frame_finite as they land: UpdateEngine.update_and_send)."""
+        start, stop = self.layout.shard_range(lo, hi)
+        if count != stop - start:
+            raise GradientError(
+                f"worker {worker} pushed {count} elements for step {clock}, but shards "
+                f"[{lo}, {hi}) hold {stop - start}; the model's gradients do not match its "
+                "parameters"
+            )
 
     def reject(self, worker, clock):
         """Count a non-finite push; raise or warn as on_bad_gradient says. Returns False."""

@@ -5,7 +5,7 @@ import time
 
 from ..errors import ProtocolError, TrainingInterrupted
 from ..metrics import Stopwatch
-from ..transport import Channel, Field, Op, Status, Tag, fill_header, loss_of, new_header
+from ..transport import Channel, Field, Flag, Op, Status, Tag, fill_header, loss_of, new_header
 from ..transport import open_server_paths
 from .checkpoint_state import restore_server_state, save_server_state
 from .inbox import GradientInbox
@@ -96,6 +96,10 @@ class ParameterServer:
         # Whose pull awaits its reply: the wire's state, not the policy's, so that a policy
         # releasing a worker that asked for nothing fails loudly instead of desynchronizing it.
         self._awaiting = [False] * n
+        # worker -> receives of a push handled as it lands (streamed; see _announce), until
+        # the update that reads it has waited for its frames
+        self._inflight = {}
+        self._reads = []  # the workers whose gradients the decision being carried out reads
         if resume is not None:
             restore_server_state(*resume, self.engine, self.groups, self.recorder,
                                  self.own_shards)
@@ -162,6 +166,8 @@ class ParameterServer:
                                         f"{self.workers[worker]}")
                 handler(worker, fields, posted)
             self.heartbeat()
+        for worker in list(self._inflight):  # none is left unless a policy forgot a push
+            self._finish_landing(worker)
         self.loop_done()  # what follows is local work: the last evaluation and checkpoint
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
@@ -185,7 +191,8 @@ class ParameterServer:
 
     def waiting_for(self):
         """What the loop waits for, in words (the watchdog's diagnostic)."""
-        landing, ready = getattr(self, "_landing", {}), getattr(self, "_ready", [])
+        landing = {**getattr(self, "_landing", {}), **getattr(self, "_inflight", {})}
+        ready = getattr(self, "_ready", [])
         # A worker whose pull awaits its reply has nothing to send: it is not the one late.
         done = (set(self.finished) | set(landing) | {w for w, *_ in ready}
                 | {w for w, waiting in enumerate(self._awaiting) if waiting})
@@ -242,8 +249,30 @@ class ParameterServer:
             # is a policy bug; refusing it keeps the pending gradient from being overwritten.
             raise ProtocolError(f"worker {worker} pushed step {fields[Field.CLOCK]} before "
                                 "its previous gradient was applied or dropped")
-        self._landing[worker] = (fields, self.inbox.post(worker, lo, hi,
-                                                         int(fields[Field.COUNT])))
+        if worker in self._inflight:  # its frames go first into the slot the next one takes
+            self._finish_landing(worker)
+        posted = self.inbox.post(worker, lo, hi, int(fields[Field.COUNT]))
+        if self._streams(fields, posted):
+            # Decided now and applied frame by frame as it lands: the update and the reply
+            # overlap the rest of the push (UpdateEngine.update_and_send's ``landing``).
+            self._inflight[worker] = posted
+            self._ready.append((worker, fields, posted))
+            self.recorder.stats.pushes_streamed += 1
+        else:
+            self._landing[worker] = (fields, posted)
+
+    def _streams(self, fields, posted):
+        """Whether a push is handled as its frames land: it comes by message (``posted``: one
+        receive per frame) in the layout's frame order, its worker checked it whole and
+        found it finite, and this server alone decides and updates dense weights (several
+        servers and row-sparse tables land pushes whole)."""
+        return (posted is not None and int(fields[Field.FLAGS]) & Flag.FINITE
+                and self.followers is None and self.rows is None
+                and self.inbox.layer_shards is None)
+
+    def _finish_landing(self, worker):
+        """Wait for the rest of a streamed push that no update reads (dropped, or left)."""
+        self.channel.wait_frames(self._inflight.pop(worker))
 
     # -- handlers ---------------------------------------------------------------------------
     def _on_pull(self, worker, header, posted=None):
@@ -272,8 +301,12 @@ class ParameterServer:
         group, local = self.group_of[worker]
         lo, hi = self._check_shards(worker, header, group)
         count, clock = int(header[Field.COUNT]), int(header[Field.CLOCK])
-        accepted = self.inbox.receive(worker, lo, hi, count, clock, int(header[Field.FLAGS]),
-                                      posted)
+        if worker in self._inflight:  # finite by its worker's check; frames checked on landing
+            self.inbox.check_size(worker, lo, hi, count, clock)
+            accepted = True
+        else:
+            accepted = self.inbox.receive(worker, lo, hi, count, clock,
+                                          int(header[Field.FLAGS]), posted)
         if self.rows is not None:
             if not self._land_rows(worker) and accepted:
                 accepted = self.inbox.reject(worker, clock)
@@ -308,16 +341,19 @@ class ParameterServer:
     def _carry_out(self, decision, group, worker, serve=()):
         """Do what the policy decided, then answer the pulls it released (and ``serve``)."""
         update = None
+        self._reads = []
         for flag, action in self.actions:
             if getattr(decision, flag):
                 update = action(decision, group, worker) or update
         # A released pull is for the step its worker's clock is at: it could not push since.
         pulls = [(group.workers[local], group.policy.clocks[local]) for local in decision.release]
-        self._update_and_send(group, update, pulls + list(serve), decision)
+        self._update_and_send(group, update, pulls + list(serve), decision, self._reads)
         if update is not None:
             self._updated(decision.staleness, decision.weight)
 
     def _drop(self, decision, group, worker):
+        if worker in self._inflight:
+            self._finish_landing(worker)
         self.recorder.dropped()
 
     def _accumulate(self, decision, group, worker):
@@ -330,26 +366,33 @@ class ParameterServer:
             return None
         if self.rows is not None and self.sparse_on_arrival is None:
             self.rows.apply_mean(order, decision.scale, decision.weight)
+        self._reads = order
         return self.engine.mean_of([self.inbox.gradient(w) for w in order], decision.scale,
                                    decision.weight)
 
     def _apply_one(self, decision, group, worker):
         if self.rows is not None and self.sparse_on_arrival is None:
             self.rows.apply_one(worker, decision.weight)
+        self._reads = [worker]
         return self.engine.one(self.inbox.gradient(worker), worker, decision.weight,
                                decision.compensation)
 
-    def _update_and_send(self, group, update, pulls, decision):
+    def _update_and_send(self, group, update, pulls, decision, reads=()):
         """Run ``update`` over the group's shards, sending the new weights to every answered
         pull frame by frame (UpdateEngine.update_and_send). Reply headers go first on the
         paths that reply first (messages); the others' once all their frames are there.
         The other servers get the order for this request (``decision`` and the replies)
-        before this one starts on its own range."""
+        before this one starts on its own range. ``reads``: the workers whose gradients
+        ``update`` reads; those still landing are waited for frame by frame."""
         for w, _ in pulls:
             if not self._awaiting[w]:
                 raise ProtocolError(f"the policy released worker {w}'s pull, but it has none "
                                     "waiting")
             self._awaiting[w] = False
+            if w in self._inflight and w not in reads:  # its reply frees it to push again
+                self._finish_landing(w)
+        landing = [(w, self._inflight.pop(w), self.inbox.gradient(w))
+                   for w in reads if w in self._inflight] if update is not None else []
         answered = [(w, self.paths[w]) for w, clock in pulls if self._answer(w, group, clock)]
         if self.followers is not None:
             replies = [(w, *(int(self._reply_headers[w][f])
@@ -359,7 +402,8 @@ class ParameterServer:
         for w, _ in pulls:
             if self.paths[w].reply_first:
                 self._send_reply(w)
-        requests = self.engine.update_and_send(self.channel, group.shard_range, update, answered)
+        requests = self.engine.update_and_send(self.channel, group.shard_range, update, answered,
+                                               landing)
         if self.rows is not None:
             for w, _ in answered:  # before the shared paths' replies: their rows are there
                 send, nbytes = self.rows.serve(w)

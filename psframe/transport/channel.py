@@ -47,6 +47,28 @@ class Channel:
         for i in self.waiter.completed(requests, self.idle_s):
             yield frames[i]
 
+    def await_frames(self, needed: Sequence[MPI.Request],
+                     watched: Sequence[MPI.Request]) -> None:
+        """Wait until every request in ``needed`` is complete (left to be freed by a later
+        wait), testing without a pause while any of ``watched`` (which holds ``needed``)
+        keeps completing: a sleep then would stall a transfer that needs this rank's
+        progress (see Waiter.until_settled)."""
+        def done():
+            return all(r.Get_status() for r in needed)
+
+        if done():
+            return
+        landed = [sum(r.Get_status() for r in watched)]
+
+        def moved():
+            now = sum(r.Get_status() for r in watched)
+            if now > landed[0]:
+                landed[0] = now
+                return True
+            return False
+
+        self.waiter.until_settled(done, moved, self.idle_s)
+
     def progress(self, requests: Sequence[MPI.Request]) -> None:
         """Move the transfers already posted along, without waiting for them."""
         MPI.Request.Testall(requests)

@@ -60,7 +60,10 @@ class Field(enum.IntEnum):
 class Flag(enum.IntFlag):
     """Bits of a push's FLAGS field."""
 
-    NON_FINITE = 1  # the worker found its whole gradient non-finite (set with several servers)
+    NON_FINITE = 1  # the worker found its whole gradient non-finite
+    # The worker checked its whole gradient and found it finite: a server may apply each
+    # frame as it lands, before the rest of the push is there (ParameterServer streams it).
+    FINITE = 2
 
 
 HEADER_LEN = len(Field)

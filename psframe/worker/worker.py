@@ -83,8 +83,10 @@ class Worker:
         self._request = new_header()
         self._replies = [new_header() for _ in self.servers]
         self._reply = self._replies[0]
-        # Several servers must agree on whether a push is usable: the worker checks it whole.
-        self._check_finite = len(self.servers) > 1
+        # The worker checks each push whole where a server cannot do it before using it:
+        # several servers must agree on whether a push is usable, and a server applies a
+        # push by message frame by frame as it lands (Flag.FINITE).
+        self._check_finite = len(self.servers) > 1 or any(p.name == "mpi" for p in self.paths)
         self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
         self.heartbeat = _nothing  # set by the run (psframe.training.watchdog)
@@ -405,9 +407,9 @@ class Worker:
         flags = 0
         if self._check_finite:
             start, stop = self.layout.shard_range(lo, hi)
-            if not frame_finite(self.grad[start:stop]) or (
-                    self.rows is not None and not self.rows.push_finite()):
-                flags = Flag.NON_FINITE
+            finite = frame_finite(self.grad[start:stop]) and (
+                self.rows is None or self.rows.push_finite())
+            flags = Flag.FINITE if finite else Flag.NON_FINITE
         sends = []
         self.path.before_push()  # the paths share one gradient buffer: one fence does
         want = self._want if op == Op.PUSH_PULL else None

@@ -50,10 +50,20 @@ class TestLaunch:
         assert "user bug at step 2 on rank 2" in proc.stderr
         assert "aborting all ranks" in proc.stderr
 
-    def test_nan_gradient_is_rejected_and_fails_clearly(self):
-        proc, _ = mpirun(3, os.path.join(SCRIPTS, "nan_push.py"))
+    @pytest.mark.parametrize("transport", ["auto", "messages"])
+    def test_nan_gradient_is_rejected_and_fails_clearly(self, transport):
+        # Shared window: the server checks the gradient; messages: its worker does, and the
+        # server refuses the push at its header instead of applying it as it lands.
+        proc, _ = mpirun(3, os.path.join(SCRIPTS, "nan_push.py"),
+                         "mpi" if transport == "messages" else transport)
         assert proc.returncode != 0
         assert "non-finite gradient" in proc.stderr and "worker 0" in proc.stderr
+
+    def test_push_flagged_finite_that_lands_non_finite_ends_the_run(self):
+        proc, _ = mpirun(2, "-m", "mpi4py", os.path.join(SCRIPTS, "nan_in_flight.py"))
+        assert proc.returncode != 0
+        assert "elements [8, 12) arrived non-finite" in proc.stderr, proc.stderr
+        assert "UNREACHABLE" not in proc.stdout
 
     @pytest.mark.parametrize("transport, message", [
         ("auto", "answered worker 0's pull while its shared gradient still waits"),

@@ -79,6 +79,25 @@ def test_mlp_sync_equals_serial(opt_name, shuffle, transport):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pushes_by_message_applied_as_they_land_equal_serial(transport):
+    # By message, a push is applied frame by frame as it lands (its worker checked it whole
+    # first), here in frames of a few elements each; through the shared window, never.
+    X, y = blobs()
+    init = mlp_init(SIZES, np.random.default_rng(5))
+    result = ps.train(ps.models.MLP(SIZES), (X, y), optimizer=ps.SGD(lr=0.3, momentum=0.9),
+                      batch_size=4, steps=7, shuffle=False, dtype="float64", init=init,
+                      transport=transport, shard_elems=8)
+    n_layers = len(SIZES) - 1
+    expected = serial_sync(lambda p, Xb, yb: mlp_loss_and_grad(p, Xb, yb, n_layers), init, X, y,
+                           N_WORKERS, 4, 7, SerialSGD(0.3, 0.9))
+    assert_params_close(result, expected)
+    if WORLD.Get_rank() == 0:
+        s = result.stats
+        assert s["pushes_received"] == 7 * N_WORKERS
+        assert s["pushes_streamed"] == (s["pushes_received"] if transport == "mpi" else 0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_custom_model_sync_equals_serial(transport):
     X, y = blobs(n_rows=57)
     model = LogisticModel(6, 3)
