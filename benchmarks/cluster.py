@@ -4,7 +4,8 @@ Send/Recv between the same hosts, links unshaped and shaped. Needs root (psframe
     sudo .venv/bin/python benchmarks/cluster.py [--bandwidth none 1gbit] [--steps 300]
 
 Every figure is measured in this run, side by side, on one `psframe cluster up --nodes 5`
-per link setting: the server on host 0 and each worker on a host of its own.
+per link setting: the server on host 0 and each worker on a host of its own; and on a
+cluster of 2 hosts, where a server sits beside each worker, against the loop on those 2.
 """
 import argparse
 import importlib.util
@@ -24,7 +25,8 @@ from psframe.bench import cells  # noqa: E402
 PY = sys.executable
 MODEL = "mlp:784,256,256,10"  # the MNIST MLP of the multi-node issue, batch 64 per worker
 BATCH = 64
-STATS = ("samples_per_s", "wall_s", "worker_wait_share", "worker_transport", "max_staleness")
+STATS = ("samples_per_s", "wall_s", "worker_wait_share", "worker_transport", "max_staleness",
+         "pushes_streamed")
 
 
 def job(cluster, n, program, ppn=1, timeout=600):
@@ -36,13 +38,14 @@ def job(cluster, n, program, ppn=1, timeout=600):
     return proc.stdout
 
 
-def psframe_run(cluster, workers, policy, steps):
-    """samples/s (and stats) of ps.train with the server on host 0, worker i on host i+1."""
+def psframe_run(cluster, workers, policy, steps, servers=1, extra=()):
+    """samples/s (and stats) of ps.train, one rank per host in rank order: with one server,
+    the server on host 0 and worker i on host i+1."""
     with tempfile.TemporaryDirectory() as d:
-        job(cluster, workers + 1, [PY, "-m", "mpi4py", "-m", "psframe", "train", "--model",
-                                   MODEL, "--data", "mnist", "--batch-size", str(BATCH),
-                                   "--steps", str(steps), "--policy", policy, "--no-eval",
-                                   "--quiet", "--log-dir", d])
+        job(cluster, workers + servers, [
+            PY, "-m", "mpi4py", "-m", "psframe", "train", "--model", MODEL, "--data", "mnist",
+            "--batch-size", str(BATCH), "--steps", str(steps), "--policy", policy, "--no-eval",
+            "--quiet", "--log-dir", d, "--servers", str(servers), *extra])
         with open(os.path.join(d, "summary.json")) as f:
             stats = json.load(f)["stats"]
     return {k: stats.get(k) for k in STATS}
@@ -118,6 +121,24 @@ def main():
                 print(f"{'torch DDP (gloo)':<28} | {ddp:9,.0f} | {ddp / ar:12.2f}")
             print(f"{'psframe Sync':<28} | {sync:9,.0f} | {sync / ar:12.2f}   "
                   f"paths {sync_stats['worker_transport']}")
+            small, _ = runs(psframe_run, 2, "sync", args.steps, 1, ("--shard-elems", "65536"))
+            print(f"{'  frames of 64Ki elements':<28} | {small:9,.0f} | {small / ar:12.2f}")
+            # The link bound of one server: its link carries both gradients in and both
+            # replies out (2 models each way a step), a 2-rank Allreduce one model each way.
+            print(f"{'  (one server: link bound)':<28} | {'':9} | {0.5:12.2f}   "
+                  "2x the bytes on the server's link")
+            pair = psc.up(2, bandwidth=None if rate == "none" else rate, owner_pid=os.getpid())
+            try:
+                ar2 = med(baseline_run(pair, "allreduce", 2, args.steps)["samples_per_s"]
+                          for _ in range(args.repeats))
+                beside = med(psframe_run(pair, 2, "sync", args.steps, 2)["samples_per_s"]
+                             for _ in range(args.repeats))
+            finally:
+                pair.down()
+            print(f"\nthe loop's 2 hosts, a server beside each worker (--servers 2: servers on "
+                  "hosts 0 and 1, then the workers)")
+            print(f"{'Allreduce loop (mpi4py)':<28} | {ar2:9,.0f} | {1.0:12.2f}")
+            print(f"{'psframe Sync, 2 servers':<28} | {beside:9,.0f} | {beside / ar2:12.2f}")
             print(f"\npsframe by policy and remote workers, samples/s (max staleness)")
             print(f"{'policy':<8} | " + " | ".join(f"{w} workers".rjust(14)
                                                   for w in args.workers))

@@ -264,11 +264,10 @@ class ParameterServer:
     def _streams(self, fields, posted):
         """Whether a push is handled as its frames land: it comes by message (``posted``: one
         receive per frame) in the layout's frame order, its worker checked it whole and
-        found it finite, and this server alone decides and updates dense weights (several
-        servers and row-sparse tables land pushes whole)."""
+        found it finite (so every server takes it alike), and it holds dense weights only
+        (pushes with row-sparse tables land whole)."""
         return (posted is not None and int(fields[Field.FLAGS]) & Flag.FINITE
-                and self.followers is None and self.rows is None
-                and self.inbox.layer_shards is None)
+                and self.rows is None and self.inbox.layer_shards is None)
 
     def _finish_landing(self, worker):
         """Wait for the rest of a streamed push that no update reads (dropped, or left)."""

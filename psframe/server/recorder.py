@@ -150,7 +150,8 @@ class Recorder:
         s = self.stats
         return {"rank": rank, "shards": list(shards), "params": int(n_elems),
                 "bytes_pushed": int(s.bytes_pushed), "bytes_pulled": int(s.bytes_pulled),
-                "updates": int(s.updates_applied), "cpu_s": cpu,
+                "updates": int(s.updates_applied), "pushes_streamed": int(s.pushes_streamed),
+                "cpu_s": cpu,
                 "cpu_share": cpu / wall if wall > 0 else 0.0,
                 "bytes_pushed_by": list(self.bytes_pushed_by),
                 "bytes_pulled_by": list(self.bytes_pulled_by)}

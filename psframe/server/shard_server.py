@@ -68,6 +68,8 @@ class ShardServer(ParameterServer):
                                                    range_arrays(self.engine, self.own_shards))
                 self.channel.send_object(part, self.leader, Tag.CONTROL)
             else:  # END
+                for worker in list(self._inflight):  # none is left unless a push was forgotten
+                    self._finish_landing(worker)
                 self.interrupted = order.interrupted
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
                 load = self.recorder.load(self.channel.rank, self.own_shards,
@@ -104,10 +106,12 @@ class ShardServer(ParameterServer):
                          for w, status, version, batch in order.replies}
         decision = order.decision
         update = None
+        self._reads = []
         for flag, action in self.actions:
             if getattr(decision, flag):
                 update = action(decision, group, worker) or update
-        self._update_and_send(group, update, [(w, None) for w in self._replies], None)
+        self._update_and_send(group, update, [(w, None) for w in self._replies], None,
+                              self._reads)
         if update is not None:
             self.recorder.stats.record_update(decision.staleness, decision.weight)
 
@@ -138,6 +142,8 @@ class ShardServer(ParameterServer):
                 # policy lets it push again first, so this is a protocol error.
                 raise ProtocolError(f"worker {worker} pushed before its previous gradient "
                                     "was applied or dropped")
+            if worker in self._inflight:  # its frames go first into the slot the next takes
+                self._finish_landing(worker)
             lo, hi = self._check_shards(worker, fields, group)
             posted = self.inbox.post(worker, lo, hi, int(fields[Field.COUNT]))
         self._landing[worker] = (fields, posted)
@@ -145,8 +151,14 @@ class ShardServer(ParameterServer):
     def _land(self, worker, fields, group, posted):
         lo, hi = self._check_shards(worker, fields, group)
         count = int(fields[Field.COUNT])
-        accepted = self.inbox.receive(worker, lo, hi, count, int(fields[Field.CLOCK]),
-                                      int(fields[Field.FLAGS]), posted)
+        if self._streams(fields, posted):  # as rank 0 does: applied as its frames land
+            self.inbox.check_size(worker, lo, hi, count, int(fields[Field.CLOCK]))
+            self._inflight[worker] = posted
+            self.recorder.stats.pushes_streamed += 1
+            accepted = True
+        else:
+            accepted = self.inbox.receive(worker, lo, hi, count, int(fields[Field.CLOCK]),
+                                          int(fields[Field.FLAGS]), posted)
         self.recorder.moved(worker, pushed=count * self.layout.dtype.itemsize)
         if self.rows is not None:
             # Every server refuses a push alike: the worker flags non-finite rows too, and

@@ -71,6 +71,9 @@ def test_data_mode_sync_equals_serial(servers, optimizer, transport):
     assert result.stats["bytes_pushed"] == steps * result.stats["n_params"] * 8
     for s in per_server:
         assert s["bytes_pushed"] == steps * s["params"] * 8
+        # By message every server applies each push frame by frame as it lands.
+        if transport == "mpi":
+            assert s["pushes_streamed"] == steps
     assert "servers" in result.summary()
 
 
