@@ -16,6 +16,7 @@ from psframe.policies import Sync
 from psframe.server import Group, ParameterServer, Recorder
 from psframe.training import abort_job
 from psframe.transport import Channel, Waiter
+from psframe.transport.shm import node_ids
 from psframe.transport.topology import node_share
 from psframe.worker import Worker
 
@@ -92,7 +93,9 @@ def psframe_round_trips(comm, waiter, layout, optimizer, warmup, reps, path="mes
     timed = warmup + reps
     steps = timed + 1  # the last step's push is a push alone
     model = FlatModel(layout.size)
-    channel = Channel(comm, layout, waiter)  # one waiter per rank, as ps.train makes
+    # One waiter per rank and the ranks' nodes, as ps.train makes: pushes between nodes are
+    # applied as they land ($PSFRAME_STREAM).
+    channel = Channel(comm, layout, waiter, nodes=node_ids(comm))
     comm.Barrier()
     if comm.Get_rank() == 0:
         weights = layout.flatten(model.init_params(None))

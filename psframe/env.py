@@ -6,8 +6,9 @@ import shlex
 from typing import Mapping, Optional
 
 __all__ = ["BACKEND", "CACHE", "CLUSTER_DIR", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "RESTART",
-           "RESUME", "TTY", "YIELD_S", "backend", "cache_dir", "cluster_dir", "launched",
-           "mpiexec", "mpiexec_args", "restart", "resume", "tty_columns", "yield_s"]
+           "RESUME", "STREAM", "STREAM_CHOICES", "TTY", "YIELD_S", "backend", "cache_dir",
+           "cluster_dir", "launched", "mpiexec", "mpiexec_args", "restart", "resume", "stream",
+           "tty_columns", "yield_s"]
 
 BACKEND = "PSFRAME_BACKEND"  # the worker array backend when train(backend="auto")
 CACHE = "PSFRAME_CACHE"  # where downloaded datasets are kept
@@ -20,6 +21,11 @@ LAUNCHED = "PSFRAME_LAUNCHED"
 # a pipe to mpiexec, so they cannot see for themselves that a person is watching.
 TTY = "PSFRAME_TTY"
 YIELD_S = "PSFRAME_YIELD_S"  # oversubscribed waits: how long to sched_yield before sleeping
+# Which pushes by message a server applies frame by frame as they land: those from workers on
+# other nodes (the default; across a network the reply then overlaps the push), every one
+# (on one node too: the tests' way to run that path), or none.
+STREAM = "PSFRAME_STREAM"
+STREAM_CHOICES = ("remote", "always", "never")
 CLUSTER_DIR = "PSFRAME_CLUSTER_DIR"  # where `psframe cluster` keeps its clusters' state
 # Set by the supervising launcher (psframe.training.supervisor) in a restarted job: which
 # restart it is, and the checkpoint manifest its ps.train(checkpoint_dir=...) continues from.
@@ -70,6 +76,14 @@ def yield_s(default: float, environ: Optional[Mapping[str, str]] = None) -> floa
     """$PSFRAME_YIELD_S in seconds, else ``default``."""
     value = _env(environ).get(YIELD_S)
     return float(value) if value else default
+
+
+def stream(environ: Optional[Mapping[str, str]] = None) -> str:
+    """$PSFRAME_STREAM, one of STREAM_CHOICES; "remote" when unset or empty."""
+    value = _env(environ).get(STREAM) or "remote"
+    if value not in STREAM_CHOICES:
+        raise ValueError(f"{STREAM} must be one of {', '.join(STREAM_CHOICES)}; got {value!r}")
+    return value
 
 
 def cluster_dir(environ: Optional[Mapping[str, str]] = None) -> str:

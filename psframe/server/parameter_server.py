@@ -252,7 +252,7 @@ class ParameterServer:
         if worker in self._inflight:  # its frames go first into the slot the next one takes
             self._finish_landing(worker)
         posted = self.inbox.post(worker, lo, hi, int(fields[Field.COUNT]))
-        if self._streams(fields, posted):
+        if self._streams(worker, fields, posted):
             # Decided now and applied frame by frame as it lands: the update and the reply
             # overlap the rest of the push (UpdateEngine.update_and_send's ``landing``).
             self._inflight[worker] = posted
@@ -261,12 +261,14 @@ class ParameterServer:
         else:
             self._landing[worker] = (fields, posted)
 
-    def _streams(self, fields, posted):
-        """Whether a push is handled as its frames land: it comes by message (``posted``: one
-        receive per frame) in the layout's frame order, its worker checked it whole and
-        found it finite (so every server takes it alike), and it holds dense weights only
-        (pushes with row-sparse tables land whole)."""
-        return (posted is not None and int(fields[Field.FLAGS]) & Flag.FINITE
+    def _streams(self, worker, fields, posted):
+        """Whether a push is handled as its frames land: it comes by message on a path that
+        streams (by default, from another node: PayloadPath.streams), one receive per frame
+        (``posted``) in the layout's frame order, its worker checked it whole and found it
+        finite (so every server takes it alike), and it holds dense weights only (pushes
+        with row-sparse tables land whole)."""
+        return (posted is not None and self.paths[worker].streams
+                and int(fields[Field.FLAGS]) & Flag.FINITE
                 and self.rows is None and self.inbox.layer_shards is None)
 
     def _finish_landing(self, worker):

@@ -151,7 +151,7 @@ class ShardServer(ParameterServer):
     def _land(self, worker, fields, group, posted):
         lo, hi = self._check_shards(worker, fields, group)
         count = int(fields[Field.COUNT])
-        if self._streams(fields, posted):  # as rank 0 does: applied as its frames land
+        if self._streams(worker, fields, posted):  # as rank 0 does: applied as its frames land
             self.inbox.check_size(worker, lo, hi, count, int(fields[Field.CLOCK]))
             self._inflight[worker] = posted
             self.recorder.stats.pushes_streamed += 1

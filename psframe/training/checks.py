@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from .. import env
 from ..backend import select_backend
 from ..data import ArrayDataset, Features, block_range, features, steps_per_epoch
 from ..nn.models import Model, Sequential
@@ -34,6 +35,7 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
     error. Every rank computes the same plan (or the same error)."""
     if o.mode not in MODES:
         raise ValueError(f"unknown mode {o.mode!r}; choose one of {MODES}")
+    env.stream()  # a bad $PSFRAME_STREAM: refused here, on every rank, before any work
     policy = policy_from_spec("sync" if o.policy is None else o.policy)
     optimizer = SGD() if o.optimizer is None else o.optimizer
     if not isinstance(optimizer, Optimizer):

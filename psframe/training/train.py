@@ -29,6 +29,7 @@ def train(model: Any, data: Any, *, verbose: bool = False,
     from threadpoolctl import threadpool_limits
 
     from ..transport import Channel, Waiter
+    from ..transport.shm import node_ids
     from ..transport.topology import node_share
     from .roles import build_server, build_shard_server, build_worker
     from .watchdog import Watchdog
@@ -47,7 +48,8 @@ def train(model: Any, data: Any, *, verbose: bool = False,
     local_ranks, cores = node_share(world)
     n_threads = run_options.threads or max(1, cores // local_ranks)
     run_comm = world.Dup()
-    channel = Channel(run_comm, plan.layout, Waiter(oversubscribed=local_ranks > cores))
+    channel = Channel(run_comm, plan.layout, Waiter(oversubscribed=local_ranks > cores),
+                      nodes=node_ids(run_comm))
     try:
         if channel.rank == 0:
             role = build_server(channel, plan, verbose, callbacks, n_threads)

@@ -16,9 +16,13 @@ class Channel:
     small control objects, on ``comm``. Roles never call the communicator themselves: a new
     transport replaces this class (and psframe.transport.paths), not the roles."""
 
-    def __init__(self, comm: MPI.Comm, layout: Any, waiter: Optional[Waiter] = None):
+    def __init__(self, comm: MPI.Comm, layout: Any, waiter: Optional[Waiter] = None,
+                 nodes: Optional[Sequence[int]] = None):
         self.comm = comm
         self.layout = layout
+        # Each rank's MPI node (psframe.transport.shm.node_ids), when the run has counted
+        # them: which peers are on other nodes (the payload paths stream pushes from those).
+        self.nodes = nodes
         # Without one: short spins and no yielding, safe on any node before its census
         # (train() gives each rank the Waiter its node calls for).
         self.waiter = waiter if waiter is not None else Waiter(oversubscribed=True, yield_s=0.0)

@@ -12,6 +12,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .. import env
 from ..errors import ProtocolError
 from .channel import Channel
 from .shm import SharedWindow, node_ids, open_window
@@ -34,6 +35,10 @@ class PayloadPath:
 
     name = "path"
     reply_first = True  # the reply header goes before the weight frames
+
+    # Whether a push on this path is applied frame by frame as it lands (see _streams): its
+    # worker then checks it whole and flags it finite first.
+    streams = False
 
     def __init__(self, channel: Channel, peer: int, gradient: Any, weights: Any):
         self.channel = channel
@@ -97,6 +102,10 @@ class MessagePath(PayloadPath):
 
     name = "mpi"
     reply_first = True
+
+    def __init__(self, channel, peer, gradient, weights, streams=False):
+        super().__init__(channel, peer, gradient, weights)
+        self.streams = streams
 
     def receive_gradient(self, lo, hi, frames=None, posted=None):
         frames = self.channel.layout.frames(lo, hi) if frames is None else frames
@@ -180,8 +189,9 @@ def open_server_paths(channel: Channel, layout: Any, weights: np.ndarray,
     none, the message path.
     """
     size = layout.size
-    if transport != "mpi":
-        node_ids(channel.comm)  # collective with the workers' (see open_worker_path)
+    nodes = channel.nodes
+    if transport != "mpi" and nodes is None:
+        nodes = node_ids(channel.comm)  # collective with the workers' (see open_worker_path)
     mine = channel.rank == owner
     window = open_window(channel, owner, size if mine else 0, layout.dtype, transport)
     shared = window.mine if mine else window.segment(owner)
@@ -193,7 +203,8 @@ def open_server_paths(channel: Channel, layout: Any, weights: np.ndarray,
     for rank in worker_ranks:
         seg = window.segment(rank)
         if seg is None:
-            paths.append(MessagePath(channel, rank, layout.empty(), None))
+            paths.append(MessagePath(channel, rank, layout.empty(), None,
+                                     streams=_streams(nodes, channel.rank, rank)))
             continue
         if len(seg) not in (size, 2 * size):
             raise ProtocolError(f"rank {rank} shares {len(seg)} elements; expected "
@@ -218,8 +229,10 @@ def open_worker_path(channel: Channel, layout: Any, servers: Sequence[int], tran
     """
     servers = list(servers)
     size, dtype = layout.size, layout.dtype
+    nodes = channel.nodes
     if transport != "mpi":
-        nodes = node_ids(channel.comm)
+        if nodes is None:
+            nodes = node_ids(channel.comm)
         reads_in_place = reads_in_place and all(nodes[s] == nodes[channel.rank]
                                                 for s in servers)
     wanted = 0 if on_device else size if reads_in_place else 2 * size
@@ -228,7 +241,9 @@ def open_worker_path(channel: Channel, layout: Any, servers: Sequence[int], tran
     if segment is None:
         weights, weights_dev = backend.buffers(size, dtype)
         gradient, _ = backend.buffers(size, dtype)
-        return window, [MessagePath(channel, s, gradient, weights) for s in servers], weights_dev
+        return window, [MessagePath(channel, s, gradient, weights,
+                                    streams=_streams(nodes, channel.rank, s))
+                        for s in servers], weights_dev
     if reads_in_place:
         weights = window.segment(servers[0]).view()
         weights.flags.writeable = False  # the servers' weights: never the worker's to write
@@ -236,5 +251,18 @@ def open_worker_path(channel: Channel, layout: Any, servers: Sequence[int], tran
         weights = segment[size:]
     gradient = segment[:size]
     paths = [SharedPath(channel, s, gradient, weights, window, server_writes=not reads_in_place)
-             if window.has(s) else MessagePath(channel, s, gradient, weights) for s in servers]
+             if window.has(s) else MessagePath(channel, s, gradient, weights,
+                                               streams=_streams(nodes, channel.rank, s))
+             for s in servers]
     return window, paths, weights
+
+
+def _streams(nodes, rank, peer):
+    """Whether pushes between ``rank`` and ``peer`` by message are applied as they land
+    ($PSFRAME_STREAM): by default only between nodes, where the reply's frames then travel
+    while the push's still arrive. On one node MPI's copies share the cores with the update,
+    and streaming measured slower (docs/operations.md)."""
+    mode = env.stream()
+    if mode == "remote" and nodes is None:  # not counted (a hand-built channel): never
+        return False
+    return mode == "always" or (mode == "remote" and nodes[rank] != nodes[peer])

@@ -86,7 +86,7 @@ class Worker:
         # The worker checks each push whole where a server cannot do it before using it:
         # several servers must agree on whether a push is usable, and a server applies a
         # push by message frame by frame as it lands (Flag.FINITE).
-        self._check_finite = len(self.servers) > 1 or any(p.name == "mpi" for p in self.paths)
+        self._check_finite = len(self.servers) > 1 or any(p.streams for p in self.paths)
         self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
         self.heartbeat = _nothing  # set by the run (psframe.training.watchdog)

@@ -13,11 +13,13 @@ MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 FAULT_BOUND_S = 60
 
 
-def mpirun(n, *args, timeout=FAULT_BOUND_S):
+def mpirun(n, *args, timeout=FAULT_BOUND_S, env=None):
     cmd = [MPIEXEC, "-n", str(n), sys.executable, *args]
     start = time.time()
+    environ = {**os.environ, **(env or {})}
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env=environ)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"job hung past {timeout} s: {' '.join(cmd)}\n{exc.stdout}\n{exc.stderr}")
     return proc, time.time() - start
@@ -52,15 +54,18 @@ class TestLaunch:
 
     @pytest.mark.parametrize("transport", ["auto", "messages"])
     def test_nan_gradient_is_rejected_and_fails_clearly(self, transport):
-        # Shared window: the server checks the gradient; messages: its worker does, and the
-        # server refuses the push at its header instead of applying it as it lands.
+        # Shared window: the server checks the gradient; messages, streamed (as from another
+        # node): its worker does, and the server refuses the push at its header instead of
+        # applying it as it lands.
         proc, _ = mpirun(3, os.path.join(SCRIPTS, "nan_push.py"),
-                         "mpi" if transport == "messages" else transport)
+                         "mpi" if transport == "messages" else transport,
+                         env={"PSFRAME_STREAM": "always"})
         assert proc.returncode != 0
         assert "non-finite gradient" in proc.stderr and "worker 0" in proc.stderr
 
     def test_push_flagged_finite_that_lands_non_finite_ends_the_run(self):
-        proc, _ = mpirun(2, "-m", "mpi4py", os.path.join(SCRIPTS, "nan_in_flight.py"))
+        proc, _ = mpirun(2, "-m", "mpi4py", os.path.join(SCRIPTS, "nan_in_flight.py"),
+                         env={"PSFRAME_STREAM": "always"})
         assert proc.returncode != 0
         assert "elements [8, 12) arrived non-finite" in proc.stderr, proc.stderr
         assert "UNREACHABLE" not in proc.stdout

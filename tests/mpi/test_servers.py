@@ -52,7 +52,9 @@ def sync_run(servers, mode="data", n_pipelines=None, optimizer="sgd", shuffle=Tr
 @pytest.mark.parametrize("transport", ["auto", "mpi"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("servers", [2, 3])
-def test_data_mode_sync_equals_serial(servers, optimizer, transport):
+def test_data_mode_sync_equals_serial(servers, optimizer, transport, monkeypatch):
+    if transport == "mpi":  # every server applies each push as it lands, as from other nodes
+        monkeypatch.setenv("PSFRAME_STREAM", "always")
     result = sync_run(servers_for(servers), optimizer=optimizer, transport=transport)
     if result is None:
         return

@@ -4,6 +4,7 @@ import pytest
 from mpi4py import MPI
 
 import psframe as ps
+from psframe.transport.shm import node_ids
 from serial_reference import (SerialAdam, SerialSGD, mlp_init, mlp_loss_and_grad,
                               serial_sync, worker_rows)
 
@@ -78,26 +79,35 @@ def test_mlp_sync_equals_serial(opt_name, shuffle, transport):
     assert_params_close(result, expected)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_pushes_by_message_applied_as_they_land_equal_serial(transport):
-    # By message, a push is applied frame by frame as it lands (its worker checked it whole
-    # first), here in frames of a few elements each; through the shared window, never
-    # ("auto": every worker on one host shares it; across hosts only those beside the server).
+@pytest.mark.parametrize("stream", ["always", "never", "default"])
+def test_pushes_by_message_applied_as_they_land_equal_serial(stream, monkeypatch):
+    # By message, a push may be applied frame by frame as it lands (its worker checked it
+    # whole first), here in frames of a few elements each: by default only a remote
+    # worker's ($PSFRAME_STREAM=remote), "always" on one node too, "never" not at all.
+    if stream != "default":
+        monkeypatch.setenv("PSFRAME_STREAM", stream)
+    nodes = node_ids(WORLD)
     X, y = blobs()
     init = mlp_init(SIZES, np.random.default_rng(5))
     result = ps.train(ps.models.MLP(SIZES), (X, y), optimizer=ps.SGD(lr=0.3, momentum=0.9),
                       batch_size=4, steps=7, shuffle=False, dtype="float64", init=init,
-                      transport=transport, shard_elems=8)
+                      transport="mpi", shard_elems=8)
     n_layers = len(SIZES) - 1
     expected = serial_sync(lambda p, Xb, yb: mlp_loss_and_grad(p, Xb, yb, n_layers), init, X, y,
                            N_WORKERS, 4, 7, SerialSGD(0.3, 0.9))
     assert_params_close(result, expected)
     if WORLD.Get_rank() == 0:
-        s = result.stats
-        assert s["pushes_received"] == 7 * N_WORKERS
-        by_message = sum(path == "mpi" for path in s["worker_transport"])
-        assert by_message == (N_WORKERS if transport == "mpi" else by_message)
-        assert s["pushes_streamed"] == 7 * by_message
+        remote = sum(nodes[r] != nodes[0] for r in range(1, WORLD.Get_size()))
+        streaming = {"always": N_WORKERS, "never": 0, "default": remote}[stream]
+        assert result.stats["pushes_received"] == 7 * N_WORKERS
+        assert result.stats["pushes_streamed"] == 7 * streaming
+
+
+def test_bad_stream_setting_is_refused_on_every_rank(monkeypatch):
+    monkeypatch.setenv("PSFRAME_STREAM", "sometimes")
+    with pytest.raises(ps.ConfigError, match="PSFRAME_STREAM must be one of remote, always"):
+        ps.train(LogisticModel(6, 3), blobs(), steps=1)
+    WORLD.Barrier()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

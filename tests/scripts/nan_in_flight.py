@@ -1,5 +1,6 @@
 """A raw push flagged finite by its worker whose later frame is NaN: the server, applying
-the push frame by frame as it lands, must end the run with a clear error."""
+the push frame by frame as it lands, must end the run with a clear error. Run with
+PSFRAME_STREAM=always: on one node pushes by message are not streamed by default."""
 import numpy as np
 from mpi4py import MPI
 
