@@ -204,7 +204,7 @@ def open_server_paths(channel: Channel, layout: Any, weights: np.ndarray,
         seg = window.segment(rank)
         if seg is None:
             paths.append(MessagePath(channel, rank, layout.empty(), None,
-                                     streams=_streams(nodes, channel.rank, rank)))
+                                     streams=_streams(channel, nodes, rank)))
             continue
         if len(seg) not in (size, 2 * size):
             raise ProtocolError(f"rank {rank} shares {len(seg)} elements; expected "
@@ -242,7 +242,7 @@ def open_worker_path(channel: Channel, layout: Any, servers: Sequence[int], tran
         weights, weights_dev = backend.buffers(size, dtype)
         gradient, _ = backend.buffers(size, dtype)
         return window, [MessagePath(channel, s, gradient, weights,
-                                    streams=_streams(nodes, channel.rank, s))
+                                    streams=_streams(channel, nodes, s))
                         for s in servers], weights_dev
     if reads_in_place:
         weights = window.segment(servers[0]).view()
@@ -252,17 +252,18 @@ def open_worker_path(channel: Channel, layout: Any, servers: Sequence[int], tran
     gradient = segment[:size]
     paths = [SharedPath(channel, s, gradient, weights, window, server_writes=not reads_in_place)
              if window.has(s) else MessagePath(channel, s, gradient, weights,
-                                               streams=_streams(nodes, channel.rank, s))
+                                               streams=_streams(channel, nodes, s))
              for s in servers]
     return window, paths, weights
 
 
-def _streams(nodes, rank, peer):
-    """Whether pushes between ``rank`` and ``peer`` by message are applied as they land
+def _streams(channel, nodes, peer):
+    """Whether pushes by message between this rank and ``peer`` are applied as they land
     ($PSFRAME_STREAM): by default only between nodes, where the reply's frames then travel
     while the push's still arrive. On one node MPI's copies share the cores with the update,
-    and streaming measured slower (docs/operations.md)."""
+    and streaming measured slower (docs/operations.md). ``nodes``: each rank's node, or None
+    where the run did not count them (a hand-built channel): then nothing is remote."""
     mode = env.stream()
-    if mode == "remote" and nodes is None:  # not counted (a hand-built channel): never
-        return False
-    return mode == "always" or (mode == "remote" and nodes[rank] != nodes[peer])
+    if mode != "remote":
+        return mode == "always"
+    return nodes is not None and nodes[channel.rank] != nodes[peer]

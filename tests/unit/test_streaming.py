@@ -29,7 +29,8 @@ def test_bad_stream_setting_says_what_is_allowed():
 ])
 def test_which_peers_stream(monkeypatch, mode, nodes, peer, expected):
     monkeypatch.setenv(env.STREAM, mode)
-    assert _streams(nodes, 0, peer) is expected
+    channel = Channel(MPI.COMM_SELF, ParamLayout({"w": (8,)}))  # rank 0
+    assert _streams(channel, nodes, peer) is expected
 
 
 class Landing:
