@@ -255,9 +255,8 @@ class ParameterServer:
         if self._streams(worker, fields, posted):
             # Decided now and applied frame by frame as it lands: the update and the reply
             # overlap the rest of the push (UpdateEngine.update_and_send's ``landing``).
-            self._inflight[worker] = posted
+            self._stream(worker, posted)
             self._ready.append((worker, fields, posted))
-            self.recorder.stats.pushes_streamed += 1
         else:
             self._landing[worker] = (fields, posted)
 
@@ -270,6 +269,12 @@ class ParameterServer:
         return (posted is not None and self.paths[worker].streams
                 and int(fields[Field.FLAGS]) & Flag.FINITE
                 and self.rows is None and self.inbox.layer_shards is None)
+
+    def _stream(self, worker, posted):
+        """Handle worker's push while its frames (``posted``) land: the update that reads
+        it waits for them (see _update_and_send)."""
+        self._inflight[worker] = posted
+        self.recorder.stats.pushes_streamed += 1
 
     def _finish_landing(self, worker):
         """Wait for the rest of a streamed push that no update reads (dropped, or left)."""
@@ -393,7 +398,7 @@ class ParameterServer:
             if w in self._inflight and w not in reads:  # its reply frees it to push again
                 self._finish_landing(w)
         landing = [(w, self._inflight.pop(w), self.inbox.gradient(w))
-                   for w in reads if w in self._inflight] if update is not None else []
+                   for w in reads if w in self._inflight]
         answered = [(w, self.paths[w]) for w, clock in pulls if self._answer(w, group, clock)]
         if self.followers is not None:
             replies = [(w, *(int(self._reply_headers[w][f])

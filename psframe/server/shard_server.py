@@ -153,8 +153,7 @@ class ShardServer(ParameterServer):
         count = int(fields[Field.COUNT])
         if self._streams(worker, fields, posted):  # as rank 0 does: applied as its frames land
             self.inbox.check_size(worker, lo, hi, count, int(fields[Field.CLOCK]))
-            self._inflight[worker] = posted
-            self.recorder.stats.pushes_streamed += 1
+            self._stream(worker, posted)
             accepted = True
         else:
             accepted = self.inbox.receive(worker, lo, hi, count, int(fields[Field.CLOCK]),

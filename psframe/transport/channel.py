@@ -62,14 +62,12 @@ class Channel:
 
         if done():
             return
-        landed = [sum(r.Get_status() for r in watched)]
+        landed = sum(r.Get_status() for r in watched)
 
         def moved():
-            now = sum(r.Get_status() for r in watched)
-            if now > landed[0]:
-                landed[0] = now
-                return True
-            return False
+            nonlocal landed
+            before, landed = landed, sum(r.Get_status() for r in watched)
+            return landed > before
 
         self.waiter.until_settled(done, moved, self.idle_s)
 

@@ -84,7 +84,9 @@ def test_pushes_by_message_applied_as_they_land_equal_serial(stream, monkeypatch
     # By message, a push may be applied frame by frame as it lands (its worker checked it
     # whole first), here in frames of a few elements each: by default only a remote
     # worker's ($PSFRAME_STREAM=remote), "always" on one node too, "never" not at all.
-    if stream != "default":
+    if stream == "default":  # whatever the shell that started the suite set
+        monkeypatch.delenv("PSFRAME_STREAM", raising=False)
+    else:
         monkeypatch.setenv("PSFRAME_STREAM", stream)
     nodes = node_ids(WORLD)
     X, y = blobs()
