@@ -1,8 +1,9 @@
 """The parameter server: its request loop and the parts it carries decisions out with.
 
 parameter_server: the loop (rank 0's, which runs the policy); shard_server: another
-server's, which follows rank 0's orders (orders, followers) on its own range; inbox: pushed
-gradients; updates: the weights and optimizer; stopping: clean stops; recorder: stats,
+server's, which follows rank 0's orders (orders, followers) on its own range; executor:
+what both carry decisions out with; pushes: a push's life; inbox: pushed gradients and
+their checks; updates: the weights and optimizer; stopping: clean stops; recorder: stats,
 history, result; checkpoint_state and checkpoints: what a checkpoint holds and its files;
 dispatch: dynamic batches; group: workers per range.
 """
@@ -19,7 +20,8 @@ _WHERE = {
     "UpdateEngine": "updates", "StopControl": "stopping", "Recorder": "recorder",
     "BatchDispatcher": "dispatch", "Checkpointer": "checkpoints",
     "CheckpointError": "checkpoints", "load_checkpoint": "checkpoints",
-    "write_atomic": "checkpoints",
+    "write_atomic": "checkpoints", "Executor": "executor", "Push": "pushes",
+    "PushBook": "pushes", "PushState": "pushes",
 }
 
 __all__ = list(_WHERE) + ["GradientError"]

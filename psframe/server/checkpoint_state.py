@@ -8,10 +8,8 @@ def _dense_range(engine, own_shards):
     """The elements of a server's range it checkpoints as flat arrays: with row-sparse
     tables, their rows are checkpointed by block instead (ServerRows.state_part)."""
     start, stop = engine.layout.shard_range(*own_shards)
-    rows = getattr(engine, "rows", None)
-    if rows is not None:
-        end = rows.tables.dense_end
-        start, stop = min(start, end), min(stop, end)
+    for part in getattr(engine, "parts", ()):
+        start, stop = part.dense_range(start, stop)
     return start, stop
 
 
@@ -24,9 +22,8 @@ def range_arrays(engine, own_shards):
     for key, value in engine.opt_state.items():
         if not key.startswith("_"):  # scratch buffers carry no state
             arrays[f"opt.{key}"] = value[start:stop]
-    rows = getattr(engine, "rows", None)
-    if rows is not None:
-        arrays.update(rows.state_part())
+    for part in getattr(engine, "parts", ()):
+        arrays.update(part.state_part())
     return arrays
 
 
@@ -55,9 +52,8 @@ def restore_server_state(manifest, arrays, engine, groups, recorder, own_shards=
     for key in engine.opt_state:
         if not key.startswith("_"):
             engine.opt_state[key][start:stop] = arrays[f"opt.{key}"][start:stop]
-    rows = getattr(engine, "rows", None)
-    if rows is not None:
-        rows.restore(arrays)
+    for part in getattr(engine, "parts", ()):
+        part.restore(arrays)
     for g, saved in zip(groups, manifest["groups"]):
         g.policy.restore(saved["version"], saved["clocks"])
     version = min(g.policy.version for g in groups)

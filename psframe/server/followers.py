@@ -58,8 +58,8 @@ class Followers:
                 if self.sparse is not None:  # and its block of each table's rows
                     tables = self.sparse.views(weights)
                     for name, (a, b) in self.sparse.row_blocks[s + 1].items():
-                        frames.append(self.channel.comm.Irecv(tables[name][a:b], rank,
-                                                              Tag.RANGE))
+                        frames.append(self.channel.irecv_array(tables[name][a:b], rank,
+                                                               Tag.RANGE))
         for rank in self.ranks:
             self.channel.recv_object(rank, Tag.CONTROL)  # each has sent (or written) its range
         self.channel.wait_frames(frames)

@@ -5,7 +5,6 @@ import enum
 from typing import List, Sequence, Tuple
 
 import numpy as np
-from mpi4py import MPI
 
 from ..errors import ProtocolError
 from ..policies import DelayCompensation, PushDecision
@@ -135,15 +134,8 @@ class OrderReader:
         moving (the wait then keeps testing instead of sleeping)."""
         self.buffer[:] = 0  # a short order leaves the slots past its end at zero
         request = self.channel.irecv_header(self.buffer, self.leader, Tag.ORDER)
-        status = MPI.Status()
-        if while_waiting is None:
-            status = self.channel.wait(request)
-        else:
-            def done():
-                while_waiting()
-                return request.Test(status)
-            self.channel.waiter.until_settled(done, moved, self.channel.idle_s)
-        if status.Get_count(MPI.INT64_T) < HEAD_LEN:
+        got = self.channel.until_received(request, self.buffer.itemsize, while_waiting, moved)
+        if got < HEAD_LEN:
             raise ProtocolError("a short order from rank 0")
         return Order(self.buffer)
 

@@ -2,62 +2,110 @@
 from __future__ import annotations
 
 import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import ProtocolError
-from ..transport import Field, Flag, Op, Status, Tag, fill_header
-from .checkpoint_state import range_arrays
+from ..transport import Channel, Field, Flag, Op, Status, Tag, fill_header
+from .checkpoint_state import range_arrays, restore_server_state
+from .executor import Executor
 from .followers import snapshot_shards
-from .orders import Kind, OrderReader
-from .parameter_server import ParameterServer
+from .group import Group
+from .orders import Kind, Order, OrderReader
+from .pushes import Push
+from .recorder import Recorder
 
 __all__ = ["ShardServer"]
 
 
-class ShardServer(ParameterServer):
+def _nothing() -> None:
+    return None
+
+
+class ShardServer:
     """Updates shards ``own_shards`` with its own optimizer state, as rank 0 orders.
 
     It runs no policy: rank 0 does, and sends one order per request it handles, before
     doing its own part (psframe.server.orders). For each, this server takes that worker's
     request (the workers send one to every server whose range their shards meet), lands
-    its range of the gradient, carries out the decision (gather, step with the mean, apply
-    alone, drop) and answers the pulls the order answers, with rank 0's status. Orders come
-    in the order rank 0 decided them, so every server applies the same updates in the same
-    order: Sync's steps, a backup's drops, SSP's bound and a stop agree on every range.
+    its range of the gradient, has its ``executor`` carry out the decision (gather, step
+    with the mean, apply alone, drop) and answers the pulls the order answers, with rank
+    0's status. Orders come in the order rank 0 decided them, so every server applies the
+    same updates in the same order: Sync's steps, a backup's drops, SSP's bound and a stop
+    agree on every range.
     """
 
-    def __init__(self, channel, layout, weights, *, leader=0, index=1, **kwargs):
-        super().__init__(channel, layout, weights, owner=leader, index=index, **kwargs)
+    def __init__(self, channel: Any, layout: Any, weights: Any, *, optimizer: Any,
+                 groups: Any, worker_ranks: Any, recorder: Optional[Recorder] = None,
+                 model: Any = None, on_bad_gradient: str = "raise", checkpointer: Any = None,
+                 resume: Any = None, transport: str = "mpi", keep_sent_weights: bool = False,
+                 own_shards: Optional[Tuple[int, int]] = None, leader: int = 0, index: int = 1,
+                 layer_shards: Any = None, sparse: Any = None,
+                 sparse_on_arrival: Optional[float] = None):
+        if not isinstance(channel, Channel):
+            channel = Channel(channel, layout)
+        self.channel = channel
+        self.layout = layout
+        n = len(list(worker_ranks))
+        self.recorder = recorder if recorder is not None else Recorder(model, layout, n)
+        self.executor = Executor(
+            channel, layout, weights, optimizer=optimizer, groups=groups,
+            worker_ranks=worker_ranks, recorder=self.recorder, on_bad_gradient=on_bad_gradient,
+            transport=transport, keep_sent_weights=keep_sent_weights, owner=leader,
+            own_shards=own_shards, layer_shards=layer_shards, sparse=sparse,
+            sparse_on_arrival=sparse_on_arrival, index=index)
+        ex = self.executor
+        self.workers, self.groups, self.group_of = ex.workers, ex.groups, ex.group_of
+        self.own_shards, self.index, self.n_params = ex.own_shards, ex.index, ex.n_params
+        self.window, self.links, self.engine = ex.window, ex.links, ex.engine
+        self.checkpointer = checkpointer
+        self.sparse = sparse  # the row-sparse tables' layout (a snapshot's dense shards)
+        if resume is not None:
+            restore_server_state(*resume, self.engine, self.groups, self.recorder,
+                                 self.own_shards)
+        self.recorder.own_shards = self.own_shards
+        self.recorder.own_params = self.n_params
         self.leader = leader
         self.interrupted = False
-        self._replies = {}
+        self._replies: Dict[int, Tuple[int, int, int]] = {}
         # The workers whose shards meet this range: they send it requests; the others never.
-        # With row-sparse tables every worker may touch rows here.
-        self.serves = [w for w in range(len(self.workers))
-                       if self.rows is not None or self._meets(self.group_of[w][0])]
+        # A part that goes to every server (the row-sparse rows) brings every worker.
+        every = any(p.every_server for p in ex.parts)
+        self.serves = [w for w in range(n) if every or self._meets(self.group_of[w][0])]
         self._queue_index = {w: i for i, w in enumerate(self.serves)}
+        # Requests taken off the wire, each worker's next, before rank 0's order for it.
+        self._taken: Dict[int, Tuple[List[int], Optional[Push]]] = {}
         # Weights in rank 0's own buffer (the node's shared window): a snapshot is a word.
         self.shares_weights = self.window.segment(leader) is not None
+        self._waiting: Optional[int] = None
+        self.heartbeat: Callable[[], None] = _nothing
+        self.loop_done: Callable[[], None] = _nothing
+
+    @property
+    def weights(self) -> Any:
+        return self.engine.weights
 
     @staticmethod
-    def _meets(group):
+    def _meets(group: Group) -> bool:
         lo, hi = group.shard_range
         return hi > lo
 
-    def request_stop(self):
+    def release(self) -> None:
+        """Free the shared window (collective with the workers on this node)."""
+        self.window.close()
+
+    def request_stop(self) -> None:
         """A signal here changes nothing: rank 0 decides the stop, and orders it."""
 
-    def run(self):
+    def run(self) -> None:
         self.requests = self.channel.requests_from([self.workers[w] for w in self.serves],
                                                    Tag.REQUEST)
         orders = OrderReader(self.channel, self.leader, len(self.workers))
-        if self.rows is not None:
-            self.rows.start(self.serves)
-        self._landing = {}  # worker -> (its request's fields, the receives posted for it)
-        self._landed_frames = 0
+        self.executor.start(self.serves)
+        book = self.executor.book
         t0, cpu0 = time.perf_counter(), time.process_time()
         while True:
             self._waiting = None  # rank 0's next order
-            order = orders.next(while_waiting=self._prefetch, moved=self._landing_moved)
+            order = orders.next(while_waiting=self._prefetch, moved=book.moved)
             self.heartbeat()
             if order.kind == Kind.REQUEST:
                 self._follow(order)
@@ -68,108 +116,83 @@ class ShardServer(ParameterServer):
                                                    range_arrays(self.engine, self.own_shards))
                 self.channel.send_object(part, self.leader, Tag.CONTROL)
             else:  # END
-                for worker in list(self._inflight):  # none is left unless a push was forgotten
-                    self._finish_landing(worker)
+                book.finish_all()
                 self.interrupted = order.interrupted
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
                 load = self.recorder.load(self.channel.rank, self.own_shards,
                                           self.n_params, wall, cpu)
-                if self.rows is not None:
-                    load["sparse"] = self.rows.stats()
+                for p in self.executor.parts:
+                    if p.stats_key is not None:
+                        load[p.stats_key] = p.stats()
                 self.channel.send_object(load, self.leader, Tag.CONTROL)
                 return None
 
-    def _follow(self, order):
+    def _follow(self, order: Order) -> None:
         worker, op = order.worker, order.op
         group, _ = self.group_of[worker]
         if worker not in self._queue_index:
             return  # none of this worker's shards are here
+        ex = self.executor
         self._waiting = worker  # its request, which rank 0 has already handled
-        if worker not in self._landing:
-            self._start_landing(worker)
-        fields, posted = self._landing.pop(worker)
+        if worker not in self._taken:
+            self._take(worker)
+        fields, push = self._taken.pop(worker)
         if fields[Field.OP] != op:
             raise ProtocolError(f"worker {worker} sent server {self.index} op "
                                 f"{fields[Field.OP]} where rank 0 had op {op}")
         if op in (Op.PUSH, Op.PUSH_PULL):
-            self._land(worker, fields, group, posted)
-        elif op == Op.PULL and self.rows is not None:
-            self._land_rows(worker)
+            assert push is not None
+            self._land(worker, fields, push)
+        elif op == Op.PULL:
+            ex.land_parts(worker, push=False)
         if op in (Op.PULL, Op.PUSH_PULL):
-            self._check_shards(worker, fields, group)
-            self._awaiting[worker] = True
+            ex.check_shards(worker, fields, group)
+            ex.book.awaiting.add(worker)
         if op == Op.DONE:
             self.requests.close(self._queue_index[worker])
-            if self.rows is not None:
-                self.rows.close(worker)
+            ex.close(worker)
         self._replies = {w: (status, version, batch)
                          for w, status, version, batch in order.replies}
         decision = order.decision
-        update = None
-        self._reads = []
-        for flag, action in self.actions:
-            if getattr(decision, flag):
-                update = action(decision, group, worker) or update
-        self._update_and_send(group, update, [(w, None) for w in self._replies], None,
-                              self._reads)
+        update, reads = ex.carry_out(decision, group, worker)
+        ex.update_and_send(group, update, reads, [(w, None) for w in self._replies],
+                           self._answer)
         if update is not None:
             self.recorder.stats.record_update(decision.staleness, decision.weight)
 
-    def waiting_for(self):
+    def waiting_for(self) -> str:
         if self._waiting is None:
             return "rank 0's next order"
         return (f"the request of worker {self._waiting} (rank {self.workers[self._waiting]}) "
                 "that rank 0 has already handled")
 
-    def _prefetch(self):
+    def _prefetch(self) -> None:
         """Start landing every push whose header is here, whoever's turn is next: each
         worker's range then moves at once, not one worker after another in rank 0's order
         (rank 0 decides on arrival of its own range; this one's may come later)."""
         for i in self.requests.arrived():
             worker = self.serves[i]
-            if worker not in self._landing:  # its earlier request is not carried out yet
-                self._start_landing(worker)
+            if worker not in self._taken:  # its earlier request is not carried out yet
+                self._take(worker)
 
-    def _start_landing(self, worker):
+    def _take(self, worker: int) -> None:
         fields = self.requests.take(self._queue_index[worker])
-        posted = None
-        if self.rows is not None and fields[Field.OP] != Op.DONE:
-            self.rows.post(worker, push=fields[Field.OP] != Op.PULL)
-        if fields[Field.OP] in (Op.PUSH, Op.PUSH_PULL):
-            group, _ = self.group_of[worker]
-            if worker in group.pending:
-                # Its slot still holds the gradient a gathered step will read: no shipped
-                # policy lets it push again first, so this is a protocol error.
-                raise ProtocolError(f"worker {worker} pushed before its previous gradient "
-                                    "was applied or dropped")
-            if worker in self._inflight:  # its frames go first into the slot the next takes
-                self._finish_landing(worker)
-            lo, hi = self._check_shards(worker, fields, group)
-            posted = self.inbox.post(worker, lo, hi, int(fields[Field.COUNT]))
-        self._landing[worker] = (fields, posted)
+        self._taken[worker] = (fields, self.executor.announce(worker, fields))
 
-    def _land(self, worker, fields, group, posted):
-        lo, hi = self._check_shards(worker, fields, group)
-        count = int(fields[Field.COUNT])
-        if self._streams(worker, fields, posted):  # as rank 0 does: applied as its frames land
-            self.inbox.check_size(worker, lo, hi, count, int(fields[Field.CLOCK]))
-            self._stream(worker, posted)
-            accepted = True
-        else:
-            accepted = self.inbox.receive(worker, lo, hi, count, int(fields[Field.CLOCK]),
-                                          int(fields[Field.FLAGS]), posted)
-        self.recorder.moved(worker, pushed=count * self.layout.dtype.itemsize)
-        if self.rows is not None:
-            # Every server refuses a push alike: the worker flags non-finite rows too, and
-            # unflagged ones here would be applied here and refused by rank 0.
-            if not self._land_rows(worker) and not int(fields[Field.FLAGS]) & Flag.NON_FINITE:
-                raise ProtocolError(f"worker {worker} pushed non-finite rows to server "
-                                    f"{self.index} without flagging them")
-            if accepted and self.sparse_on_arrival is not None:
-                self.rows.apply_one(worker, self.sparse_on_arrival)
+    def _land(self, worker: int, fields: List[int], push: Push) -> bool:
+        ex = self.executor
+        accepted = ex.land(worker, fields, push)
+        self.recorder.moved(worker, pushed=int(fields[Field.COUNT]) * self.layout.dtype.itemsize)
+        # Every server refuses a push alike: the worker flags non-finite parts too, and
+        # unflagged ones here would be applied here and refused by rank 0.
+        if not ex.land_parts(worker, push=True) and not int(fields[Field.FLAGS]) & Flag.NON_FINITE:
+            raise ProtocolError(f"worker {worker} pushed non-finite rows to server "
+                                f"{self.index} without flagging them")
+        if accepted:
+            ex.accepted(worker)
         return accepted
 
-    def _answer(self, worker, group, clock):
+    def _answer(self, worker: int, group: Group, clock: Any) -> bool:
         """Rank 0's reply to this pull, for this server's range of it."""
         status, version, batch = self._replies[worker]
         lo, hi, count = 0, 0, 0
@@ -178,20 +201,18 @@ class ShardServer(ParameterServer):
             start, stop = self.layout.shard_range(lo, hi)
             count = stop - start
             self.recorder.pulled(worker, count * self.layout.dtype.itemsize)
-        fill_header(self._reply_headers[worker], 0, 0, 0, lo, hi, count, version, 0.0, 0,
+        fill_header(self.executor.reply_header(worker), 0, 0, 0, lo, hi, count, version, 0.0, 0,
                     status, batch)
         return status == Status.OK
 
-    def _send_range(self):
+    def _send_range(self) -> None:
         """This range of the weights to rank 0 (unless it lies in rank 0's buffer already),
         then the word that it is there."""
         if not self.shares_weights:
-            sparse = self.rows.tables if self.rows is not None else None
             sends = self.channel.isend_frames(self.weights, *snapshot_shards(
-                self.own_shards, sparse), self.leader, Tag.RANGE)
-            if sparse is not None:  # its block of each table's rows, in the tables' order
-                tables = sparse.views(self.weights)
-                sends += [self.channel.comm.Isend(tables[name][a:b], self.leader, Tag.RANGE)
-                          for name, (a, b) in self.rows.row_ranges.items()]
+                self.own_shards, self.sparse), self.leader, Tag.RANGE)
+            for part in self.executor.parts:  # e.g. its block of each table's rows
+                sends += [self.channel.isend_array(a, self.leader, Tag.RANGE)
+                          for a in part.snapshot_arrays(self.weights)]
             self.channel.wait_frames(sends)
         self.channel.send_object(True, self.leader, Tag.CONTROL)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import GradientError
-from ..finite import frame_finite
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
 from ..policies import delay_compensate
 
-__all__ = ["UpdateEngine"]
+__all__ = ["UpdateEngine", "Update"]
+
+# An update run frame by frame: (the shards' step count, start, stop) of each frame.
+Update = Callable[[int, int, int], None]
 
 
 class UpdateEngine:
@@ -78,51 +81,34 @@ class UpdateEngine:
                                 scratch=self._dc_scratch[: b - a])
 
     # -- the frame loop ---------------------------------------------------------------------
-    def update_and_send(self, channel, shard_range, update, answered, landing=()):
-        """Run ``update`` (or None) over the shards frame by frame, sending each frame of new
-        weights over the path of every answered pull (worker, path) as soon as it is updated:
-        the copy of one frame to the workers overlaps the update of the next.
+    def update_and_send(self, shard_range: Tuple[int, int], update: Optional[Update],
+                        answered: Sequence[Tuple[int, Any]], sends: Any,
+                        landing: Sequence[Any] = ()) -> None:
+        """Run ``update`` (or None) over the shards frame by frame, handing each frame of new
+        weights to ``sends`` for the link of every answered pull (worker, link) as soon as it
+        is updated: the copy of one frame to the workers overlaps the update of the next.
 
-        ``landing``: (worker, receives, gradient) of each push the update reads whose frames
-        are still arriving (a push streamed as it lands, one receive per frame of these
-        shards): frame i is updated once frame i of each has landed and is found finite, so
-        the update and the reply run while the rest of the push arrives.
-
-        Returns the sends still in flight, for the caller to wait on once it has answered
-        the paths that reply last.
+        ``landing``: the pushes (server.pushes.Push) the update reads whose frames are still
+        arriving (streamed as they land, one frame of these shards each): frame i is updated
+        once frame i of each has landed and passed its check, so the update and the reply
+        run while the rest of the push arrives. The caller waits for ``sends`` once it has
+        answered the links that reply last.
         """
-        requests = []
         plan = self.frame_plan(shard_range) if update is not None or answered else ()
         kept = [self.sent[w] for w, _ in answered] if self.sent is not None else []
-        arriving = [r for _, receives, _ in landing for r in receives]
+        watched = [push.landing for push in landing]
         for i, (a, b, k_lo, k_hi) in enumerate(plan):
-            if landing:
-                self._land_frame(channel, landing, arriving, i, a, b)
+            for push in landing:
+                push.await_frame(i, watched)
             if update is not None:
                 # A group's shards always step together, so a frame's shards share one count:
                 # one optimizer call per frame, not one per (often tiny) shard.
                 self.shard_updates[k_lo:k_hi] += 1
                 update(int(self.shard_updates[k_lo]), a, b)
-            for _, path in answered:
-                path.send_frame(self.weights, a, b, requests)
+            for _, link in answered:
+                sends.frame(link, self.weights, a, b)
             for dest in kept:  # after the frame's update: what the worker will compute on
                 np.copyto(dest[a:b], self.weights[a:b])
-            if requests:
-                channel.progress(requests)  # moves the frames already posted along
-        if arriving:
-            channel.wait_frames(arriving)  # all landed: this frees them
-        return requests
-
-    @staticmethod
-    def _land_frame(channel, landing, arriving, i, a, b):
-        """Wait for frame i, elements [a, b), of every streamed push in ``landing``, then
-        check it. Its worker checked the push whole and flagged it finite (Flag.FINITE), so
-        a non-finite frame here means it changed on the way: the frames before it are
-        already applied, and the run ends."""
-        channel.await_frames([receives[i] for _, receives, _ in landing], arriving)
-        for worker, _, gradient in landing:
-            if not frame_finite(gradient[a:b]):
-                raise GradientError(
-                    f"worker {worker}'s push was checked finite where it was computed, but "
-                    f"elements [{a}, {b}) arrived non-finite; the update had started on "
-                    "earlier frames, so the run stops here (a fault on the way or in memory)")
+            sends.progress()  # moves the frames already posted along
+        for push in landing:
+            push.finish_landing()  # all landed: this frees them

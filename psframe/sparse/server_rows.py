@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import ProtocolError
 from ..finite import frame_finite
+from ..transport.parts import ServerPart
 from ..transport.wire import Tag
 
 __all__ = ["ServerRows"]
@@ -20,7 +21,7 @@ class _Request:
         self.want = {}
 
 
-class ServerRows:
+class ServerRows(ServerPart):
     """Lands each request's ids and pushed rows, updates the tables' touched rows with the
     optimizer's row method (Optimizer.apply_rows), and answers pulls with the rows asked for.
 
@@ -31,7 +32,7 @@ class ServerRows:
     rows (state_part), as lazy Adam's per-row step counts are.
 
     Rows travel as messages to and from a worker on the message path. Through a shared
-    window (psframe.transport.paths.SharedPath), a worker writes its pushed rows into its
+    window (psframe.transport.links.SharedLink), a worker writes its pushed rows into its
     gradient segment and the server reads them there; the server writes a pull's rows into
     the worker's copy of the weights ("shared-copy"), or the worker gathers them straight
     from the server's tables ("shared-read"). Only the ids are messages then. Each server's
@@ -39,11 +40,18 @@ class ServerRows:
     room for the most rows a step can touch of its blocks, apart from the other servers'.
     """
 
-    def __init__(self, comm, tables, weights, optimizer, opt_state, worker_ranks, index=0,
-                 paths=None):
+    stats_key = "sparse"
+
+    def __init__(self, tables, weights, optimizer, opt_state, links, index=0,
+                 on_arrival=None):
         """``index``: this server's place among the servers (its block of each table's rows:
-        tables.row_blocks[index]); ``paths``: each worker's PayloadPath (default: messages)."""
-        self.comm = comm
+        tables.row_blocks[index]); ``links``: each worker's link, through which its ids and
+        rows move. ``on_arrival``: the weight each push's rows are applied with as it
+        arrives, whatever the dense policy decides (ps.Hybrid); None: they follow the dense
+        policy's decisions."""
+        self.links = list(links)
+        self.on_arrival = on_arrival
+        self.index = index
         self.tables = tables
         self.names = tables.names
         self.table = tables.views(weights)
@@ -64,19 +72,21 @@ class ServerRows:
                     off = tables.offsets[name]
                     state[key] = flat[off:off + rows * dim].reshape(rows, dim)
             self.state[name] = state
-        self.workers = list(worker_ranks)
-        n = len(self.workers)
+        n = len(self.links)
         t = len(self.names)
         self._ids = [np.zeros(2 * t + 2 * max_ids, np.int64) for _ in range(n)]
-        self.modes = [getattr(p, "name", "mpi") for p in paths] if paths else ["mpi"] * n
+        self.modes = [link.name for link in self.links]
         base = tables.bases[index]
         self._rows, self._out = [], []
-        for w, mode in enumerate(self.modes):
-            shared = mode != "mpi"
-            self._rows.append(paths[w].gradient[base:base + max_elems] if shared
-                              else np.zeros(max_elems, dtype))
-            self._out.append(paths[w].weights[base:base + max_elems] if mode == "shared-copy"
-                             else np.zeros(max_elems, dtype) if mode == "mpi" else None)
+        for link in self.links:
+            # Through the window the rows lie in the worker's segments: the gradient's for a
+            # push, its copy of the weights for a pull ("shared-copy"; "shared-read" worker
+            # gathers them from the tables itself).
+            self._rows.append(np.zeros(max_elems, dtype) if link.moves_payload
+                              else link.gradient[base:base + max_elems])
+            self._out.append(np.zeros(max_elems, dtype) if link.moves_payload
+                             else link.weights[base:base + max_elems]
+                             if link.weights is not None else None)
         # Each worker's next ids (and pushed rows) always have a receive posted: a message
         # past MPICH's eager size would otherwise wait, and its push with it, until the
         # server had read the request's header. A worker has one request in flight and waits
@@ -100,20 +110,17 @@ class ServerRows:
     # -- landing ----------------------------------------------------------------------------
     def start(self, workers):
         """Post the first receives of ``workers``' ids and rows (before any can arrive)."""
-        from mpi4py import MPI  # here: importing psframe must not start MPI
-
-        self._status, self._int64, self._byte = MPI.Status(), MPI.INT64_T, MPI.BYTE
         for w in workers:
             self._repost(w, rows=True)
 
     def _repost(self, worker, ids=True, rows=True):
-        rank = self.workers[worker]
+        link = self.links[worker]
         if ids:
-            self._ids_recv[worker] = self.comm.Irecv(self._ids[worker], rank, Tag.SPARSE_IDS)
-        if rows and self.modes[worker] == "mpi" and self._rows_recv[worker] is None:
-            self._rows_recv[worker] = self.comm.Irecv(self._rows[worker], rank, Tag.SPARSE_ROWS)
+            self._ids_recv[worker] = link.post_array(self._ids[worker], Tag.SPARSE_IDS)
+        if rows and link.moves_payload and self._rows_recv[worker] is None:
+            self._rows_recv[worker] = link.post_array(self._rows[worker], Tag.SPARSE_ROWS)
 
-    def post(self, worker, push):
+    def announce(self, worker, push):
         """Worker's request header is here: its ids (and, for a push, rows) are to land."""
         if self._expect[worker] is not None:
             raise ProtocolError(f"worker {worker} sent a request before its last one landed")
@@ -125,20 +132,18 @@ class ServerRows:
         """Worker is done: its receives still posted are cancelled."""
         for recvs in (self._ids_recv, self._rows_recv):
             if recvs[worker] is not None:
-                recvs[worker].Cancel()
-                recvs[worker].Wait()
+                self.links[worker].channel.cancel([recvs[worker]])
                 recvs[worker] = None
 
-    def land(self, worker):
+    def land(self, worker, push=None):
         """Wait for worker's ids (and rows) and check them. Returns (finite, bytes): finite
         False when the pushed rows are not (the push is then refused whole)."""
         push, self._expect[worker] = self._expect[worker], None
         if push is None:
             raise ProtocolError(f"no row-sparse request of worker {worker} was announced")
-        status = self._status
-        self._ids_recv[worker].Wait(status)
-        got = status.Get_count(self._int64)
+        channel = self.links[worker].channel
         ids = self._ids[worker]
+        got = channel.wait_received(self._ids_recv[worker], ids.itemsize)
         t = len(self.names)
         counts = ids[:2 * t]
         if got < 2 * t or got != 2 * t + int(counts.sum()) or (counts < 0).any():
@@ -154,10 +159,10 @@ class ServerRows:
                 which[name] = rows.copy()  # the buffer takes the next request's ids
                 if which is req.push:
                     elems += n * self.tables.dims[name]
-        if push and self.modes[worker] == "mpi":  # through the window: in its segment
-            self._rows_recv[worker].Wait(status)
+        if push and self.links[worker].moves_payload:  # through the window: in its segment
+            landed = channel.wait_received(self._rows_recv[worker], 1)
             self._rows_recv[worker] = None  # posted again when its pull is answered (serve)
-            if status.Get_count(self._byte) != elems * self._rows[worker].itemsize:
+            if landed != elems * self._rows[worker].itemsize:
                 raise ProtocolError(f"worker {worker} pushed rows that do not match its ids")
         self._repost(worker, rows=False)
         nbytes = got * ids.itemsize
@@ -212,8 +217,9 @@ class ServerRows:
     # -- updates ----------------------------------------------------------------------------
     def apply_mean(self, workers, scale, weight):
         """One step with the sum of ``workers``' pushed rows (in worker order, so that it is
-        reproducible bit for bit and equals the dense sum) times ``scale``."""
-        if not workers:
+        reproducible bit for bit and equals the dense sum) times ``scale``; nothing when the
+        rows are applied on arrival instead."""
+        if not workers or self.on_arrival is not None:
             return
         if len(workers) == 1:
             for name, ids, rows in self._pushed(workers[0]):
@@ -232,8 +238,11 @@ class ServerRows:
                 self._apply(name, ids, acc, weight)
         self._updated(workers)
 
-    def apply_one(self, worker, weight):
-        """Worker's pushed rows alone, now, as ``weight`` of one optimizer step."""
+    def apply_one(self, worker, weight, arrival=False):
+        """Worker's pushed rows alone, now, as ``weight`` of one optimizer step (under a
+        dense decision, only when the rows follow the dense policy)."""
+        if self.on_arrival is not None and not arrival:
+            return
         for name, ids, rows in self._pushed(worker):
             self._apply(name, ids, rows, weight)
         self._updated([worker])
@@ -248,10 +257,14 @@ class ServerRows:
         self.version += 1
 
     # -- answers ----------------------------------------------------------------------------
-    def serve(self, worker):
+    def accepted(self, worker):
+        if self.on_arrival is not None:
+            self.apply_one(worker, self.on_arrival, arrival=True)
+
+    def serve(self, worker, sends):
         """Give worker the rows its pull asked for, as they are now: by message, into its copy
         of the weights, or (it reads them in place, after the reply) nothing to do but count
-        them. Returns (the send to wait on or None, bytes)."""
+        them. The send to wait on goes in ``sends``; returns the bytes."""
         out, at = self._out[worker], 0
         for name in self.names:
             ids = self._landed[worker].want[name]
@@ -266,9 +279,24 @@ class ServerRows:
         self.bytes_out[worker] += nbytes
         # Its last push's rows are used (a pull is answered only after): the buffer is free.
         self._repost(worker, ids=False)
-        if self.modes[worker] != "mpi":
-            return None, nbytes
-        return self.comm.Isend(out[:at], self.workers[worker], Tag.SPARSE_PULL), nbytes
+        if self.links[worker].moves_payload:
+            sends.append(self.links[worker].send_array(out[:at], Tag.SPARSE_PULL))
+        return nbytes
+
+    def params(self):
+        return self.tables.server_params(self.index)
+
+    def snapshot_arrays(self, weights):
+        """Its block of each table's rows, in the tables' order."""
+        tables = self.tables.views(weights)
+        return [tables[name][a:b] for name, (a, b) in self.row_ranges.items()]
+
+    def dense_range(self, start, stop):
+        end = self.tables.dense_end  # the tables follow the dense weights; rows go by block
+        return min(start, end), min(stop, end)
+
+    def result_params(self, params):
+        return self.tables.from_storage(params)
 
     def stats(self, others=()):
         """The exchange's counts (with ``others``: the other servers' stats, summed in)."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..finite import frame_finite
+from ..transport.parts import WorkerPart
 from ..transport.wire import Tag
+from .batch import batch_ids
 
 __all__ = ["WorkerRows", "ids_message"]
 
@@ -31,23 +33,23 @@ class _Server:
     (one message each way per request, whatever the number of tables; through a shared
     window, the rows lie in the segments at its base, SparseTables.bases)."""
 
-    def __init__(self, rank, s, tables, dtype, path=None):
-        self.rank = rank
+    def __init__(self, link, s, tables, dtype):
+        self.link = link
         self.row_ranges = tables.row_blocks[s]  # name -> (first row, end row) it holds
         self.ids = np.zeros(2 * len(tables) + 2 * sum(tables.server_capacity(s).values()),
                             dtype=np.int64)
-        self.mode = getattr(path, "name", "mpi")
+        self.mode = link.name
         room, base = tables.server_elems(s), tables.bases[s]
-        if self.mode == "mpi":
+        if link.moves_payload:
             self.push_rows, self.pull_rows = np.zeros(room, dtype), np.zeros(room, dtype)
             return
-        self.push_rows = path.gradient[base:base + room]
-        self.tables = tables.views(path.weights)  # the server's own, read in place
-        self.pull_rows = (path.weights[base:base + room] if self.mode == "shared-copy"
+        self.push_rows = link.gradient[base:base + room]
+        self.tables = tables.views(link.weights)  # the server's own, read in place
+        self.pull_rows = (link.weights[base:base + room] if self.mode == "shared-copy"
                           else np.zeros(room, dtype))
 
 
-class WorkerRows:
+class WorkerRows(WorkerPart):
     """Sends each request's ids (and a push's gradient rows) to the servers holding those
     rows, and receives a pull's rows from them.
 
@@ -56,18 +58,30 @@ class WorkerRows:
     side), and its gradients of them are the rows a push carries.
     """
 
-    def __init__(self, channel, tables, ranks, dtype, paths=None):
-        """``ranks``: every server's rank, in order; ``paths``: the PayloadPath to each
-        (default: messages)."""
-        self.channel = channel
+    def __init__(self, tables, dtype, links):
+        """``links``: the link to each server, in order."""
         self.tables = tables
         self.names = tables.names
-        paths = paths or [None] * len(ranks)
-        self.servers = [_Server(rank, s, tables, dtype, path)
-                        for s, (rank, path) in enumerate(zip(ranks, paths))]
+        self.servers = [_Server(link, s, tables, dtype) for s, link in enumerate(links)]
         self._compact = {n: np.zeros((tables.capacity[n], tables.dims[n]), dtype)
                          for n in self.names}
         self.current = None  # BatchIds of the batch computed on the rows last pulled
+        self.want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
+
+    # -- the part's hooks (psframe.transport.parts.WorkerPart) ------------------------------
+    def batch(self, X):
+        """The model sees ids into the compact tables; the pull asks for this batch's rows."""
+        self.want = batch_ids(self.tables, X)
+        return self.want.X
+
+    def params(self, params):
+        return self.compact(params)
+
+    def packs(self, name):
+        return name in self.tables.inputs
+
+    def finite(self):
+        return self.push_finite()
 
     def _split(self, batch):
         """Per server: {name: (a, b)}, its slice of each table's distinct ids in ``batch``
@@ -130,30 +144,35 @@ class WorkerRows:
     def _elems(self, batch, s):
         return sum((b - a) * self.tables.dims[n] for n, (a, b) in self._split(batch)[s].items())
 
-    def post_pull(self, want, s):
-        """Server s's reply of the rows of ``want`` (BatchIds), posted before it is asked;
-        None where they come through the shared window."""
+    def post_pull(self, s):
+        """Server s's reply of the rows of the batch gathered ahead, posted before it is
+        asked; nothing where they come through the shared window."""
         server = self.servers[s]
-        if server.mode != "mpi":
-            return None
-        n = self._elems(want, s)
-        return self.channel.comm.Irecv(server.pull_rows[:n], server.rank, Tag.SPARSE_PULL)
+        if not server.link.moves_payload:
+            return []
+        n = self._elems(self.want, s)
+        return [server.link.post_array(server.pull_rows[:n], Tag.SPARSE_PULL)]
 
-    def landed(self, want):
+    def landed(self):
         """After the replies: the rows read in place from the servers' tables (a lockstep
-        policy's "shared-read": no update runs until this worker pushes again)."""
+        policy's "shared-read": no update runs until this worker pushes again); the next
+        compute runs on these rows."""
+        want = self.want
         for s, server in enumerate(self.servers):
             if server.mode == "shared-read":
                 for name, (a, b), rows in self._blocks(want, s, server.pull_rows):
                     np.take(server.tables[name], want.unique[name][a:b], axis=0, out=rows)
+        self.current = want
 
-    def send(self, push, want, s):
-        """Server s's share of the request: its ids (and its rows of ``push``); the sends."""
+    def send(self, s, push, pull):
+        """Server s's share of the request: its ids (the rows computed on, with ``push``, and
+        with ``pull`` the next batch's) and its rows of the push; the sends."""
         server = self.servers[s]
-        n = ids_message(server.ids, self.names, self._ids_for(push, s), self._ids_for(want, s))
-        sends = [self.channel.comm.Isend(server.ids[:n], server.rank, Tag.SPARSE_IDS)]
-        if push is not None and server.mode == "mpi":
-            m = self._elems(push, s)
-            sends.append(self.channel.comm.Isend(server.push_rows[:m], server.rank,
-                                                 Tag.SPARSE_ROWS))
+        pushed = self.current if push else None
+        n = ids_message(server.ids, self.names, self._ids_for(pushed, s),
+                        self._ids_for(self.want if pull else None, s))
+        sends = [server.link.send_array(server.ids[:n], Tag.SPARSE_IDS)]
+        if pushed is not None and server.link.moves_payload:
+            m = self._elems(pushed, s)
+            sends.append(server.link.send_array(server.push_rows[:m], Tag.SPARSE_ROWS))
         return sends

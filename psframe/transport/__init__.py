@@ -1,11 +1,15 @@
 """Transport: the wire protocol, the Channel every communicator call goes through, the waits
-that do not burn a core, and the payload paths (by message, or through the shared window)."""
+that do not burn a core, the codecs of payload frames, and the links to each peer (by
+message, or through the shared window)."""
 from .channel import Channel
-from .paths import MessagePath, PayloadPath, SharedPath, open_server_paths, open_worker_path
+from .codecs import Codec, Identity, codec_for
+from .links import (LINKS, Landing, Link, MessageLink, Sends, SharedLink, make_link,
+                    open_server_links, open_worker_links)
 from .shm import SharedWindow
 from .waits import Waiter, transfer_idle_s
 from .wire import HEADER_LEN, Field, Flag, Op, Status, Tag, fill_header, loss_of, new_header
 
-__all__ = ["Channel", "Waiter", "PayloadPath", "MessagePath", "SharedPath", "SharedWindow",
-           "open_server_paths", "open_worker_path", "Tag", "Op", "Status", "Field", "Flag",
+__all__ = ["Channel", "Waiter", "Link", "MessageLink", "SharedLink", "Landing", "Sends", "LINKS",
+           "make_link", "SharedWindow", "Codec", "Identity", "codec_for",
+           "open_server_links", "open_worker_links", "Tag", "Op", "Status", "Field", "Flag",
            "HEADER_LEN", "new_header", "fill_header", "loss_of", "transfer_idle_s"]

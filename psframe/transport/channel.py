@@ -14,19 +14,18 @@ __all__ = ["Channel", "RequestQueue"]
 class Channel:
     """Buffer sends and receives of headers, flat-buffer frames and arrays, and the few
     small control objects, on ``comm``. Roles never call the communicator themselves: a new
-    transport replaces this class (and psframe.transport.paths), not the roles."""
+    transport replaces this class (and psframe.transport.links), not the roles."""
 
     def __init__(self, comm: MPI.Comm, layout: Any, waiter: Optional[Waiter] = None,
                  nodes: Optional[Sequence[int]] = None):
         self.comm = comm
         self.layout = layout
         # Each rank's MPI node (psframe.transport.shm.node_ids), when the run has counted
-        # them: which peers are on other nodes (the payload paths stream pushes from those).
+        # them: which peers are on other nodes (the links stream pushes from those).
         self.nodes = nodes
         # Without one: short spins and no yielding, safe on any node before its census
         # (train() gives each rank the Waiter its node calls for).
         self.waiter = waiter if waiter is not None else Waiter(oversubscribed=True, yield_s=0.0)
-        self.mpi_dtype = MPI.DOUBLE if layout.dtype == np.float64 else MPI.FLOAT
         largest = min(layout.size, layout.shard_elems) * layout.dtype.itemsize
         self.idle_s = transfer_idle_s(largest)
 
@@ -50,6 +49,10 @@ class Channel:
         """Yield each frame's (start, stop) as its request completes, in arrival order."""
         for i in self.waiter.completed(requests, self.idle_s):
             yield frames[i]
+
+    def each_index(self, requests: Sequence[MPI.Request]) -> Iterator[int]:
+        """Yield each request's index as it completes, in arrival order."""
+        return self.waiter.completed(requests, self.idle_s)
 
     def await_frames(self, needed: Sequence[MPI.Request],
                      watched: Sequence[MPI.Request]) -> None:
@@ -75,6 +78,42 @@ class Channel:
         """Move the transfers already posted along, without waiting for them."""
         MPI.Request.Testall(requests)
 
+    @staticmethod
+    def done(requests: Sequence[MPI.Request]) -> bool:
+        """Whether every one of ``requests`` is complete (they stay to be freed by a wait)."""
+        return all(r.Get_status() for r in requests)
+
+    @staticmethod
+    def count_done(requests: Sequence[MPI.Request]) -> int:
+        """How many of ``requests`` are complete: whether a transfer is still moving."""
+        return sum(r.Get_status() for r in requests)
+
+    def cancel(self, requests: Sequence[MPI.Request]) -> None:
+        """Withdraw receives that will never be matched (a pull answered without weights)."""
+        for r in requests:
+            r.Cancel()
+        self.wait_frames(requests)
+
+    def wait_received(self, request: MPI.Request, itemsize: int) -> int:
+        """Wait for a receive; the number of ``itemsize``-byte elements it brought."""
+        return self.wait(request).Get_count(MPI.BYTE) // itemsize
+
+    def until_received(self, request: MPI.Request, itemsize: int,
+                       while_waiting: Any = None, moved: Any = None) -> int:
+        """wait_received, running ``while_waiting()`` as it tests (a server starting to land
+        the pushes already announced) and testing without a pause while ``moved()`` says
+        those transfers still complete (see Waiter.until_settled)."""
+        if while_waiting is None:
+            return self.wait_received(request, itemsize)
+        status = MPI.Status()
+
+        def done() -> bool:
+            while_waiting()
+            return bool(request.Test(status))
+
+        self.waiter.until_settled(done, moved, self.idle_s)
+        return status.Get_count(MPI.BYTE) // itemsize
+
     def barrier(self) -> None:
         """Every rank of the communicator, met without spinning a core."""
         self.wait(self.comm.Ibarrier())
@@ -92,9 +131,15 @@ class Channel:
         return self.comm.Irecv([header, MPI.INT64_T], source=source, tag=tag)
 
     # -- flat-buffer frames -----------------------------------------------------------------
+    # The element type on the wire is the array's own: a frame's codec (transport.codecs)
+    # decides it, not the channel.
     def isend(self, flat: np.ndarray, a: int, b: int, dest: int, tag: int) -> MPI.Request:
         """Send elements [a, b) of ``flat``: one frame."""
-        return self.comm.Isend([flat[a:b], self.mpi_dtype], dest=dest, tag=tag)
+        return self.comm.Isend(flat[a:b], dest=dest, tag=tag)
+
+    def irecv(self, flat: np.ndarray, a: int, b: int, source: int, tag: int) -> MPI.Request:
+        """Receive elements [a, b) of ``flat``: one frame."""
+        return self.comm.Irecv(flat[a:b], source=source, tag=tag)
 
     def isend_frames(self, flat: np.ndarray, lo: int, hi: int, dest: int, tag: int,
                      frames: Optional[Sequence[Tuple[int, int]]] = None) -> List[MPI.Request]:
@@ -106,12 +151,14 @@ class Channel:
     def irecv_frames(self, flat: np.ndarray, lo: int, hi: int, source: int, tag: int,
                      frames: Optional[Sequence[Tuple[int, int]]] = None) -> List[MPI.Request]:
         frames = self.layout.frames(lo, hi) if frames is None else frames
-        return [self.comm.Irecv([flat[a:b], self.mpi_dtype], source=source, tag=tag)
-                for a, b in frames]
+        return [self.irecv(flat, a, b, source, tag) for a, b in frames]
 
-    # -- whole arrays (a pipeline's activations and their gradients) ------------------------
+    # -- whole arrays (a pipeline's activations, row-sparse ids and rows) -------------------
     def isend_array(self, array: Any, dest: int, tag: int) -> MPI.Request:
         return self.comm.Isend(array, dest=dest, tag=tag)
+
+    def irecv_array(self, out: Any, source: int, tag: int) -> MPI.Request:
+        return self.comm.Irecv(out, source=source, tag=tag)
 
     def recv_array(self, out: Any, source: int, tag: int) -> None:
         self.wait(self.comm.Irecv(out, source=source, tag=tag))

@@ -2,7 +2,7 @@
 import time
 
 from ..params import overlap
-from ..transport import MessagePath, Op, Status
+from ..transport import Op, Status
 from .worker import Worker
 
 __all__ = ["LayerwiseWorker"]
@@ -30,7 +30,7 @@ class LayerwiseWorker(Worker):
             return super().run()
         t0, cpu0 = time.perf_counter(), time.process_time()
         step = self.start_step
-        self._pending = []  # (request, (start, stop)) of weight frames still arriving
+        self._pending = []  # the Landings of weight frames still arriving
         # Each trained layer: its element range (what its forward reads) and shard range.
         trained = [i for i in range(len(self.model.layers)) if self.model.layer_param_names(i)]
         self._layer_shards = dict(zip(trained, self.layer_shards))
@@ -64,19 +64,15 @@ class LayerwiseWorker(Worker):
         if i not in self._layer_elems or not self._pending:
             return
         start, stop = self._layer_elems[i]
-        waiting, later = [], []
-        for request, (a, b) in self._pending:
-            (waiting if a < stop and b > start else later).append((request, (a, b)))
-        if waiting:
-            self.channel.wait_frames([r for r, _ in waiting])  # counted as compute: it overlaps
-            self._pending = later
+        for landing in self._pending:  # counted as compute: it overlaps
+            landing.wait_within(start, stop)
 
     def after_forward(self, loss):
         """Every frame of this step's weights is in (each layer waited for its own): post the
         next step's receives, then tell the servers on messages that a push is coming."""
-        if self._pending:
-            self.channel.wait_frames([r for r, _ in self._pending])
-            self._pending = []
+        for landing in self._pending:
+            landing.wait()
+        self._pending = []
         self._loss = loss
         op = Op.PUSH_PULL if self._next else Op.PUSH
         if self._next:
@@ -84,7 +80,7 @@ class LayerwiseWorker(Worker):
             # it holds this whole push, whose last frame leaves after backward is done.
             self._posted = self._post_pull(*self.shards)
         for i, (a, b) in self._parts(*self.shards):
-            if isinstance(self.paths[i], MessagePath):
+            if self.links[i].moves_payload:
                 self._header(op, i, a, b)
 
     def after_backward(self, i, grads):
@@ -94,10 +90,10 @@ class LayerwiseWorker(Worker):
             self._reported.add(name)
         layer = self._layer_shards[i]
         for s, (a, b) in self._parts(*self.shards):
-            path = self.paths[s]
-            if isinstance(path, MessagePath):
+            link = self.links[s]
+            if link.moves_payload:
                 lo, hi = overlap((a, b), layer)
-                self._sends += path.post_frames(lo, hi)
+                self._sends += link.post_frames(lo, hi)
 
     # -- the rest of a step -----------------------------------------------------------------
     def _finish_push(self):
@@ -105,9 +101,9 @@ class LayerwiseWorker(Worker):
         done; a lone gradient check decides nothing here (see the flags in Worker)."""
         op = Op.PUSH_PULL if self._next else Op.PUSH
         shared = [(i, part) for i, part in self._parts(*self.shards)
-                  if not isinstance(self.paths[i], MessagePath)]
+                  if not self.links[i].moves_payload]
         if shared:
-            self.path.before_push()
+            self.link.before_push()
             for i, (a, b) in shared:
                 self._header(op, i, a, b)
         self.channel.wait_frames(self._sends)
@@ -131,8 +127,7 @@ class LayerwiseWorker(Worker):
         with self.waiting:
             ok = self._receive_weights(self._posted, wait_frames=False)
         if ok:
-            self._pending = [(r, f) for _, (a, b), _, frames in self._posted
-                             for r, f in zip(frames, self.layout.frames(a, b))]
+            self._pending = [landing for *_, landing in self._posted]
         return ok
 
     def _check_reported(self, step):

@@ -1,16 +1,19 @@
 """Data-parallel worker loop: pull the weights, compute a gradient on a batch, push it back."""
+from __future__ import annotations
+
 import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..metrics import Stopwatch
-from ..transport import (Channel, Field, Flag, Op, Status, Tag, fill_header, new_header,
-                         open_worker_path)
+from ..transport import (Channel, Field, Flag, Landing, Op, Status, Tag, fill_header,
+                         new_header, open_worker_links)
+from ..transport.parts import WorkerPart
 from ..transport.topology import node_local_index
 from ..params import overlap
 from ..finite import frame_finite
 from ..data import Features
-from ..sparse import batch_ids
 from ..sparse.worker_rows import WorkerRows
 
 __all__ = ["Worker"]
@@ -86,30 +89,31 @@ class Worker:
         # The worker checks each push whole where a server cannot do it before using it:
         # several servers must agree on whether a push is usable, and a server applies a
         # push by message frame by frame as it lands (Flag.FINITE).
-        self._check_finite = len(self.servers) > 1 or any(p.streams for p in self.paths)
+        self._check_finite = len(self.servers) > 1 or any(link.streams for link in self.links)
         self._batches = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
         self.heartbeat = _nothing  # set by the run (psframe.training.watchdog)
         # What it waits for, as (what, rank): set on every wait, put in words only when the
         # watchdog asks (no string formatting per step).
         self._waiting = ("computing", None)
-        self._parts_of = {}  # shard range -> _parts(range), the same every step
-        self.rows = None
+        self._parts_of: Dict[Tuple[int, int], list] = {}  # shard range -> _parts(range)
+        # The payload parts besides the dense frames (psframe.transport.parts): the
+        # row-sparse tables' rows, when the model has some.
+        self.parts: List[WorkerPart] = []
         if sparse is not None:
-            self.rows = WorkerRows(self.channel, sparse, [r for r, _ in self.servers],
-                                   layout.dtype, self.paths)
+            self.parts.append(WorkerRows(sparse, layout.dtype, self.links))
             self.shards = sparse.dense_shards
-        self._want = None  # BatchIds of the batch gathered ahead: the rows its pull asks for
-        self._rows_recv = None
+        self._every_server = any(p.every_server for p in self.parts)
+        self._parts_posted: List[Any] = []  # the parts' receives of the pull in flight
 
     def _open_window(self, transport, reads_in_place):
-        """The payload path to each server, with the gradient and weight buffers they share
-        (see psframe.transport.paths.open_worker_path)."""
-        self.window, self.paths, self._weights_dev = open_worker_path(
+        """The link to each server, with the gradient and weight buffers they share
+        (see psframe.transport.links.open_worker_links)."""
+        self.window, self.links, self._weights_dev = open_worker_links(
             self.channel, self.layout, [r for r, _ in self.servers], transport, reads_in_place,
             self.backend, self._device)
-        self.path = self.paths[0]
-        self.grad, self.weights = self.path.gradient, self.path.weights
+        self.link = self.links[0]
+        self.grad, self.weights = self.link.gradient, self.link.weights
         self._staged = self.weights is not self._weights_dev
 
     def release(self):
@@ -122,8 +126,8 @@ class Worker:
         with self.backend.activate():  # the GPU path's kernels run on the worker's stream
             more = self._has_step(step)
             ahead = None  # this step's (rows, xb, yb), gathered while the server was updating
-            if more and self.rows is not None:
-                ahead = self._batch_rows(step)  # its pull asks for the rows it touches
+            if more and self.parts:
+                ahead = self._batch_rows(step)  # its pull may depend on the batch (its rows)
             if more:
                 with self.waiting:
                     more = self.pull(step)
@@ -137,9 +141,9 @@ class Worker:
                 more = self._has_step(step)
                 if more:  # push this step's gradient and pull the next step's weights at once
                     meanwhile = None
-                    if self.rows is not None:
-                        # Row-sparse tables: the request names the next batch's rows, so that
-                        # batch is gathered before it goes.
+                    if self.parts:
+                        # A part's request may depend on the next batch (the row-sparse rows
+                        # it touches), so that batch is gathered before it goes.
                         ahead = self._batch_rows(step)
                     elif self.steps is not None:
                         # Static data: the next rows do not depend on the reply, so gather them
@@ -159,7 +163,9 @@ class Worker:
         ``gathered`` holds its (rows, X, y) already), run the model, pack the gradients.
         Returns (loss, rows)."""
         rows, xb, yb = gathered if gathered is not None else self._batch_rows(step)
-        params = self.params if self.rows is None else self.rows.compact(self.params)
+        params = self.params
+        for part in self.parts:
+            params = part.params(params)
         loss, grads = self.model.loss_and_grad(params, xb, yb)
         self._pack(grads, step)
         return loss, rows
@@ -177,9 +183,8 @@ class Worker:
         """(rows, X, y) of a step: the rows the stream (or the dispatched batch) gives."""
         rows = self.stream.rows(self.batch if self.steps is None else step)
         xb, yb = self._gather(rows)
-        if self.rows is not None:  # the model sees ids into the compact tables
-            self._want = batch_ids(self.rows.tables, xb)
-            xb = self._want.X
+        for part in self.parts:  # e.g. ids into the compact tables the next pull brings
+            xb = part.batch(xb)
         return rows, xb, yb
 
     def _has_step(self, step):
@@ -297,8 +302,8 @@ class Worker:
             parts = []
             for i, (_, own) in enumerate(self.servers):
                 part = overlap(own, (lo, hi))
-                # With row-sparse tables every server may hold rows a batch touches.
-                if i == 0 or part[0] < part[1] or self.rows is not None:
+                # A part that goes to every server (row-sparse rows) takes them all.
+                if i == 0 or part[0] < part[1] or self._every_server:
                     parts.append((i, part))
             self._parts_of[(lo, hi)] = parts
         return parts
@@ -311,9 +316,8 @@ class Worker:
         status = self._pull_status()
         for i, (a, b), _, _ in posted:
             self._send_header(Op.PULL, clock, a, b, status=status, to=i)
-        if self.rows is not None:
-            self.channel.wait_frames([r for i, *_ in posted
-                                      for r in self.rows.send(None, self._want, i)])
+        self.channel.wait_frames([r for i, *_ in posted for part in self.parts
+                                  for r in part.send(i, push=False, pull=True)])
         return self._receive_weights(posted)
 
     def push_pull(self, clock, loss, samples, lo=0, hi=None, meanwhile=None):
@@ -343,10 +347,9 @@ class Worker:
         posted = []
         for i, (a, b) in self._parts(lo, hi):
             reply = self.channel.irecv_header(self._replies[i], self.servers[i][0], Tag.REPLY)
-            posted.append((i, (a, b), reply, self.paths[i].post_weights(a, b)))
-        if self.rows is not None:
-            self._rows_recv = [r for r in (self.rows.post_pull(self._want, i) for i, *_ in posted)
-                               if r is not None]
+            posted.append((i, (a, b), reply, self.links[i].post_weights(a, b)))
+        self._parts_posted = [r for i, *_ in posted for part in self.parts
+                              for r in part.post_pull(i)]
         return posted
 
     def _receive_weights(self, posted, wait_frames=True):
@@ -355,43 +358,38 @@ class Worker:
         # Every server answers with rank 0's status: each follows rank 0's decisions.
         for i, (a, b), reply, _ in posted:
             self._waiting = ("reply", self.servers[i][0])
-            self.paths[i].await_reply(reply, a, b)
+            self.links[i].await_reply(reply, a, b)
         self.heartbeat()
         self._waiting = ("computing", None)
+        parts_posted, self._parts_posted = self._parts_posted, []
         if self._reply[Field.STATUS] != Status.OK:
             self.interrupted = self._reply[Field.STATUS] == Status.INTERRUPT
-            for *_, frames in posted:
-                for r in frames:
-                    r.Cancel()
-                self.channel.wait_frames(frames)
-            if self._rows_recv is not None:
-                for r in self._rows_recv:
-                    r.Cancel()
-                self.channel.wait_frames(self._rows_recv)
-                self._rows_recv = None
+            for *_, landing in posted:
+                landing.cancel()
+            self.channel.cancel(parts_posted)
             return False
         self.version = int(self._reply[Field.VERSION])
         self.batch = int(self._reply[Field.BATCH])
-        if self._rows_recv is not None:
-            self.channel.wait_frames(self._rows_recv)
-            self._rows_recv = None
-            self.rows.landed(self._want)
-            self.rows.current = self._want  # the next compute runs on these rows
+        if self.parts:
+            self.channel.wait_frames(parts_posted)
+            for part in self.parts:
+                part.landed()
         if not wait_frames:
             return True
-        for i, (a, b), _, frames in posted:
+        for i, (a, b), _, landing in posted:
             if self._staged:
-                self._land(frames, a, b)
+                self._land(landing.requests, a, b, self.links[i].codec)
             else:
-                self.channel.wait_frames(frames)
+                landing.wait()
         return True
 
-    def _land(self, frames, lo, hi):
-        """Each weight frame goes on to the device as soon as it arrives (async copy), so the
-        copy of one frame overlaps the receive of the next."""
-        for request, (a, b) in zip(frames, self.layout.frames(lo, hi)):
-            # In flight: keep MPI progressing.
-            self.channel.wait(request, spin_s=self.channel.idle_s)
+    def _land(self, requests: List[Any], lo: int, hi: int, codec: Any = None) -> None:
+        """Each weight frame of shards [lo, hi) goes on to the device as soon as it arrives
+        through ``requests`` (async copy), so the copy of one frame overlaps the receive of
+        the next."""
+        landing = Landing(self.channel, self.weights, self.layout.frames(lo, hi), requests,
+                          codec if codec is not None else self.link.codec)
+        for a, b in landing.in_order():
             self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
     def push(self, clock, loss, samples, lo=0, hi=None):
@@ -405,21 +403,20 @@ class Worker:
         """Each server's request header, then its range of the gradient's frames, all in
         flight at once; returns once MPI has them all."""
         flags = 0
-        if self._check_finite:
+        if self._check_finite:  # the one place a worker checks its push
             start, stop = self.layout.shard_range(lo, hi)
-            finite = frame_finite(self.grad[start:stop]) and (
-                self.rows is None or self.rows.push_finite())
+            finite = frame_finite(self.grad[start:stop]) and all(p.finite() for p in self.parts)
             flags = Flag.FINITE if finite else Flag.NON_FINITE
         sends = []
-        self.path.before_push()  # the paths share one gradient buffer: one fence does
-        want = self._want if op == Op.PUSH_PULL else None
+        self.link.before_push()  # the links share one gradient buffer: one fence does
+        pull = op == Op.PUSH_PULL
         for i, (a, b) in self._parts(lo, hi):
             start, stop = self.layout.shard_range(a, b)
             self._send_header(op, clock, a, b, count=stop - start, loss=loss, samples=samples,
                               status=status, flags=flags, to=i)
-            sends += self.paths[i].post_frames(a, b, self._push_order(a, b))
-            if self.rows is not None:  # the rows computed on, and (with a pull) the next ones
-                sends += self.rows.send(self.rows.current, want, i)
+            sends += self.links[i].post_frames(a, b, self._push_order(a, b))
+            for part in self.parts:  # e.g. the rows computed on, and (with a pull) the next
+                sends += part.send(i, push=True, pull=pull)
         self.channel.wait_frames(sends)
 
     def _push_order(self, lo, hi):
@@ -447,10 +444,10 @@ class Worker:
                 f"{sorted(self.grad_views)}; got {got} at step {step}"
             )
         for name, g in grads.items():
-            if self.rows is None or name not in self.rows.tables.inputs:
+            if not any(part.packs(name) for part in self.parts):
                 self._pack_one(name, g)
-        if self.rows is not None:
-            self.rows.pack(grads)
+        for part in self.parts:
+            part.pack(grads)
 
     def _pack_one(self, name, g):
         """One parameter's gradient into its place in the push buffer, checking its shape."""

@@ -5,7 +5,7 @@ from mpi4py import MPI
 from psframe import env
 from psframe.params import ParamLayout
 from psframe.transport import Channel
-from psframe.transport.paths import _streams
+from psframe.transport.links import streams_between as _streams
 
 
 @pytest.mark.parametrize("value, expected", [(None, "remote"), ("", "remote"),
