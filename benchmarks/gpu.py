@@ -11,6 +11,8 @@ synchronized. ``e2e`` trains the same MLP with 1 server + 4 workers under Sync, 
 NumPy workers (threads shared out as ps.train does) and once with CuPy workers sharing one
 GPU. Without a usable GPU both exit with status 1 and say why, having measured nothing.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -24,6 +26,7 @@ from mpi4py import MPI
 import psframe as ps
 from psframe import backend as B
 from psframe.params import ParamLayout
+from psframe.transport.cuda import mpi_cuda_aware
 
 SIZES = [784, 1024, 1024, 10]
 
@@ -57,7 +60,8 @@ def data(n_rows, seed=0):
     return train
 
 
-def time_worker_step(backend_name, batch, steps, warmup=3):
+def time_worker_step(backend_name: str, batch: int, steps: int,
+                     warmup: int = 3) -> tuple[float, float, dict]:
     """Median seconds of one worker step on this backend, and the step's loss at the end."""
     from psframe.worker import Worker
 
@@ -69,8 +73,8 @@ def time_worker_step(backend_name, batch, steps, warmup=3):
     y = train.y.astype(np.int64)
     stream = ps.data.BatchStream(np.arange(len(X)), batch, True, 0, 0)
     # COMM_SELF with this rank as the "server": no messages, node_local_index gives 0.
-    worker = Worker(MPI.COMM_SELF, 0, 0, layout, model, B.select_backend(backend_name), X, y,
-                    stream, steps)
+    backend = B.select_backend(backend_name, cuda_aware=mpi_cuda_aware)  # as ps.train asks
+    worker = Worker(MPI.COMM_SELF, 0, 0, layout, model, backend, X, y, stream, steps)
     worker.set_weights(layout.flatten(model.init_params(rng), out=layout.empty()))
     times, loss = [], None
     with worker.backend.activate():

@@ -1,14 +1,15 @@
 """Array backends for workers: NumPy everywhere, CuPy where a GPU is usable."""
+from __future__ import annotations
+
 import contextlib
-import ctypes
-import os
+from typing import Callable, Mapping
 
 import numpy as np
 
 from . import env
 
 __all__ = ["xp", "NumpyBackend", "CupyBackend", "select_backend", "resolve_name",
-           "probe_cupy", "mpi_cuda_aware", "BACKENDS", "ENV_VAR"]
+           "probe_cupy", "BACKENDS", "ENV_VAR"]
 
 ENV_VAR = env.BACKEND
 BACKENDS = ("auto", "numpy", "cupy")
@@ -268,41 +269,17 @@ def probe_cupy():
     return cupy, n, None
 
 
-def mpi_cuda_aware():
-    """Whether the MPI library takes device buffers; anything unclear counts as no."""
-    try:
-        from mpi4py import MPI
-
-        query = getattr(MPI, "Query_cuda_support", None)
-        if query is not None:
-            return query() == 1
-        # mpi4py exposes the query only where its build saw it; MPICH and Open MPI export
-        # MPIX_Query_cuda_support from libmpi itself, so ask the library already loaded.
-        for path in _loaded_libraries("libmpi"):
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
-            fn = getattr(lib, "MPIX_Query_cuda_support", None)
-            if fn is not None:
-                fn.restype, fn.argtypes = ctypes.c_int, []
-                return fn() == 1
-    except Exception:  # noqa: B902 - a failed query must never break a run: stage on the host
-        return False
-    return False
-
-
-def _loaded_libraries(prefix):
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
-    except OSError:
-        return []
-    return sorted(p for p in paths if os.path.basename(p).startswith(prefix))
-
-
-def select_backend(name="auto", environ=None):
+def select_backend(name: str = "auto", environ: Mapping[str, str] | None = None,
+                   cuda_aware: Callable[[], bool] | None = None) -> NumpyBackend | CupyBackend:
     """The backend for ``name`` ("auto", "numpy" or "cupy"; "auto" defers to $PSFRAME_BACKEND).
 
     "auto" takes CuPy only when it imports and CUDA sees a GPU; "cupy" without one raises a
     ValueError saying why, never falls back. Workers then ``bind`` a device.
+
+    ``cuda_aware`` says whether MPI takes device buffers; it is called only when CuPy is
+    chosen. The question belongs to the transport (``psframe.transport.cuda.mpi_cuda_aware``,
+    which the training layer passes); this module sits below it, so None means "do not ask": a CuPy
+    backend then stages every message through pinned host memory.
     """
     asked = name
     name = resolve_name(name, environ)
@@ -315,4 +292,5 @@ def select_backend(name="auto", environ=None):
             raise ValueError(f"backend 'cupy'{where} needs a usable CUDA GPU: {reason}; "
                              "use backend='numpy' (or 'auto') on this machine")
         return NumpyBackend(reason=reason)
-    return CupyBackend(cupy, n_devices, cuda_aware=mpi_cuda_aware(), requested=name)
+    aware = cuda_aware() if cuda_aware is not None else False
+    return CupyBackend(cupy, n_devices, cuda_aware=aware, requested=name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ __all__ = ["check_run"]
 _HEAD_ROWS = 64
 
 
-def check_run(world, model, data, o: RunOptions) -> RunPlan:
+def check_run(world: Any, model: Any, data: Any, o: RunOptions) -> RunPlan:
     """The RunPlan of ``train(model, data, **o)`` on communicator ``world``, or the first
     error. Every rank computes the same plan (or the same error)."""
     if o.mode not in MODES:
@@ -72,7 +73,11 @@ def check_run(world, model, data, o: RunOptions) -> RunPlan:
                          f"got {o.on_bad_gradient!r}")
     if o.transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {o.transport!r}")
-    backend = select_backend(o.backend)
+    # Imported here: the transport package loads mpi4py.MPI, and `import psframe` must not
+    # start MPI. Whether MPI takes device buffers is the transport's question to answer.
+    from ..transport.cuda import mpi_cuda_aware
+
+    backend = select_backend(o.backend, cuda_aware=mpi_cuda_aware)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a ps.Model (or ps.Sequential), got {type(model).__name__}")
 

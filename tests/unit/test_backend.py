@@ -142,8 +142,7 @@ def fake_cupy(n_devices=1, count_error=None, kernel_error=None, free_bytes=1 << 
 @pytest.fixture
 def install(monkeypatch):
     """install(module_or_None): what ``import cupy`` gives; $PSFRAME_BACKEND unset."""
-    monkeypatch.delenv(B.ENV_VAR, raising=False)
-    monkeypatch.setattr(B, "mpi_cuda_aware", lambda: False)
+    monkeypatch.delenv(B.ENV_VAR, raising=False)  # select_backend asks no MPI unless told how
 
     def put(cp):
         cupyx = types.ModuleType("cupyx")
@@ -240,13 +239,12 @@ def test_each_worker_takes_its_node_local_rank_modulo_the_device_count(install, 
                                   "transfer": "host-staged"}
 
 
-def test_cuda_aware_mpi_gets_device_buffers(install, monkeypatch):
+def test_cuda_aware_mpi_gets_device_buffers(install):
     install(fake_cupy())
     staged = B.select_backend("cupy").bind(0)
     wire, dev = staged.buffers(5, np.float32)
     assert type(wire) is np.ndarray and type(dev) is DeviceArray
-    monkeypatch.setattr(B, "mpi_cuda_aware", lambda: True)
-    aware = B.select_backend("cupy").bind(0)
+    aware = B.select_backend("cupy", cuda_aware=lambda: True).bind(0)
     wire, dev = aware.buffers(5, np.float32)
     assert wire is dev and type(dev) is DeviceArray
     assert aware.report()["transfer"] == "cuda-aware"
@@ -257,6 +255,8 @@ def test_cuda_aware_mpi_gets_device_buffers(install, monkeypatch):
 def test_mpi_cuda_aware_trusts_only_a_clear_yes(monkeypatch, answer, expected):
     import mpi4py
 
+    from psframe.transport.cuda import mpi_cuda_aware  # before the fake: it loads mpi4py.MPI
+
     def query():
         if isinstance(answer, Exception):
             raise answer
@@ -265,7 +265,7 @@ def test_mpi_cuda_aware_trusts_only_a_clear_yes(monkeypatch, answer, expected):
     fake_mpi = types.SimpleNamespace(Query_cuda_support=query)
     monkeypatch.setitem(sys.modules, "mpi4py.MPI", fake_mpi)
     monkeypatch.setattr(mpi4py, "MPI", fake_mpi, raising=False)
-    assert B.mpi_cuda_aware() is expected
+    assert mpi_cuda_aware() is expected
 
 
 # -- NumPy: no copies, no new buffers ---------------------------------------------------------
@@ -379,10 +379,10 @@ def test_worker_step_on_the_device_matches_numpy(install, monkeypatch, worker_pa
     from psframe.worker import Worker
 
     install(fake_cupy())
-    monkeypatch.setattr(B, "mpi_cuda_aware", lambda: cuda_aware)
     monkeypatch.setattr(B.CupyBackend, "DATA_SHARE", 1.0 if resident else 0.0)
     host, stream = _worker(Worker, B.NumpyBackend(), worker_parts)
-    gpu, _ = _worker(Worker, B.select_backend("cupy"), worker_parts)
+    gpu, _ = _worker(Worker, B.select_backend("cupy", cuda_aware=lambda: cuda_aware),
+                     worker_parts)
     assert gpu._staged is not cuda_aware
     assert all(type(v) is DeviceArray for v in gpu.params.values())
     assert (type(gpu.grad) is DeviceArray) is cuda_aware  # what MPI sends
