@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .models import Model, _check_chunk
+from .model import Model, _check_chunk
 
 __all__ = ["TorchModel"]
 
