@@ -128,7 +128,7 @@ class FramePlan:
         """Shards [lo, hi) gathered into frames of at most ``shard_elems`` (or one shard)."""
         if hi <= lo:
             return []
-        frames = []
+        frames: List[Range] = []
         start = stop = int(self.bounds[lo])
         for k in range(lo, hi):
             end = int(self.bounds[k + 1])
