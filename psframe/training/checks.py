@@ -1,48 +1,94 @@
-"""Everything that can be wrong with a train() call, checked identically on every rank."""
+"""What can be wrong with a train() call: each check raises one clear error, on every rank alike."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .. import env
 from ..backend import select_backend
-from ..data import ArrayDataset, Features, block_range, features, steps_per_epoch
+from ..data import ArrayDataset, Features, block_range, features
 from ..nn.models import Model, Sequential
 from ..nn.optim import SGD, Optimizer
-from ..sparse.tables import dense_first, sparse_tables
-from ..params import (DEFAULT_SHARD_ELEMS, SUPPORTED_DTYPES, ParamLayout, recount_shards,
-                      server_ranges)
+from ..params import SUPPORTED_DTYPES, ParamLayout
 from ..policies import policy_from_spec
 from ..policies.base import positive_number
-from ..server.checkpoints import CheckpointError, Checkpointer, load_checkpoint
-from ..server.dispatch import BatchDispatcher
+from ..server.checkpoints import CheckpointError
 from .options import BAD_GRADIENT_ACTIONS, DISPATCH, MODES, TRANSPORTS, RunOptions
-from ..worker.stages import layer_shard_ranges
-from .plan import RunPlan, plan_parallel
 
-__all__ = ["check_run"]
+__all__ = ["CheckedCall", "check_call", "check_tables", "check_init", "check_sparse", "probe",
+           "check_overlap", "check_parallel", "check_replicas", "check_checkpoint",
+           "check_optimizer_state"]
 
 # Rows of a memory-mapped dataset that every rank checks, so that a feature-count or label
 # mismatch reads the same on all of them; past those, only the ranks that read the rows do.
 _HEAD_ROWS = 64
 
 
-def check_run(world: Any, model: Any, data: Any, o: RunOptions) -> RunPlan:
-    """The RunPlan of ``train(model, data, **o)`` on communicator ``world``, or the first
-    error. Every rank computes the same plan (or the same error)."""
+@dataclass(frozen=True)
+class CheckedCall:
+    """What a call's options name, checked before the model has weights: the policy,
+    optimizer and backend, the ranks' roles, the stragglers and the datasets."""
+
+    policy: Any
+    optimizer: Optimizer
+    backend: Any
+    n_servers: int
+    n_workers: int
+    delay: Dict[int, float]
+    train: ArrayDataset
+    eval: Optional[ArrayDataset]
+
+
+def check_call(world: Any, model: Any, data: Any, o: RunOptions) -> CheckedCall:
+    """The options, ranks, model and data of ``train(model, data, **o)`` on communicator
+    ``world``, checked in this order (so every rank meets the same first error)."""
     if o.mode not in MODES:
         raise ValueError(f"unknown mode {o.mode!r}; choose one of {MODES}")
     env.stream()  # a bad $PSFRAME_STREAM: refused here, on every rank, before any work
     policy = policy_from_spec("sync" if o.policy is None else o.policy)
-    optimizer = SGD() if o.optimizer is None else o.optimizer
+    optimizer = _check_optimizer(o.optimizer)
+    _check_counts(o)
+    _check_timeouts(o)
+    _check_checkpoint_options(o)
+    _check_choices(o)
+    # Imported here: the transport package loads mpi4py.MPI, and `import psframe` must not
+    # start MPI. Whether MPI takes device buffers is the transport's question to answer.
+    from ..transport.cuda import mpi_cuda_aware
+
+    backend = select_backend(o.backend, cuda_aware=mpi_cuda_aware)
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a ps.Model (or ps.Sequential), got {type(model).__name__}")
+    n_servers, n_workers = _check_ranks(world, o.servers)
+    policy.validate(n_workers)
+    if o.dispatch not in DISPATCH:
+        raise ValueError(f"dispatch must be one of {DISPATCH}, got {o.dispatch!r}")
+    delay = _check_delay(o.delay, n_workers)
+    train_set = _as_dataset(data, "data")
+    _check_inputs(model, train_set, o)
+    _check_data(world, model, train_set, "training data", n_servers, readers="workers")
+    eval_set = None
+    if o.eval_data is not None:
+        eval_set = _as_dataset(o.eval_data, "eval_data")
+        _check_data(world, model, eval_set, "eval data", n_servers, readers="server")
+    return CheckedCall(policy, optimizer, backend, n_servers, n_workers, delay, train_set,
+                       eval_set)
+
+
+def _check_optimizer(optimizer: Any) -> Optimizer:
+    """The run's optimizer (ps.SGD() when none is given), refused unless it is valid."""
+    optimizer = SGD() if optimizer is None else optimizer
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a psframe optimizer such as ps.SGD(...), "
                         f"got {optimizer!r}")
     optimizer.validate()
+    return optimizer
+
+
+def _check_counts(o: RunOptions) -> None:
+    """The options that count something."""
     _check_int("batch_size", o.batch_size)
     _check_int("epochs", o.epochs)
     _check_int("steps", o.steps, allow_none=True)
@@ -53,6 +99,9 @@ def check_run(world: Any, model: Any, data: Any, o: RunOptions) -> RunPlan:
     _check_int("micro_batches", o.micro_batches)
     _check_int("checkpoint_every", o.checkpoint_every, allow_none=True)
     _check_int("checkpoint_keep", o.checkpoint_keep)
+
+
+def _check_timeouts(o: RunOptions) -> None:
     off = o.stall_timeout is None or (not isinstance(o.stall_timeout, bool)
                                       and o.stall_timeout == 0)
     if not (off or positive_number(o.stall_timeout)):
@@ -61,11 +110,18 @@ def check_run(world: Any, model: Any, data: Any, o: RunOptions) -> RunPlan:
     if not positive_number(o.stop_timeout):
         raise ValueError(f"stop_timeout must be a positive number of seconds, "
                          f"got {o.stop_timeout!r}")
+
+
+def _check_checkpoint_options(o: RunOptions) -> None:
     if o.checkpoint_every is not None and o.checkpoint_dir is None:
         raise ValueError("checkpoint_every needs checkpoint_dir, the directory to write into")
     if o.dispatch == "dynamic" and (o.checkpoint_dir is not None or o.resume is not None):
         raise ValueError("checkpoints need dispatch='static': dynamic batches in flight "
                          "cannot be replayed exactly")
+
+
+def _check_choices(o: RunOptions) -> None:
+    """The options that name one of a few choices (but mode and dispatch, checked apart)."""
     if str(o.dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {o.dtype!r}")
     if o.on_bad_gradient not in BAD_GRADIENT_ACTIONS:
@@ -73,126 +129,52 @@ def check_run(world: Any, model: Any, data: Any, o: RunOptions) -> RunPlan:
                          f"got {o.on_bad_gradient!r}")
     if o.transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {o.transport!r}")
-    # Imported here: the transport package loads mpi4py.MPI, and `import psframe` must not
-    # start MPI. Whether MPI takes device buffers is the transport's question to answer.
-    from ..transport.cuda import mpi_cuda_aware
 
-    backend = select_backend(o.backend, cuda_aware=mpi_cuda_aware)
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a ps.Model (or ps.Sequential), got {type(model).__name__}")
 
+def _check_ranks(world: Any, servers: Any) -> Tuple[int, int]:
+    """(servers, workers) among ``world``'s ranks."""
     size = world.Get_size()
     if size < 2:
         raise ValueError(
             f"psframe needs at least 2 MPI ranks (1 server + 1 worker), got {size}; "
             "launch with e.g. `mpiexec -n 4 python train.py`"
         )
-    _check_int("servers", o.servers)
-    n_servers = int(o.servers)
+    _check_int("servers", servers)
+    n_servers = int(servers)
     if n_servers >= size:
         raise ValueError(
             f"servers={n_servers} leaves no worker among {size} MPI ranks: ranks "
             f"0..{n_servers - 1} serve and the rest are workers; launch more ranks or use fewer "
             "servers"
         )
-    n_workers = size - n_servers
-    policy.validate(n_workers)
-    if o.dispatch not in DISPATCH:
-        raise ValueError(f"dispatch must be one of {DISPATCH}, got {o.dispatch!r}")
-    delay = _check_delay(o.delay, n_workers)
+    return n_servers, size - n_servers
 
-    train_set = _as_dataset(data, "data")
-    _check_inputs(model, train_set, o)
-    _check_data(world, model, train_set, "training data", n_servers, readers="workers")
-    eval_data = o.eval_data
-    if eval_data is not None:
-        eval_data = _as_dataset(eval_data, "eval_data")
-        _check_data(world, model, eval_data, "eval data", n_servers, readers="server")
 
-    params = model.init_params(np.random.default_rng(o.seed))
-    params = dense_first(params, getattr(model, "embedding_inputs", dict)())
-    layout = ParamLayout.from_params(params, o.dtype, o.shard_elems or DEFAULT_SHARD_ELEMS)
-    tables = getattr(model, "embedding_inputs", dict)()
-    unknown = [t for t in tables if t not in layout.shapes]
+def check_tables(tables: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """The row-sparse tables a model names (``embedding_inputs()``) are its parameters."""
+    unknown = [t for t in tables if t not in params]
     if unknown:
         raise ValueError(f"embedding_inputs() names {unknown}, which are not parameters of "
                          "the model")
-    # The servers' ranges split the dense weights; each server holds a block of every
-    # table's rows besides (psframe.sparse.SparseTables).
-    layout.weights = {t: 0 for t in tables}
-    layout = layout.cut_for(n_servers)  # or: fewer weights than servers
-    if o.init is not None:
-        if not isinstance(o.init, dict):
-            raise TypeError(f"init must be a dict name -> array, got {type(o.init).__name__}")
-        params = {k: np.asarray(v) for k, v in o.init.items()}
-        layout.flatten(params, out=layout.empty())  # checks names and shapes
-        if not all(np.isfinite(v).all() for v in params.values()):
-            raise ValueError("init has non-finite values")
-    sparse = _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers)
-    if sparse is None and getattr(policy, "name", None) == "hybrid":
-        policy = policy.dense  # no row-sparse table: the Hybrid is its dense policy
-    weights = layout.flatten(params, out=layout.empty())
-    del params  # the model's own init (float64): the tables are now in ``weights`` only
-    if sparse is not None:  # the servers hold each table's rows where placement puts them
-        sparse.place(weights)
-    _probe(model, layout, weights, train_set)
-    server_shards = server_ranges(layout, n_servers)
-    layer_shards = _check_overlap(o, model, layout, policy, n_servers)
-    parallel = plan_parallel(o.mode, model, layout, n_workers, o.stages, o.micro_batches,
-                             o.batch_size, o.dispatch)
-    if sparse is not None:  # the dense shards move as before; the tables' rows apart
-        parallel = dataclasses.replace(parallel, stage_shards=[sparse.dense_shards])
-    n_replicas = parallel.replicas  # workers (data) or pipelines (model, hybrid)
-    if len(train_set) < n_replicas:
-        raise ValueError(f"{len(train_set)} training rows cannot be split {n_replicas} ways")
-
-    # The layout without the servers' cuts: a checkpoint resumes with any number of servers.
-    meta = {"layout": _jsonable(layout.signature(with_cuts=False)), "n_workers": n_workers,
-            "mode": o.mode,
-            "n_stages": parallel.n_stages, "optimizer": repr(optimizer),
-            "policy": repr(policy), "batch_size": int(o.batch_size), "servers": n_servers}
-    resumed = None
-    if o.resume is not None:
-        resumed = _load_resume(o.resume, meta, optimizer, layout)
-        saved = resumed[1]
-        weights[:len(saved["weights"])] = saved["weights"]
-        if sparse is not None:  # the tables are checkpointed by rows, each server's block
-            for name, table in sparse.views(weights).items():
-                table[...] = saved[f"table.{name}"]
-
-    per_epoch = steps_per_epoch(len(train_set), n_replicas, o.batch_size)
-    steps_given = o.steps is not None
-    steps = int(o.steps) if steps_given else int(o.epochs) * per_epoch
-    if o.dispatch == "dynamic":
-        # Total work is the same as static dispatch; who does which batch is decided live.
-        total_batches = steps * n_workers if steps_given else int(o.epochs) * math.ceil(
-            len(train_set) / o.batch_size)
-        dispatcher = BatchDispatcher(len(train_set), o.batch_size, total_batches, o.shuffle,
-                                     o.seed)
-        epoch_samples = len(train_set)
-        rounds = total_batches / n_workers
-    else:
-        dispatcher = None
-        epoch_samples = per_epoch * n_replicas * o.batch_size
-        rounds = steps
-    per_round = policy.updates_per_round(n_replicas)
-    return RunPlan(
-        options=o, model=model, train=train_set, eval=eval_data, policy=policy,
-        optimizer=optimizer, dtype=np.dtype(o.dtype), layout=layout, weights=weights,
-        steps=steps, epoch_samples=epoch_samples, dispatcher=dispatcher, delay=delay,
-        expected_updates=None if per_round is None else int(round(rounds * per_round)),
-        backend=backend, n_workers=n_workers, parallel=parallel, resume=resumed,
-        server_shards=server_shards, layer_shards=layer_shards, sparse=sparse,
-        checkpointer=None if o.checkpoint_dir is None else Checkpointer(
-            o.checkpoint_dir, o.checkpoint_every, o.checkpoint_keep, meta),
-    )
 
 
-def _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_servers):
-    """The run's row-sparse tables (psframe.sparse), or None; refuses what they cannot do."""
-    tables = sparse_tables(model, layout, train_set.X, o.batch_size, n_servers)
-    if tables is None:
+def check_init(init: Any, layout: ParamLayout) -> Optional[Dict[str, np.ndarray]]:
+    """The starting weights given as ``init`` (None when none are), refused unless they fit
+    ``layout`` and are finite."""
+    if init is None:
         return None
+    if not isinstance(init, dict):
+        raise TypeError(f"init must be a dict name -> array, got {type(init).__name__}")
+    params = {k: np.asarray(v) for k, v in init.items()}
+    layout.flatten(params, out=layout.empty())  # checks names and shapes
+    if not all(np.isfinite(v).all() for v in params.values()):
+        raise ValueError("init has non-finite values")
+    return params
+
+
+def check_sparse(tables: Any, o: RunOptions, policy: Any, optimizer: Optimizer,
+                 backend: Any, dtype: np.dtype) -> None:
+    """Refuses what a run's row-sparse tables (psframe.sparse.SparseTables) cannot do."""
     problems = []
     if o.mode != "data":
         problems.append(f"mode={o.mode!r} (they need mode='data')")
@@ -204,16 +186,15 @@ def _check_sparse(o, model, layout, train_set, policy, optimizer, backend, n_ser
         problems.append(f"{policy!r} (delay compensation of rows is not built)")
     if backend.name != "numpy":
         problems.append(f"backend {backend.name!r} (the rows are exchanged on the host)")
-    if not _steps_rows(optimizer, layout.dtype):
+    if not _steps_rows(optimizer, dtype):
         problems.append(f"{optimizer!r}, which has no row-wise step (apply_rows)")
     if problems:
         raise ValueError(f"row-sparse tables {tables.names} cannot run with "
                          f"{'; '.join(problems)}; make them dense (sparse=False) or change "
                          "the run")
-    return tables
 
 
-def _steps_rows(optimizer, dtype):
+def _steps_rows(optimizer: Optimizer, dtype: np.dtype) -> bool:
     """Whether ``optimizer`` can step a table's rows: tried on a one-row table."""
     try:
         table = np.zeros((1, 1), dtype)
@@ -224,12 +205,12 @@ def _steps_rows(optimizer, dtype):
     return True
 
 
-def _check_overlap(o, model, layout, policy, n_servers):
-    """Each trained layer's shards under overlap=True (None without), or why it cannot run."""
+def check_overlap(o: RunOptions, model: Any, policy: Any, n_servers: int) -> None:
+    """Whether overlap=True (pushes and pulls layer by layer) can run."""
     if not isinstance(o.overlap, bool):
         raise ValueError(f"overlap must be True or False, got {o.overlap!r}")
     if not o.overlap:
-        return None
+        return
     if o.mode != "data":
         raise ValueError("overlap=True needs mode='data'; a pipeline's stages already "
                          "overlap each other")
@@ -245,10 +226,70 @@ def _check_overlap(o, model, layout, policy, n_servers):
         raise ValueError("overlap=True with several servers cannot skip non-finite "
                          "gradients (the header leaves before the gradient is whole, so the "
                          "servers could not agree which to skip); use on_bad_gradient='raise'")
-    return layer_shard_ranges(model, layout)
 
 
-def _as_dataset(data, what):
+def check_parallel(mode: str, n_workers: int, stages: Any, micro_batches: int,
+                   batch_size: int, dispatch: str) -> int:
+    """The stages of each pipeline (1 in data mode), refusing what the mode cannot do."""
+    if mode == "data":
+        if stages is not None or micro_batches != 1:
+            raise ValueError("stages and micro_batches apply to mode='model' or 'hybrid' only")
+        return 1
+    if dispatch != "static":
+        raise ValueError(f"dispatch={dispatch!r} needs mode='data'; pipelines read fixed blocks")
+    if micro_batches > batch_size:
+        raise ValueError(f"micro_batches ({micro_batches}) cannot exceed batch_size ({batch_size})")
+    if mode == "model":
+        n_stages = n_workers
+        if stages is not None and not isinstance(stages, int):
+            n_stages = len(stages)
+        if n_stages != n_workers:
+            raise ValueError(f"mode='model' runs one stage per worker: {n_workers} workers, "
+                             f"but stages lists {n_stages}")
+        return n_stages
+    if stages is None:
+        raise ValueError("mode='hybrid' needs stages=P (stages per pipeline) or a stage list")
+    given_count = isinstance(stages, int) and not isinstance(stages, bool)
+    n_stages = stages if given_count else len(stages)
+    if n_stages < 1 or n_workers % n_stages:
+        raise ValueError(
+            f"mode='hybrid' with {n_stages} stages needs a worker count divisible by "
+            f"{n_stages}, got {n_workers} workers"
+        )
+    return n_stages
+
+
+def check_replicas(n_rows: int, n_replicas: int) -> None:
+    """The training rows split among the data-parallel replicas (workers or pipelines)."""
+    if n_rows < n_replicas:
+        raise ValueError(f"{n_rows} training rows cannot be split {n_replicas} ways")
+
+
+def check_checkpoint(path: str, manifest: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """A checkpoint written for this model, dtype, mode and worker count."""
+    for key in ("layout", "n_workers", "mode", "n_stages"):
+        if manifest.get(key) != meta[key]:
+            what = {"layout": "model layout or dtype"}.get(key, key.replace("_", " "))
+            raise CheckpointError(
+                f"checkpoint {path} was written for a different {what} "
+                f"({manifest.get(key)!r}, this run has {meta[key]!r}); resume needs the same "
+                "model, dtype, mode and worker count"
+            )
+
+
+def check_optimizer_state(path: str, manifest: Mapping[str, Any], arrays: Mapping[str, Any],
+                          optimizer: Optimizer, dtype: np.dtype) -> None:
+    """A checkpoint holding the state of this run's optimizer."""
+    wanted = {f"opt.{k}" for k in optimizer.init_state(1, dtype) if not k.startswith("_")}
+    saved = {k for k in arrays if k.startswith("opt.")}
+    if wanted != saved:
+        raise CheckpointError(
+            f"checkpoint {path} holds state for {manifest.get('optimizer')}, not for "
+            f"{optimizer!r}; resume with the optimizer it was written with"
+        )
+
+
+def _as_dataset(data: Any, what: str) -> ArrayDataset:
     if isinstance(data, ArrayDataset):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -256,7 +297,7 @@ def _as_dataset(data, what):
     raise TypeError(f"{what} must be a ps.data.ArrayDataset or an (X, y) pair, got {type(data)}")
 
 
-def _check_inputs(model, dataset, o):
+def _check_inputs(model: Model, dataset: ArrayDataset, o: RunOptions) -> None:
     """Ids and several inputs travel only where the data-parallel worker gathers them."""
     several = isinstance(dataset.X, Features)
     if not (several or model.id_inputs()):
@@ -267,7 +308,8 @@ def _check_inputs(model, dataset, o):
                          "stages pass one float activation array")
 
 
-def _check_data(world, model, dataset, what, n_servers, readers):
+def _check_data(world: Any, model: Model, dataset: ArrayDataset, what: str, n_servers: int,
+                readers: str) -> None:
     """Finite, numeric, fitting the model. A dataset in memory is checked whole on every rank
     (each holds it anyway); a lazy one (ps.data.NpyDataset) in chunks, by its readers only:
     training data by the workers, worker w its block w, eval data by the server."""
@@ -284,51 +326,14 @@ def _check_data(world, model, dataset, what, n_servers, readers):
         dataset.check(model, what, (max(lo, head), hi))
 
 
-def _check_int(name, value, minimum=1, allow_none=False):
+def _check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _jsonable(value):
-    return json.loads(json.dumps(value))
-
-
-def _load_resume(path, meta, optimizer, layout):
-    """The checkpoint to continue from, refused unless it fits this run exactly."""
-    manifest, arrays = load_checkpoint(path)
-    for key in ("layout", "n_workers", "mode", "n_stages"):
-        if manifest.get(key) != meta[key]:
-            what = {"layout": "model layout or dtype"}.get(key, key.replace("_", " "))
-            raise CheckpointError(
-                f"checkpoint {path} was written for a different {what} "
-                f"({manifest.get(key)!r}, this run has {meta[key]!r}); resume needs the same "
-                "model, dtype, mode and worker count"
-            )
-    written_by = int(manifest.get("servers", 1))
-    if written_by != meta["servers"]:
-        # Another number of servers: the weights and optimizer state are per element and
-        # carry over as they are; only the per-shard update counts follow the new cuts.
-        base = layout.uncut()
-        arrays = dict(arrays)
-        try:
-            arrays["shard_updates"] = recount_shards(arrays["shard_updates"],
-                                                     base.cut_for(written_by), layout)
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {path} cannot be resharded from "
-                                  f"{written_by} to {meta['servers']} servers: {exc}") from None
-    wanted = {f"opt.{k}" for k in optimizer.init_state(1, layout.dtype) if not k.startswith("_")}
-    saved = {k for k in arrays if k.startswith("opt.")}
-    if wanted != saved:
-        raise CheckpointError(
-            f"checkpoint {path} holds state for {manifest.get('optimizer')}, not for "
-            f"{optimizer!r}; resume with the optimizer it was written with"
-        )
-    return manifest, arrays
-
-
-def _check_delay(delay, n_workers):
+def _check_delay(delay: Any, n_workers: int) -> Dict[int, float]:
     """``{worker_index: seconds_per_step}``: simulated stragglers."""
     if delay is None:
         return {}
@@ -345,7 +350,8 @@ def _check_delay(delay, n_workers):
     return out
 
 
-def _probe(model, layout, weights, train_set):
+def probe(model: Model, layout: ParamLayout, weights: np.ndarray,
+          train_set: ArrayDataset) -> None:
     """One loss_and_grad on two rows, so a model/data mismatch fails here, not mid-run."""
     X = features(train_set.X[:2], layout.dtype, model.id_inputs())
     y = train_set.y[:2]

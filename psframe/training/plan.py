@@ -1,4 +1,4 @@
-"""RunPlan: what a checked train() call will do, the same on every rank; and its parallel plan."""
+"""RunPlan: what a checked train() call will do, the same on every rank; and its ParallelPlan."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,10 +6,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..worker.stages import plan_stages, stage_shard_range
+from ..params import ParamLayout
 from .options import RunOptions
 
-__all__ = ["ParallelPlan", "RunPlan", "plan_parallel"]
+__all__ = ["ParallelPlan", "RunPlan"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RunPlan:
     policy: Any
     optimizer: Any
     dtype: np.dtype
-    layout: Any
+    layout: ParamLayout
     weights: np.ndarray
     steps: int  # per worker
     epoch_samples: int
@@ -81,34 +81,3 @@ class RunPlan:
             server_shards=[list(r) for r in self.server_shards],
         )
 
-
-def plan_parallel(mode, model, layout, n_workers, stages, micro_batches, batch_size, dispatch):
-    """The ParallelPlan of a mode, refusing what the mode cannot do."""
-    if mode == "data":
-        if stages is not None or micro_batches != 1:
-            raise ValueError("stages and micro_batches apply to mode='model' or 'hybrid' only")
-        return ParallelPlan(n_workers, 1, None, [(0, layout.n_shards)], 1)
-    if dispatch != "static":
-        raise ValueError(f"dispatch={dispatch!r} needs mode='data'; pipelines read fixed blocks")
-    if micro_batches > batch_size:
-        raise ValueError(f"micro_batches ({micro_batches}) cannot exceed batch_size ({batch_size})")
-    if mode == "model":
-        n_stages = n_workers
-        if stages is not None and not isinstance(stages, int):
-            n_stages = len(stages)
-    else:
-        if stages is None:
-            raise ValueError("mode='hybrid' needs stages=P (stages per pipeline) or a stage list")
-        given_count = isinstance(stages, int) and not isinstance(stages, bool)
-        n_stages = stages if given_count else len(stages)
-        if n_stages < 1 or n_workers % n_stages:
-            raise ValueError(
-                f"mode='hybrid' with {n_stages} stages needs a worker count divisible by "
-                f"{n_stages}, got {n_workers} workers"
-            )
-    if mode == "model" and n_stages != n_workers:
-        raise ValueError(f"mode='model' runs one stage per worker: {n_workers} workers, "
-                         f"but stages lists {n_stages}")
-    layers = plan_stages(model, n_stages, batch_size, None if isinstance(stages, int) else stages)
-    return ParallelPlan(n_workers // n_stages, n_stages, layers,
-                        [stage_shard_range(model, layout, ids) for ids in layers], micro_batches)

@@ -5,9 +5,9 @@ from typing import Any, Iterable, Optional
 
 from ..errors import TrainingInterrupted
 from ..metrics import TrainResult
-from .checks import check_run
 from .failures import abort_job, abort_now, agree_or_raise, stop_on_signals
 from .options import RunOptions, train_signature
+from .planning import plan_run
 from .supervisor import supervised_resume
 
 __all__ = ["train"]
@@ -39,7 +39,7 @@ def train(model: Any, data: Any, *, verbose: bool = False,
     world = MPI.COMM_WORLD if comm is None else comm
     plan = None
     try:
-        plan = check_run(world, model, data, run_options)
+        plan = plan_run(world, model, data, run_options)
         local_error = None
     except Exception as exc:  # noqa: B902 - an error on one rank must reach all, not hang them
         local_error = exc

@@ -113,3 +113,22 @@ def test_shard_counts_follow_the_cuts_of_another_server_count():
     uneven[0] = 6  # one shard behind the rest: no layout may put it with the others
     with pytest.raises(ValueError, match="cannot share one shard"):
         recount_shards(uneven, two, ParamLayout({"W": (64, 48), "b": (48,)}, shard_elems=4000))
+
+
+def test_balance_is_the_cut_factors_and_weights_its_old_name():
+    shapes = {"dense": (1000,), "table": (10_000, 10)}
+    layout = ParamLayout(shapes, "float32", balance={"table": 0})
+    assert layout.balance == layout.weights == {"table": 0}
+    assert layout.cut_for(4).cuts == ParamLayout(shapes, weights={"table": 0}).cut_for(4).cuts
+    assert ParamLayout.from_params({n: np.zeros(s) for n, s in shapes.items()},
+                                   balance={"table": 0}).cut_for(4).cuts == (250, 500, 750)
+    with pytest.raises(TypeError, match="balance"):
+        ParamLayout(shapes, balance={"table": 0}, weights={"table": 0})
+
+
+def test_the_layout_delegates_to_its_parts():
+    layout = ParamLayout(SHAPES, shard_elems=8).cut_for(2)
+    assert layout.offsets is layout.tensors.offsets and layout.size == layout.tensors.size
+    assert layout.shard_bounds is layout.frame_plan.bounds
+    assert layout.frames(0, layout.n_shards) == layout.frame_plan.frames(0, layout.n_shards)
+    assert layout.cuts == layout.server_cuts.cuts == (14,)
