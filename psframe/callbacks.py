@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Optional, TextIO
 
 __all__ = ["Callback", "PrintProgress", "CallbackList"]
 
@@ -26,15 +26,15 @@ class Callback:
 class PrintProgress(Callback):
     """One line per history row: what ``verbose=True`` and the CLI print."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
         self.stream = stream or sys.stdout
-        self.total = None
+        self.total: Optional[int] = None
 
-    def on_start(self, info):
+    def on_start(self, info: Dict[str, Any]) -> None:
         self.total = info.get("total_steps")
 
-    def on_record(self, row):
-        def fmt(x):
+    def on_record(self, row: Dict[str, Any]) -> None:
+        def fmt(x: Optional[float]) -> str:
             return "  n/a " if x is None else f"{x:.4f}"
 
         print(
@@ -49,21 +49,21 @@ class PrintProgress(Callback):
 class CallbackList(Callback):
     """Fans each hook out to many callbacks, in order."""
 
-    def __init__(self, callbacks=()):
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks = list(callbacks)
 
-    def on_start(self, info):
+    def on_start(self, info: Dict[str, Any]) -> None:
         for c in self.callbacks:
             c.on_start(info)
 
-    def on_update(self, version, stats):
+    def on_update(self, version: int, stats: Any) -> None:
         for c in self.callbacks:
             c.on_update(version, stats)
 
-    def on_record(self, row):
+    def on_record(self, row: Dict[str, Any]) -> None:
         for c in self.callbacks:
             c.on_record(row)
 
-    def on_end(self, result):
+    def on_end(self, result: Any) -> None:
         for c in self.callbacks:
             c.on_end(result)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 __all__ = ["BACKEND", "CACHE", "CLUSTER_DIR", "LAUNCHED", "MPIEXEC", "MPIEXEC_ARGS", "RESTART",
            "RESUME", "STREAM", "STREAM_CHOICES", "TTY", "YIELD_S", "backend", "cache_dir",
@@ -54,7 +54,7 @@ def mpiexec(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     return _env(environ).get(MPIEXEC) or None
 
 
-def mpiexec_args(environ: Optional[Mapping[str, str]] = None) -> list:
+def mpiexec_args(environ: Optional[Mapping[str, str]] = None) -> List[str]:
     """$PSFRAME_MPIEXEC_ARGS as arguments, split with shell quoting rules."""
     return shlex.split(_env(environ).get(MPIEXEC_ARGS, ""))
 

@@ -1,4 +1,5 @@
 """The errors psframe raises on purpose, importable without starting MPI."""
+from __future__ import annotations
 
 __all__ = ["ConfigError", "GradientError", "ProtocolError", "TrainingInterrupted"]
 

@@ -1,4 +1,6 @@
 """frame_finite: whether a flat gradient frame is all finite, in one BLAS pass."""
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -6,7 +8,7 @@ import numpy as np
 __all__ = ["frame_finite"]
 
 
-def frame_finite(grad):
+def frame_finite(grad: np.ndarray) -> bool:
     """Whether every element of ``grad`` is finite."""
     # One BLAS pass, no temporaries: g·g is finite whenever every element is (unless the
     # sum of squares overflows, for absurdly large but finite gradients: the exact,

@@ -5,7 +5,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["ServerStats", "TrainResult", "Stopwatch", "jsonable"]
 
@@ -13,15 +13,16 @@ __all__ = ["ServerStats", "TrainResult", "Stopwatch", "jsonable"]
 class Stopwatch:
     """Accumulates seconds spent inside ``with`` blocks."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.total = 0.0
-        self._start = None
+        self._start: Optional[float] = None
 
-    def __enter__(self):
+    def __enter__(self) -> Stopwatch:
         self._start = time.perf_counter()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
+        assert self._start is not None, "a Stopwatch is left only after it is entered"
         self.total += time.perf_counter() - self._start
 
 
@@ -32,7 +33,7 @@ class ServerStats:
     updates_applied: int = 0
     updates_dropped: int = 0
     updates_rejected: int = 0
-    staleness: Counter = field(default_factory=Counter)
+    staleness: Counter[int] = field(default_factory=Counter)
     pulls_answered: int = 0
     pushes_received: int = 0
     pushes_streamed: int = 0  # applied frame by frame as they landed (ParameterServer._streams)
@@ -40,18 +41,18 @@ class ServerStats:
     bytes_pushed: int = 0
     samples: int = 0
     weight_sum: float = 0.0  # the applied updates' weights (see Optimizer.apply)
-    recent_loss: float = None  # moving average of the workers' reported batch losses
+    recent_loss: Optional[float] = None  # moving average of the workers' reported batch losses
 
-    def record_loss(self, loss):
+    def record_loss(self, loss: float) -> None:
         # A short moving average: one worker's batch loss is too noisy to show alone.
         self.recent_loss = loss if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * loss
 
-    def record_update(self, staleness, weight=1.0):
+    def record_update(self, staleness: int, weight: float = 1.0) -> None:
         self.updates_applied += 1
         self.staleness[int(staleness)] += 1
         self.weight_sum += weight
 
-    def as_dict(self):
+    def as_dict(self) -> Dict[str, Any]:
         return {
             "updates_applied": self.updates_applied,
             "updates_dropped": self.updates_dropped,
@@ -71,21 +72,22 @@ class ServerStats:
         }
 
 
-def _fmt_bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024.0
+    return f"{n:.1f} GiB"
 
 
 @dataclass
 class TrainResult:
     """What ``ps.train`` returns on the server rank."""
 
-    params: dict
-    history: list
-    stats: dict
-    config: dict = field(default_factory=dict)
+    params: Dict[str, Any]
+    history: List[Dict[str, Any]]
+    stats: Dict[str, Any]
+    config: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> Dict[str, Any]:
@@ -93,7 +95,7 @@ class TrainResult:
 
     def summary(self) -> str:
         s, c, last = self.stats, self.config, self.final
-        rows = [
+        rows: List[Tuple[str, Any]] = [
             ("mode / policy", f"{c.get('mode')} / {c.get('policy')}"),
             ("workers", s.get("n_workers")),
             ("optimizer", c.get("optimizer")),
@@ -130,7 +132,7 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def _paths(per_worker):
+def _paths(per_worker: Optional[Sequence[str]]) -> str:
     """How the workers' payload travelled: "shared-read x3", "mpi x1, shared-copy x2"."""
     if not per_worker:
         return "n/a"
@@ -138,11 +140,11 @@ def _paths(per_worker):
     return ", ".join(f"{path} x{n}" for path, n in sorted(counts.items()))
 
 
-def _num(x):
+def _num(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def jsonable(obj):
+def jsonable(obj: Any) -> Any:
     """``obj`` with numpy scalars as numbers, tuples as lists, and NaN/inf as null: strict JSON."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}

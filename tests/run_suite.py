@@ -1,4 +1,5 @@
-"""Runs the whole suite (unit tests, then MPI tests at 2 to 5 ranks) and prints one total."""
+"""Runs the whole suite (the type check, unit tests, then MPI tests at 2 to 6 ranks) and prints
+one total."""
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ STAGE_TIMEOUT_S = 1200
 
 def stages():
     py = sys.executable
+    # mypy over psframe/ (config: pyproject.toml), one item in the totals: a few seconds.
+    yield "mypy", [py, os.path.join(ROOT, "tests", "typecheck.py")]
     yield "unit", [py, "-m", "pytest", "tests", "-m", "not mpi", "-q"]
     # Hybrid 2x2 needs 4 workers: a fifth run covers the pipeline tests alone, and with two
     # servers a sixth; both run the several-servers tests (dense and row-sparse) at those

@@ -5,6 +5,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..training import config as run_config
 from ..policies import policy_from_spec
@@ -36,8 +37,8 @@ class Mode:
     micro-batches), ``hybrid:2`` (2 stages per pipeline), ``hybrid:2/m4``."""
 
     kind: str
-    stages: int = None
-    micro_batches: int = None
+    stages: Optional[int] = None
+    micro_batches: Optional[int] = None
 
     @classmethod
     def parse(cls, spec):
@@ -110,7 +111,7 @@ class Cell:
     straggler: Straggler
     seed: int
     options: dict = field(default_factory=dict)
-    target: float = None  # test accuracy for time-to-target; not part of the run itself
+    target: Optional[float] = None  # test accuracy for time-to-target; not part of the run itself
 
     @property
     def id(self):

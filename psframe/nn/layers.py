@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -192,9 +192,9 @@ class Reshape(Layer):
 
     keeps_width = False
 
-    def __init__(self, shape: Sequence[int]):
-        shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
-        self.shape = tuple(_positive_int(d, "Reshape dimension") for d in shape)
+    def __init__(self, shape: Union[int, Sequence[int]]):
+        dims = (shape,) if isinstance(shape, (int, numbers.Integral)) else tuple(shape)
+        self.shape = tuple(_positive_int(d, "Reshape dimension") for d in dims)
         if not self.shape:
             raise ValueError("Reshape needs at least one dimension")
         self.size = _size(self.shape)
@@ -260,8 +260,8 @@ class Conv2D(Layer):
         # Buffers kept from step to step: a fresh array of megabytes costs as much in page
         # faults as the work done in it. Scratch ones are used within one call; spare window
         # matrices wait from a forward until its backward hands them back.
-        self._scratch = {}
-        self._spare = {}
+        self._scratch: Dict[Tuple[Any, ...], Any] = {}
+        self._spare: Dict[Tuple[Any, ...], List[Any]] = {}
 
     def __getstate__(self):  # a pickled or copied layer leaves its buffers behind
         return {**self.__dict__, "_scratch": {}, "_spare": {}}

@@ -1,6 +1,7 @@
 """Server-side optimizers that update shards of one flat weight buffer in place."""
 import math
 import numbers
+from typing import Any, Tuple
 
 import numpy as np
 
@@ -71,8 +72,8 @@ class Optimizer:
     weight_rule = "as its apply() decides"
     # Scratch of a table's state: names of (rows, dim) buffers of the table's dtype, and of
     # (rows,) vectors with their dtype (None: the table's).
-    _ROW_FLAT_SCRATCH = ()
-    _ROW_VECTOR_SCRATCH = ()
+    _ROW_FLAT_SCRATCH: Tuple[str, ...] = ()
+    _ROW_VECTOR_SCRATCH: Tuple[Tuple[str, Any], ...] = ()
 
     def __init__(self, lr):
         self.lr = lr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class TorchModel(Model):
         self._params = dict(self._net.named_parameters())
         self._dtype = next(iter(self._params.values())).dtype
         self._bound = None  # name -> the array each private parameter views now
-        self._streams = {}  # CuPy stream pointer -> torch.cuda.ExternalStream
+        self._streams: Dict[int, Any] = {}  # CuPy stream pointer -> torch.cuda.ExternalStream
 
     # -- psframe's Model contract ---------------------------------------------------------------
     def init_params(self, rng):

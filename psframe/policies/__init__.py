@@ -3,6 +3,8 @@
 base: the contract (Policy, PolicyState, PushDecision); sync, on_arrival (Async, SSP), mixed:
 the shipped policies; compensation: DC-ASGD; specs: policies from CLI strings.
 """
+from __future__ import annotations
+
 from .base import Policy, PolicyState, PushDecision
 from .compensation import DelayCompensation, delay_compensate
 from .hybrid import Hybrid

@@ -17,9 +17,14 @@ import math
 import numbers
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Tuple, Union
 
 from ..errors import ProtocolError
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from .mixed import MixedState
 
 __all__ = ["Policy", "PolicyState", "PushDecision", "positive_number"]
 
@@ -51,18 +56,18 @@ class PushDecision:
 
     # The instructions by name: what a policy's push() usually returns.
     @classmethod
-    def nothing(cls, release: Sequence[int] = ()) -> "PushDecision":
+    def nothing(cls, release: Sequence[int] = ()) -> PushDecision:
         """Do nothing with this gradient (a rejected push), answer the released pulls."""
         return cls(release=tuple(release))
 
     @classmethod
-    def gather(cls, release: Sequence[int] = ()) -> "PushDecision":
+    def gather(cls, release: Sequence[int] = ()) -> PushDecision:
         """Keep this gradient for the step being gathered."""
         return cls(accumulate=True, release=tuple(release))
 
     @classmethod
     def step(cls, scale: float, weight: float = 1.0, accumulate: bool = True,
-             release: Sequence[int] = ()) -> "PushDecision":
+             release: Sequence[int] = ()) -> PushDecision:
         """The gathered step is whole (with this gradient, if ``accumulate``): apply the sum
         of its gradients times ``scale``, as ``weight`` of one optimizer step."""
         return cls(accumulate=accumulate, complete=True, scale=scale, weight=weight,
@@ -70,21 +75,22 @@ class PushDecision:
 
     @classmethod
     def apply_now(cls, weight: float = 1.0, staleness: int = 0, compensation: Any = None,
-                  release: Sequence[int] = ()) -> "PushDecision":
+                  release: Sequence[int] = ()) -> PushDecision:
         """Apply this gradient alone, now, as ``weight`` of one optimizer step."""
         return cls(apply=True, weight=weight, staleness=staleness, compensation=compensation,
                    release=tuple(release))
 
     @classmethod
-    def discard(cls, release: Sequence[int] = ()) -> "PushDecision":
+    def discard(cls, release: Sequence[int] = ()) -> PushDecision:
         """Drop this gradient (it came too late); counted in updates_dropped."""
         return cls(drop=True, release=tuple(release))
 
 
 def positive_number(value: Any) -> bool:
     """A real, finite number above 0 (and not a bool)."""
+    # typeshed's numbers.Real declares only < and <=; every concrete real also has >.
     return (not isinstance(value, bool) and isinstance(value, numbers.Real)
-            and math.isfinite(value) and value > 0)
+            and math.isfinite(value) and value > 0)  # type: ignore[operator]
 
 
 class Policy:
@@ -95,15 +101,17 @@ class Policy:
     policy is safe until it claims more.
     """
 
-    name = "policy"
+    name: str = "policy"
 
-    # Lockstep: no update runs while any worker computes, and every worker stops at the same
-    # step. Then workers on the server's node may read its weights in place, and a stopped
-    # run resumes exactly. Only a policy whose every update waits for a gradient from every
-    # worker may claim it.
-    lockstep = False
+    @property
+    def lockstep(self) -> bool:
+        """Lockstep: no update runs while any worker computes, and every worker stops at the
+        same step. Then workers on the server's node may read its weights in place, and a
+        stopped run resumes exactly. Only a policy whose every update waits for a gradient
+        from every worker may claim it (a subclass may also set ``lockstep = True``)."""
+        return False
 
-    def state(self, n_workers: int, version: int = 0) -> "PolicyState":
+    def state(self, n_workers: int, version: int = 0) -> Union[PolicyState, MixedState]:
         raise NotImplementedError
 
     def validate(self, n_workers: int) -> None:
@@ -122,25 +130,25 @@ class Policy:
         """How each applied update is weighted and compensated, in words."""
         return "weights as the policy's decisions set them"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
 
 
 class PolicyState:
     """Bookkeeping every policy shares: clocks, finished workers, held pulls, clock gaps."""
 
-    def __init__(self, n_workers: int, version: int = 0):
+    def __init__(self, n_workers: int, version: int = 0) -> None:
         self.n_workers = n_workers
         self.version = version
         self.clocks = [0] * n_workers
-        self.done = set()
+        self.done: Set[int] = set()
         self.held: Dict[int, int] = {}  # worker -> clock of its held pull: the one record of it
-        self.gaps = Counter()
+        self.gaps: Counter[int] = Counter()
 
-    def adopt(self, previous):
+    def adopt(self, previous: Union[PolicyState, MixedState]) -> Self:
         """Continue from another state's clocks (a Mixed phase switch)."""
         self.version = previous.version
         self.clocks = list(previous.clocks)
@@ -148,7 +156,7 @@ class PolicyState:
         self.gaps = previous.gaps
         return self
 
-    def restore(self, version, clocks):
+    def restore(self, version: int, clocks: Sequence[int]) -> Self:
         """Continue a checkpointed run: its update count and each worker's clock."""
         self.version = version
         self.clocks = list(clocks)
@@ -157,14 +165,14 @@ class PolicyState:
         return self
 
     @property
-    def max_clock_gap(self):
+    def max_clock_gap(self) -> int:
         return max(self.gaps, default=0)
 
-    def slowest_clock(self):
+    def slowest_clock(self) -> int:
         active = [c for w, c in enumerate(self.clocks) if w not in self.done]
         return min(active) if active else max(self.clocks)
 
-    def pull(self, worker, clock):
+    def pull(self, worker: int, clock: int) -> bool:
         if worker in self.done or clock != self.clocks[worker]:
             raise ProtocolError(
                 f"worker {worker} pulled at clock {clock}, but has completed "
@@ -176,7 +184,7 @@ class PolicyState:
         self.held[worker] = clock
         return False
 
-    def finish(self, worker):
+    def finish(self, worker: int) -> PushDecision:
         self.done.add(worker)
         self.held.pop(worker, None)
         return self.after_finish(worker)
@@ -192,10 +200,10 @@ class PolicyState:
 
     _count_push = count_push  # its name before it was public: policies written then still run
 
-    def _answered(self, worker, clock):
+    def _answered(self, worker: int, clock: int) -> None:
         self.gaps[clock - self.slowest_clock()] += 1
 
-    def releasable(self):
+    def releasable(self) -> Tuple[int, ...]:
         """Answer every held pull the state now allows; returns those workers."""
         out = []
         for w, clock in sorted(self.held.items()):

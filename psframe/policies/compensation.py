@@ -1,6 +1,8 @@
 """Delay compensation (DC-ASGD): a stale gradient corrected towards the current weights."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
 
 from .base import positive_number
@@ -26,7 +28,7 @@ class DelayCompensation:
 
     name = "dc"
 
-    def __init__(self, lam: float = 2.0, adaptive: bool = True, decay: float = 0.95):
+    def __init__(self, lam: float = 2.0, adaptive: bool = True, decay: float = 0.95) -> None:
         for value, what in ((lam, "lam"), (decay, "decay")):
             if not positive_number(value):
                 raise ValueError(f"DelayCompensation({what}) needs a positive finite number, "
@@ -37,22 +39,22 @@ class DelayCompensation:
         self.adaptive = bool(adaptive)
         self.decay = float(decay)
 
-    def describe(self):
+    def describe(self) -> str:
         if self.adaptive:
             return (f"delay-compensated, adaptive (lambda={self.lam:g}/sqrt(MS), "
                     f"decay {self.decay:g})")
         return f"delay-compensated, constant (lambda={self.lam:g})"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if not self.adaptive:
             return f"DelayCompensation(lam={self.lam:g}, adaptive=False)"
         extra = f", decay={self.decay:g}" if self.decay != 0.95 else ""
         return f"DelayCompensation(lam={self.lam:g}{extra})"
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((type(self), self.lam, self.adaptive, self.decay))
 
 
@@ -60,7 +62,10 @@ class DelayCompensation:
 _MS_EPS = 1e-12
 
 
-def delay_compensate(g, w_now, w_stale, comp, out, mean_square=None, scratch=None):
+def delay_compensate(g: np.ndarray, w_now: np.ndarray, w_stale: np.ndarray,
+                     comp: DelayCompensation, out: np.ndarray,
+                     mean_square: Optional[np.ndarray] = None,
+                     scratch: Optional[np.ndarray] = None) -> np.ndarray:
     """``out = g + lam_t * g * g * (w_now - w_stale)`` for DelayCompensation ``comp``, in
     ``out`` without temporaries. Adaptive: ``mean_square`` (MS) is first updated with g in
     place, and ``scratch`` (len(g)) holds sqrt(MS)."""
@@ -68,6 +73,7 @@ def delay_compensate(g, w_now, w_stale, comp, out, mean_square=None, scratch=Non
     out *= g
     out *= g
     if comp.adaptive:
+        assert mean_square is not None and scratch is not None, "adaptive DC needs MS and scratch"
         np.multiply(g, g, out=scratch)
         scratch *= 1.0 - comp.decay
         mean_square *= comp.decay
@@ -80,7 +86,7 @@ def delay_compensate(g, w_now, w_stale, comp, out, mean_square=None, scratch=Non
     return out
 
 
-def check_compensation(compensation, who):
+def check_compensation(compensation: Any, who: str) -> Optional[DelayCompensation]:
     if compensation is None or isinstance(compensation, DelayCompensation):
         return compensation
     if compensation == "dc":

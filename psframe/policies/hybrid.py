@@ -1,11 +1,15 @@
 """Hybrid: dense parameters under one policy, row-sparse tables applied on arrival."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from .base import Policy
-from .on_arrival import Async, push_weight
+from .on_arrival import Async, _OnArrival, push_weight
 from .sync import Sync
+
+if TYPE_CHECKING:
+    from .base import PolicyState
+    from .mixed import MixedState
 
 __all__ = ["Hybrid"]
 
@@ -24,9 +28,9 @@ class Hybrid(Policy):
 
     name = "hybrid"
 
-    def __init__(self, dense: Optional[Policy] = None, sparse: Optional[Policy] = None):
-        self.dense = Sync() if dense is None else dense
-        self.sparse = Async() if sparse is None else sparse
+    def __init__(self, dense: Optional[Policy] = None, sparse: Optional[Policy] = None) -> None:
+        self.dense: Policy = Sync() if dense is None else dense
+        self.sparse: Policy = Async() if sparse is None else sparse
         if not isinstance(self.dense, Policy) or isinstance(self.dense, Hybrid):
             raise TypeError(f"Hybrid: dense must be a policy such as ps.Sync(), "
                             f"got {self.dense!r}")
@@ -34,12 +38,14 @@ class Hybrid(Policy):
                 or self.sparse == self.dense):
             raise ValueError(f"Hybrid: sparse must be ps.Async() (without delay compensation)"
                              f" or the dense policy itself, got {self.sparse!r}")
-        if self.on_arrival and self.sparse.scale == "staleness":
+        # On arrival, sparse is an Async (checked above): it has a scale.
+        if (self.on_arrival and isinstance(self.sparse, Async)
+                and self.sparse.scale == "staleness"):
             raise ValueError("Hybrid: sparse=Async(staleness_lr=True) is not built; rows are "
                              "weighted by a fixed scale")
 
     @property
-    def lockstep(self):
+    def lockstep(self) -> bool:
         # Rows applied on arrival change while workers compute: nobody may read in place.
         return self.dense.lockstep and not self.on_arrival
 
@@ -50,25 +56,28 @@ class Hybrid(Policy):
 
     def sparse_weight(self, n_workers: int) -> float:
         """The weight of one push's rows, applied on arrival."""
-        return push_weight(self.sparse.scale, n_workers, 1)
+        sparse = self.sparse  # an Async on arrival; else the dense policy, if it has a scale
+        if not isinstance(sparse, (_OnArrival, Sync)):
+            raise AttributeError(f"{type(sparse).__name__} has no push scale")
+        return push_weight(sparse.scale, n_workers, 1)
 
-    def state(self, n_workers, version=0):
+    def state(self, n_workers: int, version: int = 0) -> Union[PolicyState, MixedState]:
         return self.dense.state(n_workers, version)
 
-    def validate(self, n_workers):
+    def validate(self, n_workers: int) -> None:
         self.dense.validate(n_workers)
         self.sparse.validate(n_workers)
 
-    def updates_per_round(self, n_workers):
+    def updates_per_round(self, n_workers: int) -> Optional[int]:
         return self.dense.updates_per_round(n_workers)
 
-    def keeps_sent_weights(self):
+    def keeps_sent_weights(self) -> bool:
         return self.dense.keeps_sent_weights()
 
-    def describe(self, n_workers):
+    def describe(self, n_workers: int) -> str:
         rows = ("follow the dense updates" if not self.on_arrival else
                 f"on arrival, {self.sparse.describe(n_workers)}")
         return f"dense: {self.dense.describe(n_workers)}; sparse rows: {rows}"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Hybrid(dense={self.dense!r}, sparse={self.sparse!r})"

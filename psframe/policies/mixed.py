@@ -1,12 +1,20 @@
 """Mixed: phases of policies switched on the fly, e.g. Sync for K updates, then Async."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 from .base import Policy, PushDecision
 from .on_arrival import Async
 from .single_spec import single_policy_from_spec, spec_name
 from .sync import Sync
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from .base import PolicyState
+
+# A phase: how many updates it lasts (None: to the end of the run), and its policy.
+Phase = Tuple[Optional[int], Policy]
 
 __all__ = ["Mixed", "MixedState"]
 
@@ -19,36 +27,36 @@ class Mixed(Policy):
     name = "mixed"
 
     def __init__(self, phases: Optional[Sequence[Tuple[Optional[int], Any]]] = None, *,
-                 sync_steps: Optional[int] = None, then: Any = None):
+                 sync_steps: Optional[int] = None, then: Any = None) -> None:
         if phases is None:
             if sync_steps is None:
                 raise ValueError("Mixed needs sync_steps=K (and then=...) or a list of phases")
             phases = [(sync_steps, Sync()), (None, then if then is not None else Async())]
-        phases = [(n, _phase_policy(p)) for n, p in phases]
-        if not phases:
+        checked: List[Phase] = [(n, _phase_policy(p)) for n, p in phases]
+        if not checked:
             raise ValueError("Mixed needs at least one phase")
-        for i, (n, p) in enumerate(phases):
-            last = i == len(phases) - 1
+        for i, (n, p) in enumerate(checked):
+            last = i == len(checked) - 1
             if not last and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"phase {i} of Mixed needs a length >= 1, got {n!r}")
             if isinstance(p, Mixed):
                 raise ValueError("Mixed phases cannot themselves be Mixed")
-        self.phases = phases
+        self.phases = checked
 
-    def validate(self, n_workers):
+    def validate(self, n_workers: int) -> None:
         for _, p in self.phases:
             p.validate(n_workers)
 
-    def state(self, n_workers, version=0):
+    def state(self, n_workers: int, version: int = 0) -> MixedState:
         return MixedState(n_workers, self.phases, version)
 
-    def keeps_sent_weights(self):
+    def keeps_sent_weights(self) -> bool:
         return any(p.keeps_sent_weights() for _, p in self.phases)
 
-    def describe(self, n_workers):
+    def describe(self, n_workers: int) -> str:
         return "; then ".join(f"{p.name}: {p.describe(n_workers)}" for _, p in self.phases)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if len(self.phases) == 2 and self.phases[0][1] == Sync():
             return f"Mixed(sync_steps={self.phases[0][0]}, then={self.phases[1][1]!r})"
         return f"Mixed({[(n, p) for n, p in self.phases]!r})"
@@ -57,14 +65,14 @@ class Mixed(Policy):
 class MixedState:
     """Delegates to the current phase's state; switches when the phase's updates are done."""
 
-    def __init__(self, n_workers, phases, version=0):
+    def __init__(self, n_workers: int, phases: Sequence[Phase], version: int = 0) -> None:
         self.phases = phases
         self.phase = 0
-        self.inner = phases[0][1].state(n_workers, version)
+        self.inner: Union[PolicyState, MixedState] = phases[0][1].state(n_workers, version)
         self.phase_start = version
-        self.switches = []  # versions at which each later phase began
+        self.switches: List[int] = []  # versions at which each later phase began
 
-    def restore(self, version, clocks):
+    def restore(self, version: int, clocks: Sequence[int]) -> Self:
         """Re-enter the phase that was running at ``version``, then restore its state."""
         start = 0
         for i, (length, policy) in enumerate(self.phases):
@@ -76,19 +84,20 @@ class MixedState:
         self.inner = policy.state(self.inner.n_workers).restore(version, clocks)
         return self
 
-    def __getattr__(self, name):  # version, clocks, gaps, max_clock_gap, ...
+    def __getattr__(self, name: str) -> Any:  # version, clocks, gaps, max_clock_gap, ...
         return getattr(self.inner, name)
 
-    def pull(self, worker, clock):
+    def pull(self, worker: int, clock: int) -> bool:
         return self.inner.pull(worker, clock)
 
-    def push(self, worker, clock, pulled_version, accepted=True):
+    def push(self, worker: int, clock: int, pulled_version: int,
+             accepted: bool = True) -> PushDecision:
         return self._maybe_switch(self.inner.push(worker, clock, pulled_version, accepted))
 
-    def finish(self, worker):
+    def finish(self, worker: int) -> PushDecision:
         return self._maybe_switch(self.inner.finish(worker))
 
-    def _maybe_switch(self, decision):
+    def _maybe_switch(self, decision: PushDecision) -> PushDecision:
         length = self.phases[self.phase][0]
         if length is None or self.inner.version - self.phase_start < length:
             return decision
@@ -105,7 +114,7 @@ class MixedState:
         return PushDecision(**{**vars(decision), "release": tuple(release)})
 
 
-def _phase_policy(p):
+def _phase_policy(p: Any) -> Policy:
     """A phase's Policy, from an instance or a spec of one policy."""
     if isinstance(p, str) and spec_name(p) == "mixed":
         raise ValueError("Mixed phases cannot themselves be Mixed")

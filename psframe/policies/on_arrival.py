@@ -1,11 +1,11 @@
 """Async and SSP: each gradient applied on arrival, weighted so that Sync's tuning carries over."""
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, List, Optional, Union
 
 from ..errors import ProtocolError
 from .base import Policy, PolicyState, PushDecision, positive_number
-from .compensation import check_compensation
+from .compensation import DelayCompensation, check_compensation
 
 __all__ = ["Async", "SSP", "ApplyOnArrival", "SCALES", "push_weight", "describe_scale"]
 
@@ -16,8 +16,11 @@ __all__ = ["Async", "SSP", "ApplyOnArrival", "SCALES", "push_weight", "describe_
 #   "none"       every push a full optimizer step: the raw behaviour before weighting.
 SCALES = ("auto", "staleness", "none")
 
+# A push scale: one of SCALES, or a fixed positive weight.
+Scale = Union[str, float]
 
-def _check_scale(scale, staleness_lr, who):
+
+def _check_scale(scale: Scale, staleness_lr: bool, who: str) -> Scale:
     """The push scale a policy was given, with ``staleness_lr=True`` as "staleness"."""
     if staleness_lr:
         if scale not in ("auto", "staleness"):
@@ -35,7 +38,7 @@ def _check_scale(scale, staleness_lr, who):
     return float(scale)
 
 
-def push_weight(scale, n_workers, staleness):
+def push_weight(scale: Scale, n_workers: int, staleness: int) -> float:
     """The weight of one on-arrival update under ``scale`` (see SCALES)."""
     if scale == "auto":
         return 1.0 / n_workers
@@ -43,10 +46,10 @@ def push_weight(scale, n_workers, staleness):
         return 1.0 / max(1, staleness)
     if scale == "none":
         return 1.0
-    return scale
+    return float(scale)  # a fixed weight: _check_scale made it a float already
 
 
-def describe_scale(scale, n_workers):
+def describe_scale(scale: Scale, n_workers: int) -> str:
     """The weight each push gets, in words, for summary() and stats."""
     if scale == "auto":
         return f"1/{n_workers} per push (auto: 1/N for N={n_workers})"
@@ -60,34 +63,37 @@ def describe_scale(scale, n_workers):
 class _OnArrival(Policy):
     """What Async and SSP share: the push scale and the optional delay compensation."""
 
-    bound = None
-
-    def __init__(self, scale, staleness_lr, compensation):
+    def __init__(self, scale: Scale, staleness_lr: bool, compensation: Any) -> None:
         who = type(self).__name__
         self.scale = _check_scale(scale, staleness_lr, who)
         self.compensation = check_compensation(compensation, who)
 
     @property
-    def staleness_lr(self):
+    def bound(self) -> Optional[int]:
+        """How many steps a worker's clock may run ahead of the slowest's (None: any)."""
+        return None
+
+    @property
+    def staleness_lr(self) -> bool:
         return self.scale == "staleness"
 
-    def state(self, n_workers, version=0):
+    def state(self, n_workers: int, version: int = 0) -> ApplyOnArrival:
         return ApplyOnArrival(n_workers, bound=self.bound, scale=self.scale,
                               compensation=self.compensation, version=version)
 
-    def updates_per_round(self, n_workers):
+    def updates_per_round(self, n_workers: int) -> Optional[int]:
         return n_workers
 
-    def keeps_sent_weights(self):
+    def keeps_sent_weights(self) -> bool:
         return self.compensation is not None
 
-    def describe(self, n_workers):
+    def describe(self, n_workers: int) -> str:
         text = describe_scale(self.scale, n_workers)
         if self.compensation is not None:
             text += "; " + self.compensation.describe()
         return text
 
-    def _options(self):
+    def _options(self) -> List[str]:
         out = []
         if self.scale == "staleness":
             out.append("staleness_lr=True")
@@ -106,10 +112,10 @@ class Async(_OnArrival):
     name = "async"
 
     def __init__(self, staleness_lr: bool = False, *, scale: Union[str, float] = "auto",
-                 compensation: Any = None):
+                 compensation: Any = None) -> None:
         super().__init__(scale, staleness_lr, compensation)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Async({', '.join(self._options())})"
 
 
@@ -121,33 +127,35 @@ class SSP(_OnArrival):
     name = "ssp"
 
     def __init__(self, staleness: int = 2, staleness_lr: bool = False, *,
-                 scale: Union[str, float] = "auto", compensation: Any = None):
+                 scale: Union[str, float] = "auto", compensation: Any = None) -> None:
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ValueError(f"SSP(staleness=s) needs an integer s >= 0, got {staleness!r}")
         self.staleness = staleness
         super().__init__(scale, staleness_lr, compensation)
 
     @property
-    def bound(self):
+    def bound(self) -> Optional[int]:
         return self.staleness
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"SSP({', '.join([f'staleness={self.staleness}'] + self._options())})"
 
 
 class ApplyOnArrival(PolicyState):
     """Async (no bound) and SSP (a pull for step c waits until min clock >= c - bound)."""
 
-    def __init__(self, n_workers, bound=None, scale="auto", compensation=None, version=0):
+    def __init__(self, n_workers: int, bound: Optional[int] = None, scale: Scale = "auto",
+                 compensation: Optional[DelayCompensation] = None, version: int = 0) -> None:
         super().__init__(n_workers, version)
         self.bound = bound
         self.scale = scale
         self.compensation = compensation
 
-    def may_answer(self, worker, clock):
+    def may_answer(self, worker: int, clock: int) -> bool:
         return self.bound is None or clock - self.slowest_clock() <= self.bound
 
-    def push(self, worker, clock, pulled_version, accepted=True):
+    def push(self, worker: int, clock: int, pulled_version: int,
+             accepted: bool = True) -> PushDecision:
         self.count_push(worker, clock)
         if not accepted:
             return PushDecision.nothing(self.releasable())

@@ -1,4 +1,8 @@
 """Specs of one policy (no phases): ``sync:1``, ``backup:1``, ``async:lr``, ``ssp:2+raw``."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence
+
 from .base import Policy
 from .compensation import DelayCompensation
 from .on_arrival import SCALES, SSP, Async
@@ -7,20 +11,21 @@ from .sync import Sync
 __all__ = ["single_policy_from_spec", "spec_name"]
 
 
-def _async_from_spec(arg, **options):
+def _async_from_spec(arg: str, **options: Any) -> Async:
     if arg not in ("", "lr", "staleness_lr"):
         raise ValueError(f"async takes 'lr' (staleness-scaled steps) or nothing, got {arg!r}")
     return Async(staleness_lr=bool(arg), **options)
 
 
-def _sync_from_spec(backup, scale="auto", compensation=None):
+def _sync_from_spec(backup: int, scale: str = "auto",
+                    compensation: Optional[DelayCompensation] = None) -> Sync:
     if compensation is not None:
         raise ValueError("Sync has no stale gradients to compensate; dc needs async, ssp or "
                          "mixed")
     return Sync(backup, scale=scale)
 
 
-_BY_NAME = {
+_BY_NAME: Dict[str, Callable[..., Policy]] = {
     "sync": lambda arg, **o: _sync_from_spec(int(arg) if arg else 0, **o),
     "backup": lambda arg, **o: _sync_from_spec(int(arg or 1), **o),
     "async": _async_from_spec,
@@ -29,7 +34,7 @@ _BY_NAME = {
 }
 
 
-def _hybrid_from_spec(arg, **options):
+def _hybrid_from_spec(arg: str, **options: Any) -> Policy:
     """``hybrid``: Sync dense, Async rows; ``hybrid:ssp:2+raw``: that dense policy (the
     modifiers are its), Async rows."""
     from .hybrid import Hybrid  # here, not at the top: hybrid builds on these policies
@@ -41,9 +46,9 @@ def _hybrid_from_spec(arg, **options):
     return Hybrid(dense=_BY_NAME[name](rest, **options))
 
 
-def _options_from(modifiers):
+def _options_from(modifiers: Sequence[str]) -> Dict[str, Any]:
     """Keyword arguments from a spec's "+" modifiers: raw, scale=X, dc, dc=LAMBDA."""
-    options = {}
+    options: Dict[str, Any] = {}
     for mod in modifiers:
         key, eq, value = mod.partition("=")
         if key == "raw" and not eq:
@@ -65,7 +70,7 @@ def spec_name(spec: str) -> str:
     return spec.strip().lower().split("+")[0].partition(":")[0]
 
 
-def single_policy_from_spec(spec):
+def single_policy_from_spec(spec: Any) -> Policy:
     """A Policy from a spec naming one policy, with its "+" modifiers; a Policy passes
     through. ``mixed`` specs are psframe.policies.specs' (they hold phases of these)."""
     if isinstance(spec, Policy):

@@ -1,4 +1,8 @@
 """Policies from CLI specs such as ``sync:1``, ``ssp:2+raw`` or ``mixed:100:async+dc``."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
 from .base import Policy
 from .mixed import Mixed
 from .single_spec import single_policy_from_spec, spec_name
@@ -6,7 +10,7 @@ from .single_spec import single_policy_from_spec, spec_name
 __all__ = ["policy_from_spec"]
 
 
-def _mixed_from_spec(arg, modifiers):
+def _mixed_from_spec(arg: str, modifiers: Sequence[str]) -> Mixed:
     k, _, then = arg.partition(":")
     then = then or "async"
     if modifiers:  # "mixed:100+raw": the modifiers belong to the phase after the switch
@@ -14,7 +18,7 @@ def _mixed_from_spec(arg, modifiers):
     return Mixed(sync_steps=int(k), then=then)  # Mixed reads the phase's spec
 
 
-def policy_from_spec(spec):
+def policy_from_spec(spec: Any) -> Policy:
     """Policy from a CLI spec; a Policy instance passes through.
 
     ``sync``, ``sync:1`` or ``backup:1`` (backup workers), ``async``, ``async:lr``

@@ -1,8 +1,15 @@
 """Sync: bulk synchronous updates, one per step, the mean of that step's gradients."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional, Set, Union
+
 from ..errors import ProtocolError
 from .base import Policy, PolicyState, PushDecision
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from .mixed import MixedState
 
 __all__ = ["Sync", "SyncState"]
 
@@ -19,7 +26,7 @@ class Sync(Policy):
 
     name = "sync"
 
-    def __init__(self, backup: int = 0, scale: str = "auto"):
+    def __init__(self, backup: int = 0, scale: str = "auto") -> None:
         if isinstance(backup, bool) or not isinstance(backup, int) or backup < 0:
             raise ValueError(f"Sync(backup=k) needs an integer k >= 0, got {backup!r}")
         if scale not in ("auto", "none"):
@@ -28,23 +35,23 @@ class Sync(Policy):
         self.scale = scale
 
     @property
-    def lockstep(self):
+    def lockstep(self) -> bool:
         """Without backups every update waits for every worker's gradient."""
         return not self.backup
 
-    def validate(self, n_workers):
+    def validate(self, n_workers: int) -> None:
         if self.backup >= n_workers:
             raise ValueError(
                 f"Sync(backup={self.backup}) needs more than {self.backup} workers, got {n_workers}"
             )
 
-    def state(self, n_workers, version=0):
+    def state(self, n_workers: int, version: int = 0) -> SyncState:
         return SyncState(n_workers, self.backup, version, scale=self.scale)
 
-    def updates_per_round(self, n_workers):
+    def updates_per_round(self, n_workers: int) -> Optional[int]:
         return None if self.backup else 1
 
-    def describe(self, n_workers):
+    def describe(self, n_workers: int) -> str:
         if not self.backup:  # every step is whole under static dispatch: nothing to say
             return "mean of each step's gradients" + ("" if self.scale == "auto" else " (raw)")
         quorum = n_workers - self.backup
@@ -52,7 +59,7 @@ class Sync(Policy):
                 if self.scale == "auto" else "short steps in full (raw)")
         return f"mean of each step's first {quorum} gradients; {tail}"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = [f"backup={self.backup}"] if self.backup else []
         if self.scale != "auto":
             args.append(f"scale={self.scale!r}")
@@ -62,23 +69,25 @@ class Sync(Policy):
 class SyncState(PolicyState):
     """A step gathers one gradient per worker; pulls wait while their worker has given one."""
 
-    def __init__(self, n_workers, backup=0, version=0, scale="auto"):
+    def __init__(self, n_workers: int, backup: int = 0, version: int = 0,
+                 scale: str = "auto") -> None:
         super().__init__(n_workers, version)
         self.backup = backup
         self.scale = scale
         self.start_version = version  # pushes computed before a phase switch join the first step
-        self.arrived = set()
+        self.arrived: Set[int] = set()
         self.n_accepted = 0
 
-    def adopt(self, previous):
+    def adopt(self, previous: Union[PolicyState, MixedState]) -> Self:
         super().adopt(previous)
         self.start_version = self.version
         return self
 
-    def may_answer(self, worker, clock):
+    def may_answer(self, worker: int, clock: int) -> bool:
         return worker not in self.arrived
 
-    def push(self, worker, clock, pulled_version, accepted=True):
+    def push(self, worker: int, clock: int, pulled_version: int,
+             accepted: bool = True) -> PushDecision:
         self.count_push(worker, clock)
         if self.start_version <= pulled_version < self.version:
             # Its step was applied without it: a backup worker's late gradient.
@@ -89,14 +98,14 @@ class SyncState(PolicyState):
         self.n_accepted += int(accepted)
         return self._maybe_complete(accumulate=accepted)
 
-    def after_finish(self, worker):
+    def after_finish(self, worker: int) -> PushDecision:
         return self._maybe_complete(accumulate=False)
 
-    def _needed(self):
+    def _needed(self) -> int:
         able = self.n_workers - len(self.done - self.arrived)
         return max(1, min(self.n_workers - self.backup, able))
 
-    def _maybe_complete(self, accumulate):
+    def _maybe_complete(self, accumulate: bool) -> PushDecision:
         if not self.arrived or len(self.arrived) < self._needed():
             return (PushDecision.gather if accumulate else PushDecision.nothing)(self.releasable())
         scale = 1.0 / self.n_accepted if self.n_accepted else 0.0

@@ -1,9 +1,12 @@
 """BatchIds: the rows each table's ids touch in one batch, and the batch with ids remapped."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .tables import SparseTables
 
 __all__ = ["BatchIds", "batch_ids"]
 
@@ -15,16 +18,18 @@ class BatchIds:
     model computes on a compact table of just those rows (its gradient is then exactly the
     rows to push, duplicates summed by the model's backward)."""
 
-    def __init__(self, unique: Dict[str, np.ndarray], X: Any):
+    def __init__(self, unique: Dict[str, np.ndarray], X: Any) -> None:
         self.unique = unique
         self.X = X
-        self.split = None  # each server's share of the rows (WorkerRows, once per batch)
+        # Each server's share of the rows: {name: (a, b)} slices of ``unique`` (WorkerRows,
+        # once per batch).
+        self.split: Optional[List[Dict[str, Tuple[int, int]]]] = None
 
 
-def batch_ids(tables, X) -> BatchIds:
+def batch_ids(tables: SparseTables, X: Any) -> BatchIds:
     """The BatchIds of batch ``X`` for ``tables`` (a SparseTables)."""
-    unique = {}
-    remapped = dict(X) if isinstance(X, dict) else X
+    unique: Dict[str, np.ndarray] = {}
+    remapped: Any = dict(X) if isinstance(X, dict) else X
     for name in tables.names:
         ids = tables.ids_of(X, name)
         # Distinct rows in storage order (each id's placed row), the order servers hold them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["RowPlacement"]
 
@@ -23,23 +24,23 @@ class RowPlacement:
     The placement depends only on n_rows, not on the number of servers.
     """
 
-    def __init__(self, n_rows: int):
+    def __init__(self, n_rows: int) -> None:
         self.n_rows = int(n_rows)
         a = max(1, int(self.n_rows * _GOLDEN)) | 1
         while math.gcd(a, self.n_rows) != 1:
             a += 2
         self.a = a % self.n_rows if self.n_rows > 1 else 0
 
-    def position(self, ids):
+    def position(self, ids: npt.ArrayLike) -> np.ndarray:
         """The storage rows of ``ids`` (int64)."""
         return np.asarray(ids, dtype=np.int64) * self.a % self.n_rows
 
-    def to_storage(self, table):
+    def to_storage(self, table: np.ndarray) -> np.ndarray:
         """A table in id order, as stored."""
         out = np.empty_like(table)
         out[self.position(np.arange(self.n_rows))] = table
         return out
 
-    def from_storage(self, stored):
+    def from_storage(self, stored: np.ndarray) -> np.ndarray:
         """A stored table, in id order."""
         return stored[self.position(np.arange(self.n_rows))]

@@ -1,11 +1,16 @@
 """SparseTables: which parameters are row-sparse tables, where they lie, what a batch reads."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Container, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 import numpy as np
 
 from .placement import RowPlacement
+
+if TYPE_CHECKING:
+    from ..params import ParamLayout
+
+V = TypeVar("V")
 
 __all__ = ["SparseTables", "sparse_tables", "dense_first"]
 
@@ -24,8 +29,8 @@ class SparseTables:
     the batch size, at most its rows); the wire's buffers are sized by it.
     """
 
-    def __init__(self, layout, inputs: Dict[str, Optional[str]], ids_per_sample, batch_size,
-                 n_servers=1):
+    def __init__(self, layout: ParamLayout, inputs: Dict[str, Optional[str]],
+                 ids_per_sample: Mapping[str, int], batch_size: int, n_servers: int = 1) -> None:
         keys = [k for k in inputs.values() if k is not None]
         if len(set(keys)) != len(keys) or (None in inputs.values() and len(inputs) > 1):
             raise ValueError(f"each row-sparse table must read its own input; got {inputs}")
@@ -46,37 +51,38 @@ class SparseTables:
                             for n in self.names} for s in range(S)]
         # Server s's rows lie in a shared segment at bases[s], after the other servers': each
         # has room for the most rows one step can touch of its blocks.
-        self.bases, at = [], self.dense_end
+        self.bases: List[int] = []
+        at = self.dense_end
         for s in range(S):
             self.bases.append(at)
             at += self.server_elems(s)
 
-    def server_capacity(self, s):
+    def server_capacity(self, s: int) -> Dict[str, int]:
         """{name: the most rows one step can touch of server s's block of the table}."""
         return {n: min(self.capacity[n], hi - lo) for n, (lo, hi) in self.row_blocks[s].items()}
 
-    def server_elems(self, s):
+    def server_elems(self, s: int) -> int:
         """The most elements one step's rows of server s's blocks take: its buffers' size."""
         return sum(c * self.dims[n] for n, c in self.server_capacity(s).items())
 
-    def server_params(self, s):
+    def server_params(self, s: int) -> int:
         """How many table weights server s holds."""
         return sum((hi - lo) * self.dims[n] for n, (lo, hi) in self.row_blocks[s].items())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.names)
 
-    def views(self, flat) -> Dict[str, np.ndarray]:
+    def views(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
         """Each table as a (rows, dim) view into a flat buffer of the layout."""
         return {n: flat[self.offsets[n]:self.offsets[n] + self.rows[n] * self.dims[n]]
                 .reshape(self.rows[n], self.dims[n]) for n in self.names}
 
-    def ids_of(self, X, name):
+    def ids_of(self, X: Any, name: str) -> Any:
         """The ids table ``name`` reads in a batch ``X``."""
         key = self.inputs[name]
         return X if key is None else X[key]
 
-    def placed(self, X):
+    def placed(self, X: Any) -> Any:
         """``X`` with each table's ids replaced by their rows in storage (the server's view
         of the tables: evaluation on rank 0 reads them so)."""
         if any(k is None for k in self.inputs.values()):
@@ -87,34 +93,34 @@ class SparseTables:
             out[key] = self.placement[name].position(X[key])
         return type(X)(out) if not isinstance(X, dict) else out
 
-    def place(self, weights):
+    def place(self, weights: np.ndarray) -> None:
         """Move each table in flat buffer ``weights`` from id order to storage order in place
         (one table's rows at a time of scratch)."""
         for name, table in self.views(weights).items():
             table[...] = self.placement[name].to_storage(table)
 
-    def to_storage(self, params):
+    def to_storage(self, params: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """A dict of parameters with each table in storage order (placement)."""
         return {n: self.placement[n].to_storage(v) if n in self.placement else v
                 for n, v in params.items()}
 
-    def from_storage(self, params):
+    def from_storage(self, params: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """A dict of parameters with each stored table back in id order."""
         return {n: self.placement[n].from_storage(v) if n in self.placement else v
                 for n, v in params.items()}
 
-    def describe(self):
+    def describe(self) -> List[Dict[str, Any]]:
         return [{"name": n, "rows": self.rows[n], "dim": self.dims[n], "input": self.inputs[n]}
                 for n in self.names]
 
 
-def dense_first(params, sparse_names):
+def dense_first(params: Mapping[str, V], sparse_names: Container[str]) -> Dict[str, V]:
     """``params`` reordered with the row-sparse tables last (see SparseTables)."""
     return {**{n: v for n, v in params.items() if n not in sparse_names},
             **{n: v for n, v in params.items() if n in sparse_names}}
 
 
-def _ids_per_sample(X, inputs):
+def _ids_per_sample(X: Any, inputs: Mapping[str, Optional[str]]) -> Dict[str, int]:
     out = {}
     for name, key in inputs.items():
         ids = X if key is None else X[key]
@@ -123,9 +129,10 @@ def _ids_per_sample(X, inputs):
     return out
 
 
-def sparse_tables(model, layout, X, batch_size, n_servers=1) -> Optional[SparseTables]:
+def sparse_tables(model: Any, layout: ParamLayout, X: Any, batch_size: int,
+                  n_servers: int = 1) -> Optional[SparseTables]:
     """The run's SparseTables, or None when the model has no row-sparse table."""
-    inputs = getattr(model, "embedding_inputs", lambda: {})()
+    inputs: Mapping[str, Optional[str]] = getattr(model, "embedding_inputs", lambda: {})()
     if not inputs:
         return None
     unknown = [n for n in inputs if n not in layout.shapes]

@@ -3,6 +3,7 @@ data and optimizer and where it logs; merged flags > file > defaults."""
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from ..nn.optim import SGD, Adagrad, Adam
 from .options import cli_fields
@@ -18,7 +19,7 @@ class Option:
     kind: object
     default: object
     help: str
-    choices: tuple = None
+    choices: Optional[tuple] = None
 
     @property
     def nullable(self):

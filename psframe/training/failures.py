@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from ..errors import ConfigError
 
@@ -33,7 +33,7 @@ def agree_or_raise(world, local_error: Optional[BaseException]) -> None:
     raise ConfigError(message) from local_error
 
 
-def abort_job(world) -> None:
+def abort_job(world) -> NoReturn:
     """End every rank of ``world``'s job now, after printing this rank's traceback (call it
     from an except block). Never returns."""
     rank = world.Get_rank()
@@ -46,7 +46,7 @@ def abort_job(world) -> None:
     abort_now(world)
 
 
-def abort_now(world) -> None:
+def abort_now(world) -> NoReturn:
     """End every rank of ``world``'s job now, from any thread. Never returns."""
     world.Abort(1)
     # MPICH's Abort can return before the process manager kills us; never let a failed

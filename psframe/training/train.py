@@ -44,6 +44,7 @@ def train(model: Any, data: Any, *, verbose: bool = False,
     except Exception as exc:  # noqa: B902 - an error on one rank must reach all, not hang them
         local_error = exc
     agree_or_raise(world, local_error)
+    assert plan is not None  # check_run raised on no rank: agree_or_raise returned
 
     local_ranks, cores = node_share(world)
     n_threads = run_options.threads or max(1, cores // local_ranks)
@@ -93,7 +94,8 @@ def train(model: Any, data: Any, *, verbose: bool = False,
         run_comm.Free()
 
 
-train.__signature__ = train_signature(train)
+# inspect.signature reads it; typeshed's function type declares no __signature__.
+train.__signature__ = train_signature(train)  # type: ignore[attr-defined]
 
 
 def _end_together(channel, role):

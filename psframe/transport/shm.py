@@ -1,10 +1,17 @@
 """SharedWindow: one MPI-3 shared-memory window for the server and the workers on its node."""
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Dict, List, Optional, Set
 
 import numpy as np
+import numpy.typing as npt
 from mpi4py import MPI
 
 from .waits import Waiter
+
+if TYPE_CHECKING:
+    from .channel import Channel
 
 __all__ = ["SharedWindow", "open_window", "node_ids"]
 
@@ -19,7 +26,7 @@ _SHM_DIR = "/dev/shm"
 _PAGE_BYTES = 4096
 
 
-def _shm_free_bytes():
+def _shm_free_bytes() -> Optional[int]:
     try:
         st = os.statvfs(_SHM_DIR)
     except OSError:
@@ -37,13 +44,15 @@ class SharedWindow:
     writes before the message that tells a peer to read them.
     """
 
-    def __init__(self, comm, server_rank, n_elems, dtype, waiter=None):
+    def __init__(self, comm: Optional[MPI.Comm], server_rank: int, n_elems: int,
+                 dtype: npt.DTypeLike, waiter: Optional[Waiter] = None) -> None:
         self.dtype = np.dtype(dtype)
         self.waiter = waiter if waiter is not None else Waiter(oversubscribed=True, yield_s=0.0)
-        self.win = self.node = None
-        self._segments = {}
-        self._on_node = set()
-        self.mine = None  # the calling rank's own segment
+        self.win: Optional[MPI.Win] = None
+        self.node: Optional[MPI.Comm] = None
+        self._segments: Dict[int, np.ndarray] = {}
+        self._on_node: Set[int] = set()
+        self.mine: Optional[np.ndarray] = None  # the calling rank's own segment
         if comm is None:  # the message path (transport="mpi"): no window, no segments
             return
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -68,7 +77,9 @@ class SharedWindow:
         info = MPI.Info.Create()
         info.Set("alloc_shared_noncontig", "true")  # page-aligned segments, each near its owner
         try:
-            self.win = MPI.Win.Allocate_shared(nbytes, self.dtype.itemsize, info=info, comm=node)
+            # mpi4py's stubs type Split_type's result as a Comm; on an Intracomm it is one too.
+            self.win = MPI.Win.Allocate_shared(nbytes, self.dtype.itemsize, info=info,
+                                               comm=node)  # type: ignore[arg-type]
         finally:
             info.Free()
         self.win.Lock_all(MPI.MODE_NOCHECK)
@@ -78,23 +89,26 @@ class SharedWindow:
             n = lengths[node_rank]
             if n:
                 buf, _ = self.win.Shared_query(node_rank)
-                self._segments[rank] = np.frombuffer(buf, dtype=self.dtype, count=n)
+                # numpy's stubs list concrete buffer types; mpi4py's buffer has the protocol.
+                self._segments[rank] = np.frombuffer(
+                    buf, dtype=self.dtype, count=n)  # type: ignore[call-overload]
         self.mine = self._segments.get(comm.Get_rank())
 
-    def has(self, rank):
+    def has(self, rank: int) -> bool:
         """Whether ``rank`` is on this window's node (and so can reach its segments)."""
         return self.node is not None and rank in self._on_node
 
-    def segment(self, rank):
+    def segment(self, rank: int) -> Optional[np.ndarray]:
         """Rank ``rank``'s segment (a flat writable array of exactly the elements it asked
         for), or None if it has none here."""
         return self._segments.get(rank)
 
-    def fence(self):
+    def fence(self) -> None:
         """Make this rank's writes to the window visible before it signals a peer."""
+        assert self.win is not None, "fence() on a rank with no window"
         self.win.Sync()
 
-    def close(self):
+    def close(self) -> None:
         """Free the window: collective over the node, waiting without spinning a core (a
         worker that finished early must not take the CPU from a server still evaluating)."""
         if self.node is None:
@@ -110,7 +124,8 @@ class SharedWindow:
         self.node = None
 
 
-def open_window(channel, server_rank, n_elems, dtype, transport):
+def open_window(channel: Channel, server_rank: int, n_elems: int, dtype: npt.DTypeLike,
+                transport: str) -> SharedWindow:
     """The run's SharedWindow over ``channel``'s communicator: collective unless
     ``transport="mpi"``, where no rank builds one (every segment is then None and every
     payload a message)."""
@@ -118,7 +133,7 @@ def open_window(channel, server_rank, n_elems, dtype, transport):
     return SharedWindow(comm, server_rank, n_elems, dtype, waiter=channel.waiter)
 
 
-def node_ids(comm):
+def node_ids(comm: MPI.Comm) -> List[int]:
     """For each rank of ``comm``, the lowest rank on its shared-memory node (collective):
     ranks with equal ids can share a window. MPI's view, not the kernel's: the hosts of a
     simulated cluster share one kernel but are separate nodes to MPI."""

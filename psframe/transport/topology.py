@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 from mpi4py import MPI
 
@@ -33,7 +33,7 @@ def node_share(comm: MPI.Comm) -> Tuple[int, int]:
     return local_ranks, cores
 
 
-def _kernel_id():
+def _kernel_id() -> Optional[str]:
     """This kernel's boot id (Linux), the same in every namespace and container it runs."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -42,7 +42,7 @@ def _kernel_id():
         return None
 
 
-def node_local_index(comm: MPI.Comm, server_ranks) -> int:
+def node_local_index(comm: MPI.Intracomm, server_ranks: Union[int, Sequence[int]]) -> int:
     """This worker's place among the workers on its node, for picking its GPU.
 
     Collective over the workers only (MPI_Comm_create_group), because the servers (a rank,

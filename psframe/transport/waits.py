@@ -51,7 +51,7 @@ class Waiter:
     # before any run) to make every wait spin, which is never right for users.
     spin_tests = 64
 
-    def __init__(self, oversubscribed: bool = True, yield_s: Optional[float] = None):
+    def __init__(self, oversubscribed: bool = True, yield_s: Optional[float] = None) -> None:
         self.oversubscribed = bool(oversubscribed)
         self.idle_spin_s = 100e-6 if oversubscribed else 1e-3
         if yield_s is None:

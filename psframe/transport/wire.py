@@ -1,4 +1,6 @@
 """Wire protocol: message tags, operations, reply statuses and the fixed int64 header."""
+from __future__ import annotations
+
 import enum
 import struct
 
@@ -69,22 +71,23 @@ class Flag(enum.IntFlag):
 HEADER_LEN = len(Field)
 
 
-def new_header():
+def new_header() -> np.ndarray:
     return np.zeros(HEADER_LEN, dtype=np.int64)
 
 
-def loss_bits(loss):
+def loss_bits(loss: float) -> int:
     """The int64 that holds float64 ``loss`` bit for bit (the LOSS field)."""
     return struct.unpack("=q", struct.pack("=d", loss))[0]
 
 
-def loss_of(bits):
+def loss_of(bits: int) -> float:
     """The float64 loss whose bits a LOSS field holds."""
     return struct.unpack("=d", struct.pack("=q", bits))[0]
 
 
-def fill_header(header, op, worker, clock, lo, hi, count, version, loss, samples, status,
-                batch, flags=0):
+def fill_header(header: np.ndarray, op: int, worker: int, clock: int, lo: int, hi: int,
+                count: int, version: int, loss: float, samples: int, status: int, batch: int,
+                flags: int = 0) -> None:
     """Every field at once, in Field order: one write instead of twelve, on every step."""
     header[:] = (op, worker, clock, lo, hi, count, version, loss_bits(loss), samples, status,
                  batch, flags)

@@ -4,6 +4,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -16,7 +17,8 @@ import common
 from mlp import MLP
 from torch_ddp import torch_mlp
 
-STATE = {}  # this process's data, model and options, ready before RPC starts the clock
+# This process's data, model and options, ready before RPC starts the clock.
+STATE: Dict[str, Any] = {}
 # torch's own RPC start-up trips this deprecation warning on every rank; it is not ours to fix
 # and would crowd a failed job's stderr tail, which the bench keeps as the failure's note.
 warnings.filterwarnings("ignore", message="You are using a Backend .* as a ProcessGroup")
