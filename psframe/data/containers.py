@@ -17,12 +17,12 @@ class Features:
     row count; ``keys()``, ``items()`` and ``values()`` go over the inputs, in the given order.
     """
 
-    def __init__(self, arrays: Mapping[str, Any]):
+    def __init__(self, arrays: Union[Mapping[str, Any], "Features"]):
         if isinstance(arrays, Features):
             arrays = arrays.arrays
         if not isinstance(arrays, Mapping) or not arrays:
             raise ValueError("Features needs a non-empty dict of name -> array")
-        self.arrays = {}
+        self.arrays: Dict[str, np.ndarray] = {}
         for name, a in arrays.items():
             if not isinstance(name, str):
                 raise ValueError(f"feature names must be strings, got {name!r}")
@@ -92,8 +92,8 @@ class ArrayDataset:
 
     lazy = False  # the rows are in memory (NpyDataset: on disk, read when indexed)
 
-    def __init__(self, X: Any, y: Any, vocab: Optional[Dict[str, int]] = None):
-        X = Features(X) if isinstance(X, (Features, Mapping)) else np.asarray(X)
+    def __init__(self, X: Any, y: Any, vocab: Optional[Mapping[str, int]] = None):
+        X = Features(X) if isinstance(X, Mapping) or isinstance(X, Features) else np.asarray(X)
         y = np.asarray(y)
         for name, a in (X.items() if isinstance(X, Features) else [("X", X)]):
             if a.ndim != 2:

@@ -1,6 +1,8 @@
 """What a server checkpoint holds: weights, optimizer state, policy clocks, samples, history."""
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["save_server_state", "restore_server_state", "range_arrays"]
 
 
@@ -41,7 +43,8 @@ def save_server_state(checkpointer, version, engine, groups, recorder, own_shard
     return checkpointer.save(version, range_arrays(engine, own_shards), state, parts)
 
 
-def restore_server_state(manifest, arrays, engine, groups, recorder, own_shards=None):
+def restore_server_state(manifest: Any, arrays: Any, engine: Any, groups: Any, recorder: Any,
+                         own_shards: Any = None) -> None:
     """Continue from a checkpoint: weights and optimizer state of this server's range (the
     others' may lie in the same shared buffer: never write them), clocks, data position,
     history."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def _decision_of(f) -> PushDecision:
                         staleness=f[STALENESS], compensation=compensation)
 
 
-_COMPENSATIONS = {}
+_COMPENSATIONS: Dict[Tuple[float, bool, float], DelayCompensation] = {}
 _NOTHING = PushDecision()  # a pull's order: no decision about a gradient
 
 

@@ -73,7 +73,7 @@ class ParameterServer:
         self.checkpointer = checkpointer
         self.finished: set = set()
         if resume is not None:
-            restore_server_state(*resume, self.engine, self.groups, self.recorder,
+            restore_server_state(resume[0], resume[1], self.engine, self.groups, self.recorder,
                                  self.own_shards)
         self.recorder.own_shards = self.own_shards  # what stats["servers"] says of rank 0
         self.n_params = ex.n_params
@@ -84,7 +84,8 @@ class ParameterServer:
         # Set by the run (psframe.training.watchdog): progress, and the end of the loop.
         self.heartbeat: Callable[[], None] = _nothing
         self.loop_done: Callable[[], None] = _nothing
-        self.handlers = {Op.PULL: self._on_pull, Op.PUSH: self._on_push,
+        self.handlers: Dict[int, Callable[[int, List[int], Optional[Push]], None]] = {
+            Op.PULL: self._on_pull, Op.PUSH: self._on_push,
                          Op.PUSH_PULL: self._on_push_pull, Op.DONE: self._on_done}
         self._event: Tuple[int, int] = (0, 0)  # the request an order to the others names
 

@@ -60,7 +60,7 @@ class ShardServer:
         self.checkpointer = checkpointer
         self.sparse = sparse  # the row-sparse tables' layout (a snapshot's dense shards)
         if resume is not None:
-            restore_server_state(*resume, self.engine, self.groups, self.recorder,
+            restore_server_state(resume[0], resume[1], self.engine, self.groups, self.recorder,
                                  self.own_shards)
         self.recorder.own_shards = self.own_shards
         self.recorder.own_params = self.n_params

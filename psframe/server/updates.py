@@ -29,7 +29,8 @@ class UpdateEngine:
         self.opt_state = optimizer.init_state(layout.size, layout.dtype)
         self.acc = layout.empty()  # the step's scratch: a mean, or a compensated gradient
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
-        self._plans = {}  # shard range -> frame plan (see frame_plan)
+        self._plans: dict = {}  # shard range -> frame plan (see frame_plan)
+        self.parts: list = []  # the payload parts checkpointed with its state (Executor's)
         self.sent = [layout.empty() for _ in range(n_workers)] if keep_sent_weights else None
         self.mean_square = layout.empty() if keep_sent_weights else None  # adaptive DC's MS
         if keep_sent_weights:
@@ -81,7 +82,7 @@ class UpdateEngine:
                                 scratch=self._dc_scratch[: b - a])
 
     # -- the frame loop ---------------------------------------------------------------------
-    def update_and_send(self, shard_range: Tuple[int, int], update: Optional[Update],
+    def update_and_send(self, shard_range: Tuple[int, ...], update: Optional[Update],
                         answered: Sequence[Tuple[int, Any]], sends: Any,
                         landing: Sequence[Any] = ()) -> None:
         """Run ``update`` (or None) over the shards frame by frame, handing each frame of new

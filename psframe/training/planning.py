@@ -67,7 +67,7 @@ def _layout(model: Any, o: RunOptions,
             n_servers: int) -> Tuple[ParamLayout, Dict[str, np.ndarray]]:
     """The run's layout, cut between its servers, and the starting weights by name: the
     model's own init, or ``init`` where given."""
-    tables = getattr(model, "embedding_inputs", dict)()
+    tables: Dict[str, Any] = getattr(model, "embedding_inputs", dict)()
     params = dense_first(model.init_params(np.random.default_rng(o.seed)), tables)
     check_tables(tables, params)
     # The servers' ranges split the dense weights; each server holds a block of every
@@ -165,7 +165,7 @@ def _schedule(o: RunOptions, n_rows: int, n_workers: int, n_replicas: int,
     server should apply (None where the policy cannot tell)."""
     per_epoch = steps_per_epoch(n_rows, n_replicas, o.batch_size)
     steps_given = o.steps is not None
-    steps = int(o.steps) if steps_given else int(o.epochs) * per_epoch
+    steps = int(o.steps) if o.steps is not None else int(o.epochs or 0) * per_epoch
     dispatcher: Optional[BatchDispatcher]
     if o.dispatch == "dynamic":
         # Total work is the same as static dispatch; who does which batch is decided live.

@@ -381,7 +381,9 @@ def open_worker_links(channel: Channel, layout: Any, servers: Sequence[int], tra
                                   streams=streams_between(channel, nodes, s))
                         for s in servers], weights_dev
     if reads_in_place:
-        weights = window.segment(servers[0]).view()
+        served = window.segment(servers[0])
+        assert served is not None  # every server is on this node (checked above)
+        weights = served.view()
         weights.flags.writeable = False  # the servers' weights: never the worker's to write
     else:
         weights = segment[size:]

@@ -113,9 +113,6 @@ def test_importing_psframe_starts_no_mpi():
 # inside a function.
 BELOW_TRANSPORT = ("server", "worker", "sparse", "policies", "nn")
 ENTRY_POINTS = ("__init__.py", "__main__.py")
-# Files another engineer is converting now: they may still import mpi4py. Take a file off
-# this list once it no longer does (its test below then passes, and says so as XPASS).
-BEING_CONVERTED = ("psframe/server/orders.py", "psframe/sparse/server_rows.py")
 
 
 def _modules_below_transport() -> list[str]:
@@ -149,16 +146,8 @@ def _mpi4py_imports(relpath: str) -> list[int]:
 def test_no_mpi4py_below_transport():
     modules = _modules_below_transport()
     assert "psframe/backend.py" in modules and "psframe/server/orders.py" in modules
-    offenders = [f"{path}:{line}" for path in modules if path not in BEING_CONVERTED
-                 for line in _mpi4py_imports(path)]
+    offenders = [f"{path}:{line}" for path in modules for line in _mpi4py_imports(path)]
     assert offenders == [], "mpi4py imported below the transport layer:\n" + "\n".join(offenders)
-
-
-@pytest.mark.xfail(strict=False, reason="being converted to the transport layer by another "
-                                        "engineer; still imports mpi4py")
-@pytest.mark.parametrize("path", BEING_CONVERTED)
-def test_no_mpi4py_in_the_files_being_converted(path):
-    assert _mpi4py_imports(path) == [], f"{path} still imports mpi4py"
 
 
 def test_bench_baselines_are_installed_with_the_package():

@@ -1,9 +1,9 @@
 """Ready Sequential models: MLP, CNN, SoftmaxRegression and LinearRegression."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
-from ..layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU, Reshape, Tanh
+from ..layers import Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Reshape, Tanh
 from ..losses import MSE, SoftmaxCrossEntropy
 from ..sequential import Sequential
 
@@ -53,7 +53,7 @@ class CNN(Sequential):
             raise ValueError(f"CNN input_shape is (channels, height, width), got {input_shape}")
         if kernel_size % 2 == 0:
             raise ValueError(f"CNN kernel_size must be odd (same padding), got {kernel_size}")
-        layers = [Reshape(input_shape)]
+        layers: List[Layer] = [Reshape(input_shape)]
         c, h, w = input_shape
         for out_c in channels:
             layers += [Conv2D(c, out_c, kernel_size, padding=kernel_size // 2), ReLU(),

@@ -60,7 +60,7 @@ class _Chain:
 
 
 def _mlp_layers(sizes: Sequence[int], relu_last: bool) -> List[Layer]:
-    layers = []
+    layers: List[Layer] = []
     for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(Dense(n_in, n_out))
         if relu_last or k < len(sizes) - 2:
