@@ -71,10 +71,10 @@ def time_worker_step(backend_name: str, batch: int, steps: int,
     layout = ParamLayout.from_params(model.init_params(rng), "float32")
     X = np.ascontiguousarray(train.X, dtype=np.float32)
     y = train.y.astype(np.int64)
-    stream = ps.data.BatchStream(np.arange(len(X)), batch, True, 0, 0)
+    schedule = ps.data.BatchSchedule(np.arange(len(X)), batch, True, 0, 0)
     # COMM_SELF with this rank as the "server": no messages, node_local_index gives 0.
     backend = B.select_backend(backend_name, cuda_aware=mpi_cuda_aware)  # as ps.train asks
-    worker = Worker(MPI.COMM_SELF, 0, 0, layout, model, backend, X, y, stream, steps)
+    worker = Worker(MPI.COMM_SELF, 0, 0, layout, model, backend, X, y, schedule, steps)
     worker.set_weights(layout.flatten(model.init_params(rng), out=layout.empty()))
     times, loss = [], None
     with worker.backend.activate():

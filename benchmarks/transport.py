@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 
 import psframe
 from psframe.backend import NumpyBackend
-from psframe.data import BatchStream
+from psframe.data import BatchSchedule
 from psframe.nn.optim import SGD, Optimizer
 from psframe.params import DEFAULT_SHARD_ELEMS, ParamLayout
 from psframe.policies import Sync
@@ -110,11 +110,11 @@ def psframe_round_trips(comm, waiter, layout, optimizer, warmup, reps, path="mes
         server.release()
         return []
     X, y = np.zeros((2, 1), np.float32), np.zeros(2, np.int64)
-    stream = BatchStream(np.arange(2), 1, False, 0, 0)
-    worker = Worker(channel, 0, 0, layout, model, NumpyBackend(), X, y, stream, steps,
+    schedule = BatchSchedule(np.arange(2), 1, False, 0, 0)
+    worker = Worker(channel, 0, 0, layout, model, NumpyBackend(), X, y, schedule, steps,
                     transport=transport, reads_in_place=reads_in_place)
-    if (worker.path.name == "mpi") != (path == "messages"):
-        raise RuntimeError(f"path {path!r} asked for, but the worker's is {worker.path.name}")
+    if (worker.link.name == "mpi") != (path == "messages"):
+        raise RuntimeError(f"path {path!r} asked for, but the worker's is {worker.link.name}")
     worker.grad[:] = 1e-3  # a finite gradient, or the server rejects the push
     times = []
     worker.pull(0)

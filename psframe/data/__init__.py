@@ -2,18 +2,19 @@
 
 One module per job: ``containers`` (ArrayDataset, NpyDataset, Features, the sharding
 contract), ``files`` (from_file), ``builtin`` (digits, mnist, synthetic, click_log) and
-``batches`` (BatchStream, steps_per_epoch). Every name stays importable from here, as
+``batches`` (BatchSchedule, steps_per_epoch). Every name stays importable from here, as
 ``psframe.data.X`` and ``ps.data.X``.
 """
 from __future__ import annotations
 
-from .batches import BatchStream, steps_per_epoch
+from .batches import BatchSchedule, BatchStream, steps_per_epoch
 from .builtin import click_log, digits, mnist, synthetic, zipf_ids
 from .containers import ArrayDataset, Features, NpyDataset, block_range, features, worker_block
 from .files import from_file
 
 __all__ = ["ArrayDataset", "NpyDataset", "Features", "features", "from_file", "digits", "mnist",
-           "synthetic", "click_log", "zipf_ids", "worker_block", "block_range", "BatchStream"]
+           "synthetic", "click_log", "zipf_ids", "worker_block", "block_range", "BatchSchedule",
+           "BatchStream"]
 
 # Validation reads a memory-mapped dataset this many bytes at a time, so checking it never
 # holds more than this (plus its own temporaries) in memory. It lives here rather than in

@@ -1,4 +1,4 @@
-"""Each worker's batches: the BatchStream over its block, and steps per epoch."""
+"""Each worker's batches: the BatchSchedule over its block, and steps per epoch."""
 from __future__ import annotations
 
 import math
@@ -7,10 +7,11 @@ from typing import Dict
 import numpy as np
 
 
-class BatchStream:
-    """A worker's batches: step t takes positions [t*b, (t+1)*b) of an endless row stream.
+class BatchSchedule:
+    """A worker's batches: step t takes positions [t*b, (t+1)*b) of an endless sequence of
+    its block's rows.
 
-    The stream is the block repeated (shuffle=False), so step t uses
+    The sequence is the block repeated (shuffle=False), so step t uses
     ``block[(t*b + arange(b)) % len(block)]``; with shuffle=True each pass over the block is
     a fresh permutation seeded by (seed, worker, epoch), the same on every run.
     """
@@ -55,3 +56,8 @@ class BatchStream:
 def steps_per_epoch(n_rows: int, n_workers: int, batch_size: int) -> int:
     """Steps for every worker to pass once over its (largest) block."""
     return max(1, math.ceil(math.ceil(n_rows / n_workers) / batch_size))
+
+
+# The old name, kept for code that imports it ("stream" now means only a push applied as it
+# lands, and a CUDA stream).
+BatchStream = BatchSchedule

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..callbacks import CallbackList, PrintProgress
-from ..data import BatchStream, block_range, features
+from ..data import BatchSchedule, block_range, features
 from ..params import overlap
 from ..server import Followers, Group, ParameterServer, Recorder, ShardServer
 from ..worker import LayerwiseWorker, StageWorker, Worker
@@ -98,23 +98,23 @@ def build_worker(channel, plan: RunPlan):
     o = plan.options
     replica, stage = divmod(index, par.n_stages)  # data mode: replica = index, stage 0
     if plan.dispatcher is not None:  # any worker may get any batch: it keeps every row
-        rows, stream, steps = slice(None), plan.dispatcher, None
+        rows, schedule, steps = slice(None), plan.dispatcher, None
     else:
         # A slice, not an index array: on a memory-mapped dataset it reads just the block.
         lo, hi = block_range(len(plan.train), par.replicas, replica)
         rows = slice(lo, hi)
-        stream = BatchStream(np.arange(hi - lo), o.batch_size, o.shuffle, o.seed, replica)
+        schedule = BatchSchedule(np.arange(hi - lo), o.batch_size, o.shuffle, o.seed, replica)
         steps = plan.steps
     start_step = 0
     if plan.resume is not None:  # the data position is the worker's clock
         start_step = plan.resume[0]["groups"][stage]["clocks"][replica]
-    # Every rank builds the same model: without its own stream each worker would draw the
+    # Every rank builds the same model: without its own random stream each worker would draw the
     # same dropout masks.
     plan.model.reseed(o.seed, index)
     X = features(plan.train.X[rows], plan.dtype, plan.model.id_inputs())
     y = np.ascontiguousarray(labels_for(plan.model, plan.train.y[rows], plan.dtype))
     servers = list(enumerate(plan.server_shards))  # server s is rank s
-    common = (channel, servers, index, plan.layout, plan.model, plan.backend, X, y, stream, steps)
+    common = (channel, servers, index, plan.layout, plan.model, plan.backend, X, y, schedule, steps)
     options = dict(delay=plan.delay.get(index, 0.0), start_step=start_step,
                    transport=o.transport, reads_in_place=plan.read_in_place)
     if par.stage_layers is None:

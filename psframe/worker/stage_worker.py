@@ -21,17 +21,17 @@ class StageWorker(Worker):
     backward, so both always see the same weights (PipeDream's weight stashing, for free).
     """
 
-    def __init__(self, channel, server_rank, index, layout, model, backend, X, y, stream, steps,
+    def __init__(self, channel, server_rank, index, layout, model, backend, X, y, schedule, steps,
                  *, layer_ids, stage, n_stages, prev_rank, next_rank, micro_batches,
                  delay=0.0, start_step=0, transport="mpi", reads_in_place=False):
-        super().__init__(channel, server_rank, index, layout, model, backend, X, y, stream, steps,
+        super().__init__(channel, server_rank, index, layout, model, backend, X, y, schedule, steps,
                          delay=delay, start_step=start_step, transport=transport,
                          reads_in_place=reads_in_place)
         self.layer_ids = list(layer_ids)
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.shards = stage_shard_range(model, layout, layer_ids)
-        b = stream.batch_size
+        b = schedule.batch_size
         self.micro = np.array_split(np.arange(b), micro_batches)
         self.fractions = [len(mb) / b for mb in self.micro]
         # (local name, global name) per layer, so layers see their own parameter names.
@@ -83,12 +83,12 @@ class StageWorker(Worker):
         start, stop = self.layout.shard_range(lo, hi)
         grad_slice = self.grad[start:stop]
         acc, self._acc_views = self._accumulator(grad_slice, start)
-        with self.backend.activate():  # the GPU path's kernels run on the worker's stream
+        with self.backend.activate():  # the GPU path's kernels run on the worker's CUDA stream
             for step in range(self.start_step, self.steps):
                 with self.waiting:
                     if not self.pull(step, lo, hi):
                         break
-                rows = self.stream.rows(step)
+                rows = self.schedule.rows(step)
                 acc[:] = 0
                 with self.computing:
                     loss, sends, caches, douts = self._forward(rows)

@@ -37,13 +37,13 @@ def _like(X, n, empty):
 class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
-    def __init__(self, channel, servers, index, layout, model, backend, X, y, stream, steps,
+    def __init__(self, channel, servers, index, layout, model, backend, X, y, schedule, steps,
                  delay=0.0, start_step=0, transport="mpi", reads_in_place=False, layer_shards=None,
                  sparse=None):
         """``channel``: a psframe.transport.Channel (or a communicator, wrapped in one).
         ``servers``: the server's rank, or (rank, shard range) of every server, the first
         being rank 0's: each step pushes to and pulls from all of them at once.
-        ``stream`` maps a step to rows (static data), or a BatchDispatcher maps the batch
+        ``schedule`` maps a step to rows (static data), or a BatchDispatcher maps the batch
         each pull reply assigns to rows (dynamic dispatch; ``steps`` is then None).
 
         ``transport="auto"``: on the server's node, gradients and weights go through a shared
@@ -71,7 +71,7 @@ class Worker:
         self.backend = backend.bind(node_local_index(channel.comm, [r for r, _ in self.servers]))
         self._device = self.backend.name != "numpy"
         self.X, self.y = X, y
-        self.stream = stream
+        self.schedule = schedule
         self.steps = steps
         self.delay = float(delay)
         self.start_step = int(start_step)  # > 0 when resuming from a checkpoint
@@ -123,7 +123,7 @@ class Worker:
     def run(self):
         t0, cpu0 = time.perf_counter(), time.process_time()
         step = self.start_step
-        with self.backend.activate():  # the GPU path's kernels run on the worker's stream
+        with self.backend.activate():  # the GPU path's kernels run on the worker's CUDA stream
             more = self._has_step(step)
             ahead = None  # this step's (rows, xb, yb), gathered while the server was updating
             if more and self.parts:
@@ -180,8 +180,8 @@ class Worker:
                 self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
     def _batch_rows(self, step):
-        """(rows, X, y) of a step: the rows the stream (or the dispatched batch) gives."""
-        rows = self.stream.rows(self.batch if self.steps is None else step)
+        """(rows, X, y) of a step: the rows the schedule (or the dispatched batch) gives."""
+        rows = self.schedule.rows(self.batch if self.steps is None else step)
         xb, yb = self._gather(rows)
         for part in self.parts:  # e.g. ids into the compact tables the next pull brings
             xb = part.batch(xb)
