@@ -197,6 +197,11 @@ class ServerCuts:
         return t.size
 
 
+def _delegated(part: str, name: str) -> Any:
+    """A read-only attribute of ParamLayout that is ``name`` of its part ``part``."""
+    return property(lambda self: getattr(getattr(self, part), name))
+
+
 class ParamLayout:
     """Names → (offset, shape) in a flat buffer of one dtype; shards are the server's units
     of update, frames its messages, cuts the bounds between servers' ranges.
@@ -235,47 +240,22 @@ class ParamLayout:
                    balance=balance)
 
     # -- the tensors ------------------------------------------------------------------------
-    @property
-    def names(self) -> List[str]:
-        return self.tensors.names
-
-    @property
-    def shapes(self) -> Dict[str, Shape]:
-        return self.tensors.shapes
-
-    @property
-    def sizes(self) -> Dict[str, int]:
-        return self.tensors.sizes
-
-    @property
-    def offsets(self) -> Dict[str, int]:
-        return self.tensors.offsets
-
-    @property
-    def size(self) -> int:
-        return self.tensors.size
+    names = _delegated("tensors", "names")
+    shapes = _delegated("tensors", "shapes")
+    sizes = _delegated("tensors", "sizes")
+    offsets = _delegated("tensors", "offsets")
+    size = _delegated("tensors", "size")
 
     @property
     def nbytes(self) -> int:
         return self.tensors.size * self.dtype.itemsize
 
     # -- shards and frames ------------------------------------------------------------------
-    @property
-    def shard_elems(self) -> int:
-        return self.frame_plan.shard_elems
-
-    @property
-    def shard_bounds(self) -> np.ndarray:
-        """shard_bounds[k]..shard_bounds[k+1] is shard k, contiguous and in order."""
-        return self.frame_plan.bounds
-
-    @property
-    def n_shards(self) -> int:
-        return self.frame_plan.n_shards
-
-    @property
-    def tensor_shards(self) -> Dict[str, Range]:
-        return self.frame_plan.tensor_shards
+    shard_elems = _delegated("frame_plan", "shard_elems")
+    # shard_bounds[k]..shard_bounds[k+1] is shard k, contiguous and in order.
+    shard_bounds = _delegated("frame_plan", "bounds")
+    n_shards = _delegated("frame_plan", "n_shards")
+    tensor_shards = _delegated("frame_plan", "tensor_shards")
 
     def shard_range(self, lo: int, hi: int) -> Range:
         """Element range [start, stop) covered by shards [lo, hi)."""
@@ -294,13 +274,8 @@ class ParamLayout:
         return self.frame_plan.layer_frames(part, layer_shards)
 
     # -- the servers' cuts ------------------------------------------------------------------
-    @property
-    def cuts(self) -> Tuple[int, ...]:
-        return self.server_cuts.cuts
-
-    @property
-    def balance(self) -> Dict[str, float]:
-        return self.server_cuts.balance
+    cuts = _delegated("server_cuts", "cuts")
+    balance = _delegated("server_cuts", "balance")
 
     @property
     def weights(self) -> Dict[str, float]:

@@ -7,6 +7,7 @@ from ..errors import ProtocolError
 from ..policies import PushDecision
 from ..transport import Channel, Field, Flag, Op, Sends, Tag, new_header, open_server_links
 from ..transport.parts import ServerPart
+from .checkpoint_state import restore_server_state
 from .group import Group
 from .inbox import GradientInbox
 from .pushes import Push, PushBook
@@ -35,7 +36,7 @@ class Executor:
                  own_shards: Optional[Tuple[int, int]] = None,
                  layer_shards: Optional[Sequence[Tuple[int, int]]] = None,
                  sparse: Any = None, sparse_on_arrival: Optional[float] = None,
-                 index: int = 0):
+                 index: int = 0, resume: Optional[Tuple[Any, Any]] = None):
         self.channel = channel
         self.layout = layout
         self.workers = list(worker_ranks)  # worker index i is rank self.workers[i]
@@ -77,6 +78,11 @@ class Executor:
         self._reply_headers = [new_header() for _ in range(n)]
         dense = dense_own[1] - dense_own[0]
         self.n_params = dense + sum(p.params() for p in self.parts)
+        if resume is not None:
+            restore_server_state(resume[0], resume[1], self.engine, self.groups, recorder,
+                                 self.own_shards)
+        recorder.own_shards = self.own_shards  # what stats["servers"] says of this server
+        recorder.own_params = self.n_params
         # A push whose every part can be applied as it lands may stream (see streams).
         self._parts_stream = all(not p.lands_whole for p in self.parts)
 

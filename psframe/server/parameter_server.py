@@ -8,7 +8,7 @@ from ..errors import ProtocolError, TrainingInterrupted
 from ..metrics import Stopwatch, TrainResult
 from ..policies import PushDecision
 from ..transport import Channel, Field, Op, Status, Tag, fill_header, loss_of
-from .checkpoint_state import restore_server_state, save_server_state
+from .checkpoint_state import save_server_state
 from .executor import Executor, Pull
 from .group import Group
 from .pushes import Push
@@ -40,44 +40,29 @@ class ParameterServer:
     their parts of each checkpoint under its manifest.
     """
 
-    def __init__(self, channel: Any, layout: Any, weights: Any, *, optimizer: Any,
-                 groups: Sequence[Group], worker_ranks: Sequence[int],
-                 recorder: Optional[Recorder] = None, model: Any = None,
-                 dispatcher: Any = None, on_bad_gradient: str = "raise",
-                 checkpointer: Any = None, resume: Any = None, stop_units: Any = None,
-                 transport: str = "mpi", keep_sent_weights: bool = False, owner: int = 0,
-                 own_shards: Optional[Tuple[int, int]] = None, followers: Any = None,
-                 layer_shards: Any = None, sparse: Any = None,
-                 sparse_on_arrival: Optional[float] = None, index: int = 0):
+    def __init__(self, channel: Any, layout: Any, weights: Any, *,
+                 recorder: Optional[Recorder] = None, model: Any = None, dispatcher: Any = None,
+                 checkpointer: Any = None, stop_units: Any = None, followers: Any = None,
+                 **options: Any):
+        """``options``: the Executor's (optimizer, groups, worker_ranks, on_bad_gradient,
+        transport, keep_sent_weights, owner, own_shards, layer_shards, sparse,
+        sparse_on_arrival, index, resume)."""
         if not isinstance(channel, Channel):  # a communicator: the default channel over it
             channel = Channel(channel, layout)
-        self.channel = channel
-        self.layout = layout
-        n = len(list(worker_ranks))
+        self.channel, self.layout = channel, layout
+        n = len(list(options["worker_ranks"]))
         self.recorder = recorder if recorder is not None else Recorder(
             model, layout, n, total_batches=dispatcher.total_batches if dispatcher else None)
-        self.executor = Executor(
-            channel, layout, weights, optimizer=optimizer, groups=groups,
-            worker_ranks=worker_ranks, recorder=self.recorder, on_bad_gradient=on_bad_gradient,
-            transport=transport, keep_sent_weights=keep_sent_weights, owner=owner,
-            own_shards=own_shards, layer_shards=layer_shards, sparse=sparse,
-            sparse_on_arrival=sparse_on_arrival, index=index)
-        ex = self.executor
-        self.workers, self.groups, self.group_of = ex.workers, ex.groups, ex.group_of
-        self.own_shards, self.own, self.index = ex.own_shards, ex.own, ex.index
+        self.executor = ex = Executor(channel, layout, weights, recorder=self.recorder, **options)
+        self.workers, self.groups, self.group_of, self.book = (ex.workers, ex.groups,
+                                                               ex.group_of, ex.book)
         self.window, self.links, self.engine = ex.window, ex.links, ex.engine
-        self.book = ex.book
+        self.own_shards, self.n_params = ex.own_shards, ex.n_params
         self.followers = followers
         self.stop = StopControl(n, stop_units)
         self.dispatcher = dispatcher
         self.checkpointer = checkpointer
         self.finished: set = set()
-        if resume is not None:
-            restore_server_state(resume[0], resume[1], self.engine, self.groups, self.recorder,
-                                 self.own_shards)
-        self.recorder.own_shards = self.own_shards  # what stats["servers"] says of rank 0
-        self.n_params = ex.n_params
-        self.recorder.own_params = self.n_params
         if followers is not None:
             followers.share(self.window)
             self.recorder.before_read = self._gather

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import ProtocolError
 from ..transport import Channel, Field, Flag, Op, Status, Tag, fill_header
-from .checkpoint_state import range_arrays, restore_server_state
+from .checkpoint_state import range_arrays
 from .executor import Executor
 from .followers import snapshot_shards
 from .group import Group
@@ -34,36 +34,25 @@ class ShardServer:
     agree on every range.
     """
 
-    def __init__(self, channel: Any, layout: Any, weights: Any, *, optimizer: Any,
-                 groups: Any, worker_ranks: Any, recorder: Optional[Recorder] = None,
-                 model: Any = None, on_bad_gradient: str = "raise", checkpointer: Any = None,
-                 resume: Any = None, transport: str = "mpi", keep_sent_weights: bool = False,
-                 own_shards: Optional[Tuple[int, int]] = None, leader: int = 0, index: int = 1,
-                 layer_shards: Any = None, sparse: Any = None,
-                 sparse_on_arrival: Optional[float] = None):
+    def __init__(self, channel: Any, layout: Any, weights: Any, *,
+                 recorder: Optional[Recorder] = None, model: Any = None,
+                 checkpointer: Any = None, leader: int = 0, index: int = 1, **options: Any):
+        """``options``: the Executor's (optimizer, groups, worker_ranks, on_bad_gradient,
+        transport, keep_sent_weights, own_shards, layer_shards, sparse, sparse_on_arrival,
+        resume); rank ``leader`` owns the weights' shared segment."""
         if not isinstance(channel, Channel):
             channel = Channel(channel, layout)
-        self.channel = channel
-        self.layout = layout
-        n = len(list(worker_ranks))
+        self.channel, self.layout = channel, layout
+        n = len(list(options["worker_ranks"]))
         self.recorder = recorder if recorder is not None else Recorder(model, layout, n)
-        self.executor = Executor(
-            channel, layout, weights, optimizer=optimizer, groups=groups,
-            worker_ranks=worker_ranks, recorder=self.recorder, on_bad_gradient=on_bad_gradient,
-            transport=transport, keep_sent_weights=keep_sent_weights, owner=leader,
-            own_shards=own_shards, layer_shards=layer_shards, sparse=sparse,
-            sparse_on_arrival=sparse_on_arrival, index=index)
-        ex = self.executor
+        self.executor = ex = Executor(channel, layout, weights, recorder=self.recorder,
+                                      owner=leader, index=index, **options)
         self.workers, self.groups, self.group_of = ex.workers, ex.groups, ex.group_of
-        self.own_shards, self.index, self.n_params = ex.own_shards, ex.index, ex.n_params
         self.window, self.links, self.engine = ex.window, ex.links, ex.engine
+        self.own_shards, self.index, self.n_params = ex.own_shards, ex.index, ex.n_params
         self.checkpointer = checkpointer
-        self.sparse = sparse  # the row-sparse tables' layout (a snapshot's dense shards)
-        if resume is not None:
-            restore_server_state(resume[0], resume[1], self.engine, self.groups, self.recorder,
-                                 self.own_shards)
-        self.recorder.own_shards = self.own_shards
-        self.recorder.own_params = self.n_params
+        # The row-sparse tables' layout (a snapshot's dense shards).
+        self.sparse = options.get("sparse")
         self.leader = leader
         self.interrupted = False
         self._replies: Dict[int, Tuple[int, int, int]] = {}
