@@ -169,8 +169,7 @@ class ParameterServer:
             for w in self.requests.arrived():
                 if not book.in_hand(w):  # one request per worker in hand at a time
                     fields = self.requests.take(w)
-                    if self.executor.announce(w, fields) is None:
-                        book.ready.append((w, fields, None))
+                    book.queue(w, fields, self.executor.announce(w, fields))
             return book.poll()
 
         if not poll():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..errors import ProtocolError
 from ..transport import Landing
@@ -100,12 +100,16 @@ class PushBook:
         del self.pushes[worker]
 
     def add(self, push: Push) -> None:
-        """A push whose header is here: ready now if streamed, else once it has landed."""
+        """A push whose header is here: the worker's latest."""
         self.pushes[push.worker] = push
-        if push.streamed:
-            self.ready.append((push.worker, push.fields, push))
+
+    def queue(self, worker: int, fields: List[int], push: Optional[Push]) -> None:
+        """A request to handle (rank 0's loop): a pull, DONE or a streamed push now, any
+        other push once it has landed whole (poll)."""
+        if push is None or push.streamed:
+            self.ready.append((worker, fields, push))
         else:
-            self.arriving[push.worker] = push
+            self.arriving[worker] = push
 
     def in_hand(self, worker: int) -> bool:
         """Whether worker's push is still landing, not handed on (its next request waits:
@@ -127,9 +131,11 @@ class PushBook:
                 self.ready.append((worker, push.fields, push))
         return bool(self.ready)
 
-    def moved(self) -> bool:
-        """Whether a frame of a push being landed completed since the last call."""
-        done = sum(p.moved() for p in self.arriving.values())
+    def moved(self, landing: Optional[Iterable[Optional[Push]]] = None) -> bool:
+        """Whether a frame of a push being landed (``landing``; default: those to hand on
+        once landed) completed since the last call."""
+        pushes = self.arriving.values() if landing is None else landing
+        done = sum(p.moved() for p in pushes if p is not None)
         moved = done > self._landed_frames
         self._landed_frames = done
         return moved

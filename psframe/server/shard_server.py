@@ -94,7 +94,7 @@ class ShardServer:
         t0, cpu0 = time.perf_counter(), time.process_time()
         while True:
             self._waiting = None  # rank 0's next order
-            order = orders.next(while_waiting=self._prefetch, moved=book.moved)
+            order = orders.next(while_waiting=self._prefetch, moved=self._landing_moved)
             self.heartbeat()
             if order.kind == Kind.REQUEST:
                 self._follow(order)
@@ -163,6 +163,10 @@ class ShardServer:
             worker = self.serves[i]
             if worker not in self._taken:  # its earlier request is not carried out yet
                 self._take(worker)
+
+    def _landing_moved(self) -> bool:
+        """Whether a frame of a push taken ahead of its order completed since last asked."""
+        return self.executor.book.moved(push for _, push in self._taken.values())
 
     def _take(self, worker: int) -> None:
         fields = self.requests.take(self._queue_index[worker])
