@@ -48,7 +48,7 @@ class ParameterServer:
                  transport: str = "mpi", keep_sent_weights: bool = False, owner: int = 0,
                  own_shards: Optional[Tuple[int, int]] = None, followers: Any = None,
                  layer_shards: Any = None, sparse: Any = None,
-                 sparse_on_arrival: Optional[float] = None, index: int = 0):
+                 sparse_on_arrival: Optional[float] = None, index: int = 0) -> None:
         if not isinstance(channel, Channel):  # a communicator: the default channel over it
             channel = Channel(channel, layout)
         self.channel = channel

@@ -40,7 +40,7 @@ class ShardServer:
                  resume: Any = None, transport: str = "mpi", keep_sent_weights: bool = False,
                  own_shards: Optional[Tuple[int, int]] = None, leader: int = 0, index: int = 1,
                  layer_shards: Any = None, sparse: Any = None,
-                 sparse_on_arrival: Optional[float] = None):
+                 sparse_on_arrival: Optional[float] = None) -> None:
         if not isinstance(channel, Channel):
             channel = Channel(channel, layout)
         self.channel = channel
