@@ -7,7 +7,10 @@ their checks; updates: the weights and optimizer; stopping: clean stops; recorde
 history, result; checkpoint_state and checkpoints: what a checkpoint holds and its files;
 dispatch: dynamic batches; group: workers per range.
 """
+from __future__ import annotations
+
 import importlib
+from typing import Any
 
 from ..errors import GradientError  # raised by the inbox; importable from here as before
 
@@ -27,7 +30,7 @@ _WHERE = {
 __all__ = list(_WHERE) + ["GradientError"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

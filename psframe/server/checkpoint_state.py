@@ -1,12 +1,20 @@
 """What a server checkpoint holds: weights, optimizer state, policy clocks, samples, history."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .checkpoints import Checkpointer
+    from .group import Group
+    from .recorder import Recorder
+    from .updates import UpdateEngine
 
 __all__ = ["save_server_state", "restore_server_state", "range_arrays"]
 
 
-def _dense_range(engine, own_shards):
+def _dense_range(engine: UpdateEngine, own_shards: Sequence[int]) -> Tuple[int, int]:
     """The elements of a server's range it checkpoints as flat arrays: with row-sparse
     tables, their rows are checkpointed by block instead (ServerRows.state_part)."""
     start, stop = engine.layout.shard_range(*own_shards)
@@ -15,7 +23,7 @@ def _dense_range(engine, own_shards):
     return start, stop
 
 
-def range_arrays(engine, own_shards):
+def range_arrays(engine: UpdateEngine, own_shards: Sequence[int]) -> Dict[str, np.ndarray]:
     """The arrays of one server's range: its weights, optimizer state and shard counts, and
     its rows of the row-sparse tables."""
     lo, hi = own_shards
@@ -29,8 +37,10 @@ def range_arrays(engine, own_shards):
     return arrays
 
 
-def save_server_state(checkpointer, version, engine, groups, recorder, own_shards=None,
-                      parts=None):
+def save_server_state(checkpointer: Checkpointer, version: int, engine: UpdateEngine,
+                      groups: Sequence[Group], recorder: Recorder,
+                      own_shards: Optional[Sequence[int]] = None,
+                      parts: Optional[Sequence[Dict[str, Any]]] = None) -> str:
     """Write one checkpoint of the run's state for step ``version``; returns its path.
     ``parts``: what the other servers wrote of their ranges (one manifest names them all)."""
     own_shards = own_shards if own_shards is not None else (0, engine.layout.n_shards)

@@ -6,12 +6,15 @@ file is written to a temporary name, fsynced, then renamed, and the manifest goe
 manifest on disk always names a complete npz. A crash at any moment leaves the previous
 checkpoint intact.
 """
+from __future__ import annotations
+
 import contextlib
 import glob
 import hashlib
 import json
 import os
 import time
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,7 +29,7 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: missing, corrupt, or for another model."""
 
 
-def _fsync_dir(directory):
+def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -34,7 +37,7 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def write_atomic(path, write):
+def write_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """``write(f)`` into a temporary file, fsync it, rename it to ``path``: a reader (or a
     crash) never sees half a file. The temporary file is removed if writing fails."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -50,7 +53,7 @@ def write_atomic(path, write):
         raise
 
 
-def _sha256(path):
+def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -61,17 +64,19 @@ def _sha256(path):
 class Checkpointer:
     """Writes a checkpoint every ``every`` steps into ``directory``, keeping the last ``keep``."""
 
-    def __init__(self, directory, every, keep=3, meta=None):
+    def __init__(self, directory: str, every: Optional[int], keep: int = 3,
+                 meta: Optional[Mapping[str, Any]] = None) -> None:
         self.directory = os.path.abspath(directory)
         self.every = every
         self.keep = keep
         self.meta = dict(meta or {})  # run facts a resume must match (layout, workers, mode)
-        self.last_path = None
+        self.last_path: Optional[str] = None
 
-    def due(self, version):
-        return bool(self.every) and version > 0 and version % self.every == 0
+    def due(self, version: int) -> bool:
+        return bool(self.every and version > 0 and version % self.every == 0)
 
-    def save(self, version, arrays, state, parts=None):
+    def save(self, version: int, arrays: Mapping[str, Any], state: Mapping[str, Any],
+             parts: Optional[Sequence[Dict[str, Any]]] = None) -> str:
         """``arrays``: name -> ndarray; ``state``: JSON-able clocks, samples, history;
         ``parts``: what the other servers wrote of this version (save_part), in server order.
         The manifest goes last: a checkpoint exists once its manifest does."""
@@ -97,7 +102,8 @@ class Checkpointer:
         self._prune()
         return self.last_path
 
-    def save_part(self, version, server, arrays):
+    def save_part(self, version: int, server: int,
+                  arrays: Mapping[str, Any]) -> Dict[str, Any]:
         """Another server's range of checkpoint ``version``: its file, for the manifest."""
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"ckpt-{version:08d}.server{server}.npz")
@@ -105,7 +111,7 @@ class Checkpointer:
         return {"file": os.path.basename(path), "sha256": _sha256(path),
                 "bytes": os.path.getsize(path)}
 
-    def _prune(self):
+    def _prune(self) -> None:
         for manifest in manifests(self.directory)[self.keep:]:
             stem = manifest[: -len(".json")]
             for path in [manifest, stem + ".npz"] + glob.glob(stem + ".server*.npz"):
@@ -115,12 +121,12 @@ class Checkpointer:
                     pass
 
 
-def manifests(directory):
+def manifests(directory: str) -> List[str]:
     """Manifest paths, newest version first."""
     return sorted(glob.glob(os.path.join(directory, "ckpt-*.json")), reverse=True)
 
 
-def _read(manifest_path):
+def _read(manifest_path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """(manifest, arrays) of one checkpoint, or raise CheckpointError saying what is wrong."""
     try:
         with open(manifest_path) as f:
@@ -141,7 +147,7 @@ def _read(manifest_path):
     return manifest, {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
-def _read_part(directory, entry):
+def _read_part(directory: str, entry: Mapping[str, Any]) -> Dict[str, np.ndarray]:
     """The arrays of one file a manifest names, checked against its SHA-256."""
     npz = os.path.join(directory, entry["file"])
     if not os.path.exists(npz):
@@ -154,7 +160,7 @@ def _read_part(directory, entry):
         return {k: data[k] for k in data.files}
 
 
-def load_checkpoint(path):
+def load_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """Load the newest checkpoint in a directory, or the one a manifest path names.
 
     A corrupt newest checkpoint is refused, naming the newest earlier one that verifies,
@@ -177,7 +183,7 @@ def load_checkpoint(path):
         raise CheckpointError(f"{exc}{hint}") from None
 
 
-def _earlier_good(path, bad):
+def _earlier_good(path: str, bad: str) -> Optional[str]:
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     for manifest in manifests(directory):
         if manifest >= bad:

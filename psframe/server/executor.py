@@ -36,7 +36,7 @@ class Executor:
                  own_shards: Optional[Tuple[int, int]] = None,
                  layer_shards: Optional[Sequence[Tuple[int, int]]] = None,
                  sparse: Any = None, sparse_on_arrival: Optional[float] = None,
-                 index: int = 0, resume: Optional[Tuple[Any, Any]] = None):
+                 index: int = 0, resume: Optional[Tuple[Any, Any]] = None) -> None:
         self.channel = channel
         self.layout = layout
         self.workers = list(worker_ranks)  # worker index i is rank self.workers[i]

@@ -1,15 +1,23 @@
 """Followers: rank 0's link to the other servers, which carry out its decisions on their ranges."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..transport import Tag
 from .orders import Kind, OrderWriter
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..policies import PushDecision
+    from ..sparse.tables import SparseTables
+    from ..transport.channel import Channel
+    from ..transport.shm import SharedWindow
+
 __all__ = ["Followers", "snapshot_shards"]
 
 
-def snapshot_shards(shards, sparse):
+def snapshot_shards(shards: Sequence[int], sparse: Optional[SparseTables]) -> Tuple[int, ...]:
     """The shards of a server's range that a snapshot copies as frames: with row-sparse
     tables, the dense ones (the tables' rows go by block)."""
     if sparse is None:
@@ -29,8 +37,8 @@ class Followers:
     its window is open (see ``share``).
     """
 
-    def __init__(self, channel, ranks: Sequence[int], shards: Sequence[Tuple[int, int]],
-                 n_workers: int, sparse: Any = None):
+    def __init__(self, channel: Channel, ranks: Sequence[int], shards: Sequence[Tuple[int, int]],
+                 n_workers: int, sparse: Optional[SparseTables] = None) -> None:
         """``sparse``: the run's row-sparse tables, whose rows each server holds a block of."""
         self.channel = channel
         self.ranks = list(ranks)
@@ -39,16 +47,17 @@ class Followers:
         self.shared = [False] * len(self.ranks)
         self.writer = OrderWriter(channel, self.ranks, n_workers)
 
-    def share(self, window) -> None:
+    def share(self, window: SharedWindow) -> None:
         """Which servers update rank 0's buffer in ``window``: those on its node, when the
         window holds it (ShardServer.shares_weights is the same test, from their side)."""
         self.shared = [window.mine is not None and window.has(r) for r in self.ranks]
 
-    def request(self, worker: int, op: int, decision: Any, replies) -> None:
+    def request(self, worker: int, op: int, decision: Optional[PushDecision],
+                replies: Sequence[Sequence[int]]) -> None:
         """Before rank 0 carries out its own part: the others work on theirs meanwhile."""
         self.writer.request(worker, op, decision, replies)
 
-    def snapshot(self, weights) -> None:
+    def snapshot(self, weights: np.ndarray) -> None:
         """Every server's range into rank 0's ``weights``, as of the last order."""
         self.writer.plain(Kind.SNAPSHOT)
         frames = []

@@ -13,7 +13,8 @@ class Group:
     holding that stage's worker from each pipeline and the shards of that stage's layers.
     """
 
-    def __init__(self, policy_state: Any, workers: Iterable[int], shard_range: Tuple[int, int]):
+    def __init__(self, policy_state: Any, workers: Iterable[int],
+                 shard_range: Tuple[int, int]) -> None:
         self.policy = policy_state
         self.workers: List[int] = list(workers)  # global worker indices; the policy sees 0..len-1
         self.shard_range = tuple(shard_range)

@@ -21,7 +21,7 @@ class GradientInbox:
 
     def __init__(self, layout: Any, links: Sequence[Any], stats: Any,
                  on_bad_gradient: str = "raise",
-                 layer_shards: Optional[Sequence[Tuple[int, int]]] = None):
+                 layer_shards: Optional[Sequence[Tuple[int, int]]] = None) -> None:
         self.layout = layout
         # Layer-wise pushes send each layer's frames as backward makes them, last layer first.
         self.layer_shards = layer_shards

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -10,6 +10,9 @@ from ..errors import ProtocolError
 from ..policies import DelayCompensation, PushDecision
 from ..transport import Tag, loss_of
 from ..transport.wire import loss_bits
+
+if TYPE_CHECKING:
+    from ..transport.channel import Channel
 
 __all__ = ["Kind", "Order", "OrderWriter", "OrderReader"]
 
@@ -40,7 +43,7 @@ REPLY_LEN = 4  # worker, status, version, batch
 class Order:
     """One order as read: its kind, the request's worker and op, the decision and replies."""
 
-    def __init__(self, buffer: np.ndarray):
+    def __init__(self, buffer: np.ndarray) -> None:
         f = buffer.tolist()
         self.kind = Kind(f[KIND])
         self.worker, self.op, self.version = f[WORKER], f[OP], f[VERSION]
@@ -52,7 +55,7 @@ class Order:
         ]
 
 
-def _decision_of(f) -> PushDecision:
+def _decision_of(f: Sequence[int]) -> PushDecision:
     bits = _Bit(f[BITS])
     compensation = None
     if bits & _Bit.COMPENSATE:
@@ -68,7 +71,7 @@ _COMPENSATIONS: Dict[Tuple[float, bool, float], DelayCompensation] = {}
 _NOTHING = PushDecision()  # a pull's order: no decision about a gradient
 
 
-def _compensation(lam, adaptive, decay):
+def _compensation(lam: float, adaptive: bool, decay: float) -> DelayCompensation:
     """One DelayCompensation per setting, as rank 0's policy has (they hold no state)."""
     key = (lam, adaptive, decay)
     if key not in _COMPENSATIONS:
@@ -80,7 +83,7 @@ class OrderWriter:
     """Rank 0's end: one preallocated buffer, sent to every other server in turn (small
     messages, eager: each send completes at once)."""
 
-    def __init__(self, channel, ranks: Sequence[int], n_workers: int):
+    def __init__(self, channel: Channel, ranks: Sequence[int], n_workers: int) -> None:
         self.channel = channel
         self.ranks = list(ranks)
         self.buffer = np.zeros(HEAD_LEN + REPLY_LEN * n_workers, dtype=np.int64)
@@ -89,7 +92,8 @@ class OrderWriter:
         for rank in self.ranks:
             self.channel.send_header(self.buffer[:length], rank, Tag.ORDER)
 
-    def request(self, worker: int, op: int, decision, replies) -> None:
+    def request(self, worker: int, op: int, decision: Optional[PushDecision],
+                replies: Sequence[Sequence[int]]) -> None:
         """The order for one request: ``decision`` (a PushDecision, or None for a pull), and
         ``replies``, the (worker, status, version, batch) of every pull it answers."""
         b = self.buffer
@@ -123,12 +127,13 @@ class OrderWriter:
 class OrderReader:
     """A server's end: rank 0's orders, one at a time, in the order rank 0 made them."""
 
-    def __init__(self, channel, leader: int, n_workers: int):
+    def __init__(self, channel: Channel, leader: int, n_workers: int) -> None:
         self.channel = channel
         self.leader = leader
         self.buffer = np.zeros(HEAD_LEN + REPLY_LEN * n_workers, dtype=np.int64)
 
-    def next(self, while_waiting=None, moved=None) -> Order:
+    def next(self, while_waiting: Optional[Callable[[], Any]] = None,
+             moved: Optional[Callable[[], bool]] = None) -> Order:
         """The next order; ``while_waiting()`` runs as the wait tests (a server starting to
         land the pushes already announced), and ``moved()`` says whether those transfers are
         moving (the wait then keeps testing instead of sleeping)."""

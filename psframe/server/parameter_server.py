@@ -43,7 +43,7 @@ class ParameterServer:
     def __init__(self, channel: Any, layout: Any, weights: Any, *,
                  recorder: Optional[Recorder] = None, model: Any = None, dispatcher: Any = None,
                  checkpointer: Any = None, stop_units: Any = None, followers: Any = None,
-                 **options: Any):
+                 **options: Any) -> None:
         """``options``: the Executor's (optimizer, groups, worker_ranks, on_bad_gradient,
         transport, keep_sent_weights, owner, own_shards, layer_shards, sparse,
         sparse_on_arrival, index, resume)."""

@@ -29,7 +29,7 @@ class Push:
     """
 
     def __init__(self, worker: int, fields: List[int], landing: Optional[Landing],
-                 streamed: bool, check_frame: Callable[[int, int, int], None]):
+                 streamed: bool, check_frame: Callable[[int, int, int], None]) -> None:
         self.worker = worker
         self.fields = fields
         self.landing = landing
@@ -75,7 +75,7 @@ class PushBook:
       desynchronizing it).
     """
 
-    def __init__(self, n_workers: int):
+    def __init__(self, n_workers: int) -> None:
         self.ready: List[Tuple[int, List[int], Optional[Push]]] = []
         self.pushes: Dict[int, Push] = {}
         self.arriving: Dict[int, Push] = {}  # pushes to hand on once landed whole

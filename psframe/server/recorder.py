@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 import numpy as np
 
 from ..metrics import ServerStats, TrainResult
+
+if TYPE_CHECKING:
+    from ..callbacks import Callback
+    from ..params import ParamLayout
+    from .group import Group
 
 __all__ = ["Recorder"]
 
@@ -18,9 +25,15 @@ class Recorder:
     (default: once per epoch); ``eval_data`` is (X, y) to evaluate ``model`` on, or None.
     """
 
-    def __init__(self, model, layout, n_workers, *, eval_data=None, eval_every=None,
-                 total_steps=None, epoch_samples=1, callbacks=None, run_info=None,
-                 weighting=None, total_batches=None):
+    own_shards: Tuple[int, ...]  # this server's shard range (Executor.own_shards)
+    own_params: int
+
+    def __init__(self, model: Any, layout: ParamLayout, n_workers: int, *,
+                 eval_data: Optional[Tuple[Any, Any]] = None, eval_every: Optional[int] = None,
+                 total_steps: Optional[int] = None, epoch_samples: int = 1,
+                 callbacks: Optional[Callback] = None,
+                 run_info: Optional[Mapping[str, Any]] = None, weighting: Optional[str] = None,
+                 total_batches: Optional[int] = None) -> None:
         self.model = model
         self.layout = layout
         self.n_workers = n_workers
@@ -36,27 +49,29 @@ class Recorder:
         self.bytes_pushed_by = [0] * n_workers
         self.batch_counts = (np.zeros(total_batches, dtype=np.int64)
                              if total_batches is not None else None)
-        self.worker_reports = {}
-        self.history = []
+        self.worker_reports: Dict[int, Dict[str, Any]] = {}
+        self.history: List[Dict[str, Any]] = []
         self._loss_sum = 0.0
         self._loss_n = 0
         self.last_logged = -1
         self._last_epoch = 0
         self._seen_version = 0
-        self.resumed_step = None  # the checkpoint's step, when the run continues one
+        # The checkpoint's step, when the run continues one.
+        self.resumed_step: Optional[int] = None
         self._time_offset = 0.0  # a resumed history's time_s goes on from its last row
         self.t0 = time.perf_counter()
         # Called before the weights are read whole: with several servers, it gathers the
         # other servers' ranges into them (ParameterServer._gather).
-        self.before_read = lambda: None
-        self.servers = None  # each server's load, with several servers (merge_servers)
+        self.before_read: Callable[[], None] = lambda: None
+        # Each server's load, with several servers (merge_servers).
+        self.servers: Optional[List[Dict[str, Any]]] = None
         self.own_shards, self.own_params = (0, layout.n_shards), layout.size  # rank 0's range
 
-    def _hook(self, name, *args):
+    def _hook(self, name: str, *args: Any) -> None:
         if self.callbacks is not None:
             getattr(self.callbacks, name)(*args)
 
-    def start(self):
+    def start(self) -> None:
         self._hook("on_start", {**self.run_info, "total_steps": self.total_steps,
                                 "n_workers": self.n_workers,
                                 "epoch_samples": self.epoch_samples,
@@ -64,7 +79,8 @@ class Recorder:
         self.t0 = time.perf_counter()
 
     # -- events -----------------------------------------------------------------------------
-    def pushed(self, worker, nbytes, accepted, samples, loss, batch):
+    def pushed(self, worker: int, nbytes: int, accepted: bool, samples: int, loss: float,
+               batch: int) -> None:
         self.stats.pushes_received += 1
         self.moved(worker, pushed=nbytes)
         if not accepted:
@@ -78,11 +94,11 @@ class Recorder:
         if self.batch_counts is not None:
             self.batch_counts[batch] += 1
 
-    def pulled(self, worker, nbytes):
+    def pulled(self, worker: int, nbytes: int) -> None:
         self.stats.pulls_answered += 1
         self.moved(worker, pulled=nbytes)
 
-    def moved(self, worker, pushed=0, pulled=0):
+    def moved(self, worker: int, pushed: int = 0, pulled: int = 0) -> None:
         """Bytes that moved for worker besides its push and pull counts (a server that only
         follows rank 0's decisions, the row-sparse rows)."""
         self.stats.bytes_pushed += pushed
@@ -90,14 +106,14 @@ class Recorder:
         self.stats.bytes_pulled += pulled
         self.bytes_pulled_by[worker] += pulled
 
-    def dropped(self):
+    def dropped(self) -> None:
         self.stats.updates_dropped += 1
 
-    def reported(self, worker, report):
+    def reported(self, worker: int, report: Dict[str, Any]) -> None:
         """A worker's final report (its timings and backend), sent with DONE."""
         self.worker_reports[worker] = report
 
-    def updated(self, version, staleness, weight, weights):
+    def updated(self, version: int, staleness: int, weight: float, weights: np.ndarray) -> bool:
         """An update was applied; ``version`` is the run's step count after it. Returns True
         when the run's step moved (every group has applied it)."""
         self.stats.record_update(staleness, weight)
@@ -115,7 +131,7 @@ class Recorder:
             self.record(version, weights)
         return True
 
-    def record(self, version, weights):
+    def record(self, version: int, weights: np.ndarray) -> None:
         """One history row: the mean train loss since the last, and the evaluation."""
         self.last_logged = version
         row = {
@@ -137,7 +153,7 @@ class Recorder:
         self.history.append(row)
         self._hook("on_record", row)
 
-    def restore(self, version, samples, history):
+    def restore(self, version: int, samples: int, history: Iterable[Dict[str, Any]]) -> None:
         """Continue a checkpointed run's counters and history."""
         self.stats.samples = samples
         self.history = list(history)
@@ -145,7 +161,8 @@ class Recorder:
         self._time_offset = self.history[-1]["time_s"] if self.history else 0.0
         self._last_epoch = int(self.stats.samples // self.epoch_samples)
 
-    def load(self, rank, shards, n_elems, wall, cpu):
+    def load(self, rank: int, shards: Sequence[int], n_elems: int, wall: float,
+             cpu: float) -> Dict[str, Any]:
         """This server's share of the work, as ``stats["servers"]`` lists it per server."""
         s = self.stats
         return {"rank": rank, "shards": list(shards), "params": int(n_elems),
@@ -156,12 +173,13 @@ class Recorder:
                 "bytes_pushed_by": list(self.bytes_pushed_by),
                 "bytes_pulled_by": list(self.bytes_pulled_by)}
 
-    def merge_servers(self, loads):
+    def merge_servers(self, loads: Iterable[Dict[str, Any]]) -> None:
         """The other servers' loads (their bytes count toward the run's totals)."""
         self.servers = list(loads)
 
     # -- the result -------------------------------------------------------------------------
-    def result(self, weights, groups, transports, wall, cpu, wait_s, busy_s):
+    def result(self, weights: np.ndarray, groups: Sequence[Group], transports: Iterable[str],
+               wall: float, cpu: float, wait_s: float, busy_s: float) -> TrainResult:
         stats = self.stats.as_dict()
         own = self.load(0, self.own_shards, self.own_params, wall, cpu)
         servers = [own] + list(self.servers or [])
@@ -176,7 +194,7 @@ class Recorder:
         reports = [self.worker_reports.get(i, {}) for i in range(self.n_workers)]
         worker_wait = [r.get("wait_s", 0.0) for r in reports]
         worker_wall = [r.get("wall_s", 0.0) for r in reports]
-        gaps = Counter()
+        gaps: Counter[int] = Counter()
         for g in groups:
             gaps.update(g.policy.gaps)
         stats.update(

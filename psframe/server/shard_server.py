@@ -36,7 +36,7 @@ class ShardServer:
 
     def __init__(self, channel: Any, layout: Any, weights: Any, *,
                  recorder: Optional[Recorder] = None, model: Any = None,
-                 checkpointer: Any = None, leader: int = 0, index: int = 1, **options: Any):
+                 checkpointer: Any = None, leader: int = 0, index: int = 1, **options: Any) -> None:
         """``options``: the Executor's (optimizer, groups, worker_ranks, on_bad_gradient,
         transport, keep_sent_weights, own_shards, layer_shards, sparse, sparse_on_arrival,
         resume); rank ``leader`` owns the weights' shared segment."""

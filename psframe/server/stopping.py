@@ -15,7 +15,7 @@ class StopControl:
     has been answered for.
     """
 
-    def __init__(self, n_workers: int, stop_units: Optional[Sequence[int]] = None):
+    def __init__(self, n_workers: int, stop_units: Optional[Sequence[int]] = None) -> None:
         self.stopping = False
         self.units: List[int] = list(range(n_workers) if stop_units is None else stop_units)
         self.answered_clock = [-1] * n_workers

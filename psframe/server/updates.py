@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..policies import delay_compensate
+
+if TYPE_CHECKING:
+    from ..nn.optim import Optimizer
+    from ..params import ParamLayout
+    from ..policies import DelayCompensation
+    from ..transport.parts import ServerPart
 
 __all__ = ["UpdateEngine", "Update"]
 
@@ -22,23 +28,27 @@ class UpdateEngine:
     DelayCompensation).
     """
 
-    def __init__(self, layout, weights, optimizer, n_workers, keep_sent_weights=False):
+    def __init__(self, layout: ParamLayout, weights: np.ndarray, optimizer: Optimizer,
+                 n_workers: int, keep_sent_weights: bool = False) -> None:
         self.layout = layout
         self.weights = weights
         self.optimizer = optimizer
         self.opt_state = optimizer.init_state(layout.size, layout.dtype)
         self.acc = layout.empty()  # the step's scratch: a mean, or a compensated gradient
         self.shard_updates = np.zeros(layout.n_shards, dtype=np.int64)
-        self._plans: dict = {}  # shard range -> frame plan (see frame_plan)
-        self.parts: list = []  # the payload parts checkpointed with its state (Executor's)
+        # shard range -> frame plan (see frame_plan)
+        self._plans: Dict[Tuple[int, ...], List[Tuple[int, int, int, int]]] = {}
+        # The payload parts checkpointed with its state (Executor's).
+        self.parts: List[ServerPart] = []
         self.sent = [layout.empty() for _ in range(n_workers)] if keep_sent_weights else None
         self.mean_square = layout.empty() if keep_sent_weights else None  # adaptive DC's MS
         if keep_sent_weights:
+            assert self.mean_square is not None
             self.mean_square[:] = 0
             widest = max(b - a for a, b in layout.frames(0, layout.n_shards))
             self._dc_scratch = np.empty(widest, layout.dtype)
 
-    def frame_plan(self, shard_range):
+    def frame_plan(self, shard_range: Tuple[int, ...]) -> List[Tuple[int, int, int, int]]:
         """(start, stop, first shard, end shard) of each frame of these shards; cached."""
         plan = self._plans.get(shard_range)
         if plan is None:
@@ -48,10 +58,10 @@ class UpdateEngine:
         return plan
 
     # -- updates: callables (optimizer step, start, stop) run frame by frame ---------------
-    def mean_of(self, gradients, scale, weight):
+    def mean_of(self, gradients: Sequence[np.ndarray], scale: float, weight: float) -> Update:
         """The update that steps the optimizer with the sum of ``gradients`` (flat arrays, in
         worker order, so Sync is bitwise reproducible) times ``scale``."""
-        def update(step, a, b):
+        def update(step: int, a: int, b: int) -> None:
             acc = self.acc[a:b]
             if len(gradients) == 1 and scale == 1.0:
                 acc = gradients[0][a:b]  # one gradient, unscaled: no copy needed
@@ -65,18 +75,21 @@ class UpdateEngine:
             self.optimizer.apply(self.opt_state, self.weights, acc, a, b, step, weight)
         return update
 
-    def one(self, gradient, worker, weight, compensation=None):
+    def one(self, gradient: np.ndarray, worker: int, weight: float,
+            compensation: Optional[DelayCompensation] = None) -> Update:
         """The update that applies one worker's gradient on arrival (Async, SSP)."""
-        def update(step, a, b):
+        def update(step: int, a: int, b: int) -> None:
             g = gradient[a:b]
             if compensation is not None:
                 g = self._compensated(g, worker, compensation, a, b)
             self.optimizer.apply(self.opt_state, self.weights, g, a, b, step, weight)
         return update
 
-    def _compensated(self, g, worker, comp, a, b):
+    def _compensated(self, g: np.ndarray, worker: int, comp: DelayCompensation, a: int,
+                     b: int) -> np.ndarray:
         """The gradient for elements [a, b), corrected for the weights the worker computed on,
         in the step scratch (free here: on-arrival updates never gather a mean)."""
+        assert self.sent is not None and self.mean_square is not None  # keep_sent_weights
         return delay_compensate(g, self.weights[a:b], self.sent[worker][a:b], comp,
                                 out=self.acc[a:b], mean_square=self.mean_square[a:b],
                                 scratch=self._dc_scratch[: b - a])

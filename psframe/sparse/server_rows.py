@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 import numpy as np
 
 from ..errors import ProtocolError
 from ..finite import frame_finite
-from ..transport.parts import ServerPart
+from ..transport.parts import Landed, ServerPart
 from ..transport.wire import Tag
+
+if TYPE_CHECKING:
+    from ..nn.optim import Optimizer
+    from ..transport.links import Link
+    from .tables import SparseTables
 
 __all__ = ["ServerRows"]
 
@@ -16,9 +23,9 @@ __all__ = ["ServerRows"]
 class _Request:
     """One worker's landed ids: per table, the rows its push carries and those it pulls."""
 
-    def __init__(self):
-        self.push = {}
-        self.want = {}
+    def __init__(self) -> None:
+        self.push: Dict[str, np.ndarray] = {}
+        self.want: Dict[str, np.ndarray] = {}
 
 
 class ServerRows(ServerPart):
@@ -42,8 +49,9 @@ class ServerRows(ServerPart):
 
     stats_key = "sparse"
 
-    def __init__(self, tables, weights, optimizer, opt_state, links, index=0,
-                 on_arrival=None):
+    def __init__(self, tables: SparseTables, weights: np.ndarray, optimizer: Optimizer,
+                 opt_state: Mapping[str, np.ndarray], links: Sequence[Link], index: int = 0,
+                 on_arrival: Optional[float] = None) -> None:
         """``index``: this server's place among the servers (its block of each table's rows:
         tables.row_blocks[index]); ``links``: each worker's link, through which its ids and
         rows move. ``on_arrival``: the weight each push's rows are applied with as it
@@ -60,7 +68,7 @@ class ServerRows(ServerPart):
         max_ids = sum(self.capacity.values())
         max_elems = tables.server_elems(index)
         self.optimizer = optimizer
-        self.state = {}
+        self.state: Dict[str, Dict[str, np.ndarray]] = {}
         dtype = weights.dtype
         for name in self.names:
             rows, dim = tables.rows[name], tables.dims[name]
@@ -77,7 +85,8 @@ class ServerRows(ServerPart):
         self._ids = [np.zeros(2 * t + 2 * max_ids, np.int64) for _ in range(n)]
         self.modes = [link.name for link in self.links]
         base = tables.bases[index]
-        self._rows, self._out = [], []
+        self._rows: List[np.ndarray] = []
+        self._out: List[Optional[np.ndarray]] = []
         for link in self.links:
             # Through the window the rows lie in the worker's segments: the gradient's for a
             # push, its copy of the weights for a pull ("shared-copy"; "shared-read" worker
@@ -91,9 +100,9 @@ class ServerRows(ServerPart):
         # past MPICH's eager size would otherwise wait, and its push with it, until the
         # server had read the request's header. A worker has one request in flight and waits
         # for its reply, so the buffers are free again before it can send the next.
-        self._ids_recv = [None] * n
-        self._rows_recv = [None] * n
-        self._expect = [None] * n
+        self._ids_recv: List[Any] = [None] * n
+        self._rows_recv: List[Any] = [None] * n
+        self._expect: List[Optional[bool]] = [None] * n
         self._landed = [_Request() for _ in range(n)]
         self._acc = {name: np.zeros((min(self.capacity[name] * n,
                                          self.row_ranges[name][1] - self.row_ranges[name][0]),
@@ -101,26 +110,26 @@ class ServerRows(ServerPart):
                      for name in self.names}
         self.version = 0  # updates applied to the tables
         self._pulled_at = [0] * n  # the table version each worker's rows came from
-        self.staleness = Counter()
+        self.staleness: Counter[int] = Counter()
         self.bytes_in = [0] * n
         self.bytes_out = [0] * n
         self.rows_in = 0
         self.rows_out = 0
 
     # -- landing ----------------------------------------------------------------------------
-    def start(self, workers):
+    def start(self, workers: Iterable[int]) -> None:
         """Post the first receives of ``workers``' ids and rows (before any can arrive)."""
         for w in workers:
             self._repost(w, rows=True)
 
-    def _repost(self, worker, ids=True, rows=True):
+    def _repost(self, worker: int, ids: bool = True, rows: bool = True) -> None:
         link = self.links[worker]
         if ids:
             self._ids_recv[worker] = link.post_array(self._ids[worker], Tag.SPARSE_IDS)
         if rows and link.moves_payload and self._rows_recv[worker] is None:
             self._rows_recv[worker] = link.post_array(self._rows[worker], Tag.SPARSE_ROWS)
 
-    def announce(self, worker, push):
+    def announce(self, worker: int, push: bool) -> None:
         """Worker's request header is here: its ids (and, for a push, rows) are to land."""
         if self._expect[worker] is not None:
             raise ProtocolError(f"worker {worker} sent a request before its last one landed")
@@ -128,14 +137,14 @@ class ServerRows(ServerPart):
             raise ProtocolError(f"worker {worker} sent a request after it finished")
         self._expect[worker] = push
 
-    def close(self, worker):
+    def close(self, worker: int) -> None:
         """Worker is done: its receives still posted are cancelled."""
         for recvs in (self._ids_recv, self._rows_recv):
             if recvs[worker] is not None:
                 self.links[worker].channel.cancel([recvs[worker]])
                 recvs[worker] = None
 
-    def land(self, worker, push=None):
+    def land(self, worker: int, push: Optional[bool] = None) -> Landed:
         """Wait for worker's ids (and rows) and check them. Returns (finite, bytes): finite
         False when the pushed rows are not (the push is then refused whole)."""
         push, self._expect[worker] = self._expect[worker], None
@@ -172,7 +181,7 @@ class ServerRows(ServerPart):
         self.bytes_in[worker] += nbytes
         return (not push or frame_finite(self._rows[worker][:elems])), nbytes
 
-    def _check_ids(self, worker, name, rows):
+    def _check_ids(self, worker: int, name: str, rows: np.ndarray) -> None:
         lo, hi = self.row_ranges[name]
         if len(rows) > self.capacity[name] or (
                 len(rows) and (rows[0] < lo or rows[-1] >= hi
@@ -180,16 +189,16 @@ class ServerRows(ServerPart):
             raise ProtocolError(f"worker {worker} sent {len(rows)} ids of table {name!r} that "
                                 f"are not distinct sorted rows of this server's [{lo}, {hi})")
 
-    def copy_rows(self, tables):
+    def copy_rows(self, tables: Mapping[str, np.ndarray]) -> None:
         """This server's rows of ``tables`` (views of another flat buffer) into its own."""
         for name, (lo, hi) in self.row_ranges.items():
             self.table[name][lo:hi] = tables[name][lo:hi]
 
-    def state_part(self):
+    def state_part(self) -> Dict[str, Any]:
         """This server's rows of the tables and of their optimizer state, for its checkpoint
         part (the servers' parts, joined in order, are the whole tables: each holds a block
         of every table, in order)."""
-        out = {}
+        out: Dict[str, Any] = {}
         for name, (lo, hi) in self.row_ranges.items():
             out[f"table.{name}"] = self.table[name][lo:hi]
             for key, value in self.state[name].items():
@@ -197,7 +206,7 @@ class ServerRows(ServerPart):
                     out[f"rows.{name}.{key}"] = value[lo:hi]
         return out
 
-    def restore(self, arrays):
+    def restore(self, arrays: Dict[str, Any]) -> None:
         """This server's rows of the tables and their state from a checkpoint's arrays."""
         for name, (lo, hi) in self.row_ranges.items():
             self.table[name][lo:hi] = arrays[f"table.{name}"][lo:hi]
@@ -205,7 +214,7 @@ class ServerRows(ServerPart):
                 if not key.startswith("_"):
                     value[lo:hi] = arrays[f"rows.{name}.{key}"][lo:hi]
 
-    def _pushed(self, worker):
+    def _pushed(self, worker: int) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
         """(name, ids, (n, dim) rows) of worker's landed push."""
         req, flat, at = self._landed[worker], self._rows[worker], 0
         for name in self.names:
@@ -215,7 +224,7 @@ class ServerRows(ServerPart):
             at += len(ids) * dim
 
     # -- updates ----------------------------------------------------------------------------
-    def apply_mean(self, workers, scale, weight):
+    def apply_mean(self, workers: Sequence[int], scale: float, weight: float) -> None:
         """One step with the sum of ``workers``' pushed rows (in worker order, so that it is
         reproducible bit for bit and equals the dense sum) times ``scale``; nothing when the
         rows are applied on arrival instead."""
@@ -238,7 +247,7 @@ class ServerRows(ServerPart):
                 self._apply(name, ids, acc, weight)
         self._updated(workers)
 
-    def apply_one(self, worker, weight, arrival=False):
+    def apply_one(self, worker: int, weight: float, arrival: bool = False) -> None:
         """Worker's pushed rows alone, now, as ``weight`` of one optimizer step (under a
         dense decision, only when the rows follow the dense policy)."""
         if self.on_arrival is not None and not arrival:
@@ -247,21 +256,21 @@ class ServerRows(ServerPart):
             self._apply(name, ids, rows, weight)
         self._updated([worker])
 
-    def _apply(self, name, ids, g, weight):
+    def _apply(self, name: str, ids: np.ndarray, g: np.ndarray, weight: float) -> None:
         if len(ids):
             self.optimizer.apply_rows(self.state[name], self.table[name], ids, g, weight)
 
-    def _updated(self, workers):
+    def _updated(self, workers: Iterable[int]) -> None:
         for w in workers:
             self.staleness[self.version - self._pulled_at[w]] += 1
         self.version += 1
 
     # -- answers ----------------------------------------------------------------------------
-    def accepted(self, worker):
+    def accepted(self, worker: int) -> None:
         if self.on_arrival is not None:
             self.apply_one(worker, self.on_arrival, arrival=True)
 
-    def serve(self, worker, sends):
+    def serve(self, worker: int, sends: List[Any]) -> int:
         """Give worker the rows its pull asked for, as they are now: by message, into its copy
         of the weights, or (it reads them in place, after the reply) nothing to do but count
         them. The send to wait on goes in ``sends``; returns the bytes."""
@@ -280,25 +289,26 @@ class ServerRows(ServerPart):
         # Its last push's rows are used (a pull is answered only after): the buffer is free.
         self._repost(worker, ids=False)
         if self.links[worker].moves_payload:
+            assert out is not None  # a link that moves payload has a buffer of its own
             sends.append(self.links[worker].send_array(out[:at], Tag.SPARSE_PULL))
         return nbytes
 
-    def params(self):
+    def params(self) -> int:
         return self.tables.server_params(self.index)
 
-    def snapshot_arrays(self, weights):
+    def snapshot_arrays(self, weights: np.ndarray) -> List[np.ndarray]:
         """Its block of each table's rows, in the tables' order."""
         tables = self.tables.views(weights)
         return [tables[name][a:b] for name, (a, b) in self.row_ranges.items()]
 
-    def dense_range(self, start, stop):
+    def dense_range(self, start: int, stop: int) -> Tuple[int, int]:
         end = self.tables.dense_end  # the tables follow the dense weights; rows go by block
         return min(start, end), min(stop, end)
 
-    def result_params(self, params):
+    def result_params(self, params: Dict[str, Any]) -> Dict[str, Any]:
         return self.tables.from_storage(params)
 
-    def stats(self, others=()):
+    def stats(self, others: Sequence[Any] = ()) -> Dict[str, Any]:
         """The exchange's counts (with ``others``: the other servers' stats, summed in)."""
         mine = {"rows_pushed": self.rows_in, "rows_pulled": self.rows_out,
                 "bytes_pushed": sum(self.bytes_in), "bytes_pulled": sum(self.bytes_out)}

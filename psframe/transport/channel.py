@@ -17,7 +17,7 @@ class Channel:
     transport replaces this class (and psframe.transport.links), not the roles."""
 
     def __init__(self, comm: MPI.Comm, layout: Any, waiter: Optional[Waiter] = None,
-                 nodes: Optional[Sequence[int]] = None):
+                 nodes: Optional[Sequence[int]] = None) -> None:
         self.comm = comm
         self.layout = layout
         # Each rank's MPI node (psframe.transport.shm.node_ids), when the run has counted
@@ -60,14 +60,14 @@ class Channel:
         wait), testing without a pause while any of ``watched`` (which holds ``needed``)
         keeps completing: a sleep then would stall a transfer that needs this rank's
         progress (see Waiter.until_settled)."""
-        def done():
+        def done() -> bool:
             return all(r.Get_status() for r in needed)
 
         if done():
             return
         landed = sum(r.Get_status() for r in watched)
 
-        def moved():
+        def moved() -> bool:
             nonlocal landed
             before, landed = landed, sum(r.Get_status() for r in watched)
             return landed > before
@@ -182,7 +182,7 @@ class RequestQueue:
     PUSH, so its receive is posted again as soon as a header is read.
     """
 
-    def __init__(self, channel: Channel, sources: Sequence[int], tag: int):
+    def __init__(self, channel: Channel, sources: Sequence[int], tag: int) -> None:
         from .wire import new_header
 
         self.channel = channel

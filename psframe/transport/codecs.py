@@ -23,7 +23,7 @@ class Codec:
 
     name = "codec"
 
-    def __init__(self, dtype: np.dtype):
+    def __init__(self, dtype: np.dtype) -> None:
         self.dtype = np.dtype(dtype)  # the flat buffer's element type
 
     @property

@@ -37,7 +37,7 @@ class Landing:
     and the worker's device copies see frames, never requests."""
 
     def __init__(self, channel: Channel, flat: np.ndarray, frames: Sequence[Frame],
-                 requests: List[Any], codec: Codec):
+                 requests: List[Any], codec: Codec) -> None:
         self.channel = channel
         self.flat = flat
         self.frames = list(frames)
@@ -103,7 +103,7 @@ class Sends:
     """The sends of one answer in flight (weight frames, row-sparse rows): the server's
     update hands each frame to the links through it, and never sees a request."""
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.requests: List[Any] = []
 
@@ -140,7 +140,7 @@ class Link:
     streams = False
 
     def __init__(self, channel: Channel, peer: int, gradient: Any, weights: Any,
-                 codec: Optional[Codec] = None):
+                 codec: Optional[Codec] = None) -> None:
         self.channel = channel
         self.peer = peer
         self.gradient = gradient
@@ -212,7 +212,7 @@ class MessageLink(Link):
     moves_payload = True
 
     def __init__(self, channel: Channel, peer: int, gradient: Any, weights: Any,
-                 codec: Optional[Codec] = None, streams: bool = False):
+                 codec: Optional[Codec] = None, streams: bool = False) -> None:
         super().__init__(channel, peer, gradient, weights, codec)
         self.streams = streams
 
@@ -222,25 +222,28 @@ class MessageLink(Link):
                     for a, b in frames]
         return Landing(channel, flat, frames, requests, codec)
 
-    def post_push(self, lo, hi, frames=None):
+    def post_push(self, lo: int, hi: int,
+                  frames: Optional[Sequence[Frame]] = None) -> Landing:
         return self._post(self.gradient, self._frames(lo, hi, frames), Tag.PUSH)
 
-    def pushed_frames(self, lo, hi, frames=None, landing=None):
+    def pushed_frames(self, lo: int, hi: int, frames: Optional[Sequence[Frame]] = None,
+                      landing: Optional[Landing] = None) -> Iterator[Frame]:
         if landing is None:
             landing = self.post_push(lo, hi, frames)
         yield from landing.arrivals()
 
-    def send_frame(self, weights, a, b, sends):
+    def send_frame(self, weights: np.ndarray, a: int, b: int, sends: List[Any]) -> None:
         sends.append(self.channel.isend_array(self.codec.encode(weights, a, b), self.peer,
                                               Tag.WEIGHTS))
 
-    def post_weights(self, lo, hi):
+    def post_weights(self, lo: int, hi: int) -> Landing:
         return self._post(self.weights, self.channel.layout.frames(lo, hi), Tag.WEIGHTS)
 
-    def await_reply(self, reply, lo, hi):
+    def await_reply(self, reply: Any, lo: int, hi: int) -> None:
         self.channel.wait(reply)
 
-    def post_frames(self, lo, hi, frames=None):
+    def post_frames(self, lo: int, hi: int,
+                    frames: Optional[Sequence[Frame]] = None) -> List[Any]:
         codec, flat = self.codec, self.gradient
         return [self.channel.isend_array(codec.encode(flat, a, b), self.peer, Tag.PUSH)
                 for a, b in self._frames(lo, hi, frames)]
@@ -259,38 +262,39 @@ class SharedLink(Link):
     moves_payload = False
 
     def __init__(self, channel: Channel, peer: int, gradient: Any, weights: Any,
-                 window: SharedWindow, server_writes: bool):
+                 window: SharedWindow, server_writes: bool) -> None:
         super().__init__(channel, peer, gradient, weights)
         self.window = window
         self.name = "shared-copy" if server_writes else "shared-read"
 
-    def pushed_frames(self, lo, hi, frames=None, landing=None):
+    def pushed_frames(self, lo: int, hi: int, frames: Optional[Sequence[Frame]] = None,
+                      landing: Optional[Landing] = None) -> Iterator[Frame]:
         self.window.fence()  # already in the worker's segment: read it where it lies
         yield from self.channel.layout.frames(lo, hi)
 
-    def send_frame(self, weights, a, b, sends):
+    def send_frame(self, weights: np.ndarray, a: int, b: int, sends: List[Any]) -> None:
         if self.weights is not None:  # copied while the frame is still in cache
             np.copyto(self.weights[a:b], weights[a:b])
 
-    def replies_ready(self):
+    def replies_ready(self) -> None:
         self.window.fence()
 
     @property
-    def ready_key(self):
+    def ready_key(self) -> Any:
         return id(self.window)  # one fence orders this rank's writes to the whole window
 
-    def post_weights(self, lo, hi):
+    def post_weights(self, lo: int, hi: int) -> Landing:
         # The server writes them in place, then answers: nothing to land.
         return Landing(self.channel, self.weights, [], [], self.codec)
 
-    def await_reply(self, reply, lo, hi):
+    def await_reply(self, reply: Any, lo: int, hi: int) -> None:
         # No transfer to keep moving: the reply comes when the server's update is done.
         layout = self.channel.layout
         start, stop = layout.shard_range(lo, hi)
         self.channel.wait_for_work(reply, transfer_idle_s((stop - start) * layout.dtype.itemsize))
         self.window.fence()  # the server's writes before the reply, seen before our reads
 
-    def before_push(self):
+    def before_push(self) -> None:
         self.window.fence()  # the gradient is already in our segment: the header says so
 
 

@@ -1,8 +1,11 @@
 """LayerwiseWorker: P3-style overlap of each layer's transfers with the other layers' compute."""
+from __future__ import annotations
+
 import time
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..params import overlap
-from ..transport import Op, Status
+from ..transport import Landing, Op, Status
 from .worker import Worker
 
 __all__ = ["LayerwiseWorker"]
@@ -25,9 +28,22 @@ class LayerwiseWorker(Worker):
     buffers and takes Worker's path, with its push in the same layer order.
     """
 
-    def run(self):
+    # Set by run(): the step's state, which the model's hooks read and write.
+    _pending: List[Landing]
+    _layer_shards: Dict[int, Tuple[int, int]]
+    _layer_elems: Dict[int, Tuple[int, int]]
+    _step: int
+    _next: bool
+    _sends: List[Any]
+    _posted: Optional[List[Tuple[int, Tuple[int, int], Any, Landing]]]
+    _samples: int
+    _reported: Set[str]
+    _loss: Any
+
+    def run(self) -> None:
         if self._staged:  # device copies are per pull: Worker's loop, frames in layer order
             return super().run()
+        assert self.layer_shards is not None  # a layer-wise run has them (training.roles)
         t0, cpu0 = time.perf_counter(), time.process_time()
         step = self.start_step
         self._pending = []  # the Landings of weight frames still arriving
@@ -59,7 +75,7 @@ class LayerwiseWorker(Worker):
         self.finish(t0, cpu0, step)
 
     # -- the model's hooks ------------------------------------------------------------------
-    def before_layer(self, i):
+    def before_layer(self, i: int) -> None:
         """Layer i computes on its weights: wait for their frames, not for the later ones."""
         if i not in self._layer_elems or not self._pending:
             return
@@ -67,7 +83,7 @@ class LayerwiseWorker(Worker):
         for landing in self._pending:  # counted as compute: it overlaps
             landing.wait_within(start, stop)
 
-    def after_forward(self, loss):
+    def after_forward(self, loss: Any) -> None:
         """Every frame of this step's weights is in (each layer waited for its own): post the
         next step's receives, then tell the servers on messages that a push is coming."""
         for landing in self._pending:
@@ -83,7 +99,7 @@ class LayerwiseWorker(Worker):
             if self.links[i].moves_payload:
                 self._header(op, i, a, b)
 
-    def after_backward(self, i, grads):
+    def after_backward(self, i: int, grads: Dict[str, Any]) -> None:
         """Layer i's gradient into the push buffer, and at once on to the servers."""
         for name, g in grads.items():
             self._pack_one(name, g)
@@ -96,7 +112,7 @@ class LayerwiseWorker(Worker):
                 self._sends += link.post_frames(lo, hi)
 
     # -- the rest of a step -----------------------------------------------------------------
-    def _finish_push(self):
+    def _finish_push(self) -> None:
         """The shared-window servers' headers (the gradient is whole now), then every send
         done; a lone gradient check decides nothing here (see the flags in Worker)."""
         op = Op.PUSH_PULL if self._next else Op.PUSH
@@ -109,28 +125,29 @@ class LayerwiseWorker(Worker):
         self.channel.wait_frames(self._sends)
         self._sends = []
 
-    def _header(self, op, i, a, b):
+    def _header(self, op: int, i: int, a: int, b: int) -> None:
         start, stop = self.layout.shard_range(a, b)
         status = self._pull_status() if op == Op.PUSH_PULL else Status.OK
         self._send_header(op, self._step, a, b, count=stop - start, loss=self._loss,
                           samples=self._samples, status=status, to=i)
 
-    def _start_pull(self, op, clock):
+    def _start_pull(self, op: int, clock: int) -> bool:
         posted = self._post_pull(*self.shards)
         for i, (a, b), _, _ in posted:
             self._send_header(op, clock, a, b, status=self._pull_status(), to=i)
         self._posted = posted
         return self._await_replies()
 
-    def _await_replies(self):
+    def _await_replies(self) -> bool:
         """The servers' replies to this step's pull: the weights may still be arriving."""
+        assert self._posted is not None  # the pull posted (_start_pull, after_forward)
         with self.waiting:
             ok = self._receive_weights(self._posted, wait_frames=False)
         if ok:
             self._pending = [landing for *_, landing in self._posted]
         return ok
 
-    def _check_reported(self, step):
+    def _check_reported(self, step: int) -> None:
         if self._reported != set(self.grad_views):
             missing = sorted(set(self.grad_views) - self._reported)
             raise ValueError(f"loss_and_grad gave no gradient for {missing} at step {step}")

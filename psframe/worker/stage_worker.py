@@ -1,5 +1,8 @@
 """One stage of a GPipe-style pipeline: a worker that owns some layers and their shards."""
+from __future__ import annotations
+
 import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -7,6 +10,9 @@ from ..metrics import Stopwatch
 from ..transport import Tag
 from .stages import stage_shard_range
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from ..params import ParamLayout
 
 __all__ = ["StageWorker"]
 
@@ -21,9 +27,17 @@ class StageWorker(Worker):
     backward, so both always see the same weights (PipeDream's weight stashing, for free).
     """
 
-    def __init__(self, channel, server_rank, index, layout, model, backend, X, y, schedule, steps,
-                 *, layer_ids, stage, n_stages, prev_rank, next_rank, micro_batches,
-                 delay=0.0, start_step=0, transport="mpi", reads_in_place=False):
+    steps: int  # a pipeline trains on static data: a step count, never dynamic dispatch
+    act_out: Optional[List[Any]]
+    grad_out: Optional[List[Any]]
+
+    def __init__(self, channel: Any,
+                 server_rank: Union[int, Sequence[Tuple[int, Tuple[int, int]]]], index: int,
+                 layout: ParamLayout, model: Any, backend: Any, X: Any, y: Any, schedule: Any,
+                 steps: int, *, layer_ids: Sequence[int], stage: int, n_stages: int,
+                 prev_rank: Optional[int], next_rank: Optional[int], micro_batches: int,
+                 delay: float = 0.0, start_step: int = 0, transport: str = "mpi",
+                 reads_in_place: bool = False) -> None:
         super().__init__(channel, server_rank, index, layout, model, backend, X, y, schedule, steps,
                          delay=delay, start_step=start_step, transport=transport,
                          reads_in_place=reads_in_place)
@@ -57,14 +71,14 @@ class StageWorker(Worker):
             self.grad_out = [be.pinned((len(mb),) + self._in_shape, dt) for mb in self.micro]
         self.idle = Stopwatch()
 
-    def _shape_before(self, layer_index, n_features):
+    def _shape_before(self, layer_index: int, n_features: int) -> Tuple[int, ...]:
         shape = self.model.out_features(n_features, stop=layer_index)
         return (shape,) if isinstance(shape, int) else tuple(shape)
 
-    def _params_of(self, i):
+    def _params_of(self, i: int) -> Dict[str, Any]:
         return {local: self.params[full] for local, full in self.names[i]}
 
-    def _accumulator(self, grad_slice, start):
+    def _accumulator(self, grad_slice: np.ndarray, start: int) -> Tuple[Any, Dict[str, Any]]:
         """Where the stage sums its gradient over micro-batches: the push buffer itself, or on a
         host-staged GPU a device buffer (with per-parameter views) copied out once per step."""
         if not self._staged:
@@ -77,7 +91,7 @@ class StageWorker(Worker):
                 views[full] = acc[a:a + self.layout.sizes[full]].reshape(self.layout.shapes[full])
         return acc, views
 
-    def run(self):
+    def run(self) -> None:
         t0, cpu0 = time.perf_counter(), time.process_time()
         lo, hi = self.shards
         start, stop = self.layout.shard_range(lo, hi)
@@ -105,19 +119,21 @@ class StageWorker(Worker):
                 step = self.steps
         self.finish(t0, cpu0, step, idle_s=self.idle.total + self.waiting.total)
 
-    def _outgoing(self, array, buffers, i):
+    def _outgoing(self, array: Any, buffers: Optional[List[Any]], i: int) -> Any:
         """A device array made ready for MPI: copied into pinned ``buffers[i]`` (or contiguous
         on the device where MPI is CUDA-aware), with the stream synchronized either way."""
         if self._staged:
+            assert buffers is not None  # a host-staged GPU has pinned buffers
             out = self.backend.to_host(array, out=buffers[i])
         else:
             out = self.backend.xp.ascontiguousarray(array)
         self.backend.synchronize()
         return out
 
-    def _receive(self, host, device, source, tag):
+    def _receive(self, host: Any, device: Any, source: Optional[int], tag: int) -> Any:
         """A neighbour's activations (or their gradient) into ``host``, then on to ``device``
         where the layers read it (the same array unless a GPU is host-staged)."""
+        assert source is not None  # prev_rank or next_rank: a stage has that neighbour
         self._waiting = ("activations" if tag == Tag.ACT else "their gradient", source)
         with self.idle:
             self.channel.recv_array(host, source, tag)
@@ -127,13 +143,13 @@ class StageWorker(Worker):
             self.backend.to_device(host, out=device)
         return device
 
-    def _rows_for_device(self, rows):
+    def _rows_for_device(self, rows: np.ndarray) -> Any:
         """The step's rows where the device gathers them: on the device if the data is."""
         if not self._device or not (self.first or self.last):
             return rows
         return self._device_rows(rows) if self._device_data() is not None else rows
 
-    def _forward(self, rows):
+    def _forward(self, rows: np.ndarray) -> Tuple[float, List[Any], List[List[Any]], List[Any]]:
         sends, caches, douts, loss = [], [], [], 0.0
         idx = self._rows_for_device(rows)
         for i, mb in enumerate(self.micro):
@@ -166,7 +182,7 @@ class StageWorker(Worker):
                 caches[-1].append(out)  # keep the send buffer alive until it completes
         return loss, sends, caches, douts
 
-    def _backward(self, caches, douts):
+    def _backward(self, caches: List[List[Any]], douts: List[Any]) -> List[Any]:
         sends = []
         for i in reversed(range(len(self.micro))):
             if self.last:

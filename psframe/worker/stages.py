@@ -1,22 +1,30 @@
 """Model parallel planning: where to cut a model's layers into pipeline stages."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..params import ParamLayout
 
 __all__ = ["plan_stages", "stage_shard_range", "gpipe_bubble"]
 
 
-def gpipe_bubble(n_stages, micro_batches):
+def gpipe_bubble(n_stages: int, micro_batches: int) -> float:
     """GPipe's estimate of the idle share of each stage: (P-1) / (m+P-1)."""
     return (n_stages - 1) / (micro_batches + n_stages - 1)
 
 
-def _layer_cost(layer, batch):
+def _layer_cost(layer: Any, batch: int) -> int:
     # Forward FLOPs dominate and backward is about twice that; the parameter count stands in
     # for the push/pull and optimizer work. Both scale with n_in*n_out for a Dense layer.
     n_params = sum(int(np.prod(s)) for s in layer.param_shapes().values())
     return layer.flops(batch) * 3 + n_params
 
 
-def plan_stages(model, n_stages, batch_size, stages=None):
+def plan_stages(model: Any, n_stages: int, batch_size: int,
+                stages: Optional[Sequence[Sequence[int]]] = None) -> List[List[int]]:
     """Layer indices of each stage: consecutive, every stage with a parameterised layer.
 
     ``stages`` (a list of lists of layer indices) sets the cut by hand; otherwise the cut
@@ -44,14 +52,15 @@ def plan_stages(model, n_stages, batch_size, stages=None):
     starts = [0] + param_layers[1:]
     prefix = np.concatenate([[0], np.cumsum(costs)])
 
-    def cost(a, b):  # layers starts[a] .. starts[b]-1 (or to the end)
+    def cost(a: int, b: int) -> float:  # layers starts[a] .. starts[b]-1 (or to the end)
         stop = starts[b] if b < len(starts) else n_layers
         return prefix[stop] - prefix[starts[a]]
 
     n = len(starts)
-    best = {}  # (first start index, stages left) -> (max cost, cut list)
+    # (first start index, stages left) -> (max cost, cut list)
+    best: Dict[Tuple[int, int], Tuple[float, List[int]]] = {}
 
-    def solve(a, k):
+    def solve(a: int, k: int) -> Tuple[float, List[int]]:
         if (a, k) in best:
             return best[(a, k)]
         if k == 1:
@@ -63,6 +72,7 @@ def plan_stages(model, n_stages, batch_size, stages=None):
                 candidate = (max(cost(a, b), tail_cost), [a] + tail)
                 if result is None or candidate[0] < result[0]:
                     result = candidate
+        assert result is not None  # a + k <= n: b took at least one value
         best[(a, k)] = result
         return result
 
@@ -71,7 +81,8 @@ def plan_stages(model, n_stages, batch_size, stages=None):
     return [list(range(bounds[k], bounds[k + 1])) for k in range(n_stages)]
 
 
-def _check_manual(stages, n_stages, n_layers, has_params):
+def _check_manual(stages: Any, n_stages: int, n_layers: int,
+                  has_params: Sequence[bool]) -> List[List[int]]:
     try:
         stages = [[int(i) for i in stage] for stage in stages]
     except TypeError:
@@ -89,13 +100,14 @@ def _check_manual(stages, n_stages, n_layers, has_params):
     return stages
 
 
-def layer_shard_ranges(model, layout):
+def layer_shard_ranges(model: Any, layout: ParamLayout) -> List[Tuple[int, int]]:
     """Each trained layer's shard range, in forward order (a layer-wise push's units)."""
     return [stage_shard_range(model, layout, [i]) for i in range(len(model.layers))
             if model.layer_param_names(i)]
 
 
-def stage_shard_range(model, layout, layer_ids):
+def stage_shard_range(model: Any, layout: ParamLayout,
+                      layer_ids: Sequence[int]) -> Tuple[int, int]:
     """Shards [lo, hi) holding exactly the parameters of these layers."""
     names = [n for i in layer_ids for n in model.layer_param_names(i)]
     start = min(layout.offsets[n] for n in names)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -16,16 +16,20 @@ from ..finite import frame_finite
 from ..data import Features
 from ..sparse.worker_rows import WorkerRows
 
+if TYPE_CHECKING:
+    from ..params import ParamLayout
+    from ..sparse.tables import SparseTables
+
 __all__ = ["Worker"]
 
 
-def _nothing():
+def _nothing() -> None:
     return None
 
 _NOT_YET = object()  # the worker's data has not been offered to the device yet
 
 
-def _like(X, n, empty):
+def _like(X: Any, n: int, empty: Callable[..., Any]) -> Any:
     """An uninitialised batch of ``n`` rows shaped like X's. For several inputs (Features) a
     plain dict of one buffer per input: a model reads a batch by key only, and the row-sparse
     path (psframe.sparse.batch_ids) copies it as a dict to swap in remapped ids."""
@@ -37,9 +41,12 @@ def _like(X, n, empty):
 class Worker:
     """One worker of a data-parallel run; ``index`` is its 0-based place among the workers."""
 
-    def __init__(self, channel, servers, index, layout, model, backend, X, y, schedule, steps,
-                 delay=0.0, start_step=0, transport="mpi", reads_in_place=False, layer_shards=None,
-                 sparse=None):
+    def __init__(self, channel: Any, servers: Union[int, Sequence[Tuple[int, Tuple[int, int]]]],
+                 index: int, layout: ParamLayout, model: Any, backend: Any, X: Any, y: Any,
+                 schedule: Any, steps: Optional[int], delay: float = 0.0, start_step: int = 0,
+                 transport: str = "mpi", reads_in_place: bool = False,
+                 layer_shards: Optional[Sequence[Tuple[int, int]]] = None,
+                 sparse: Optional[SparseTables] = None) -> None:
         """``channel``: a psframe.transport.Channel (or a communicator, wrapped in one).
         ``servers``: the server's rank, or (rank, shard range) of every server, the first
         being rank 0's: each step pushes to and pulls from all of them at once.
@@ -80,7 +87,7 @@ class Worker:
         self._open_window(transport, reads_in_place)
         self.params = layout.views(self._weights_dev)
         self.grad_views = layout.views(self.grad)
-        self._data = _NOT_YET  # (X, y) on the device once the first batch asks for them
+        self._data: Any = _NOT_YET  # (X, y) on the device once the first batch asks for them
         self.version = 0
         self.batch = -1
         self._request = new_header()
@@ -90,12 +97,12 @@ class Worker:
         # several servers must agree on whether a push is usable, and a server applies a
         # push by message frame by frame as it lands (Flag.FINITE).
         self._check_finite = len(self.servers) > 1 or any(link.streams for link in self.links)
-        self._batches = {}  # batch size -> preallocated (X, y) buffers
+        self._batches: Dict[Any, Any] = {}  # batch size -> preallocated (X, y) buffers
         self.waiting, self.computing, self.pushing = Stopwatch(), Stopwatch(), Stopwatch()
         self.heartbeat = _nothing  # set by the run (psframe.training.watchdog)
         # What it waits for, as (what, rank): set on every wait, put in words only when the
         # watchdog asks (no string formatting per step).
-        self._waiting = ("computing", None)
+        self._waiting: Tuple[str, Optional[int]] = ("computing", None)
         self._parts_of: Dict[Tuple[int, int], list] = {}  # shard range -> _parts(range)
         # The payload parts besides the dense frames (psframe.transport.parts): the
         # row-sparse tables' rows, when the model has some.
@@ -106,7 +113,7 @@ class Worker:
         self._every_server = any(p.every_server for p in self.parts)
         self._parts_posted: List[Any] = []  # the parts' receives of the pull in flight
 
-    def _open_window(self, transport, reads_in_place):
+    def _open_window(self, transport: str, reads_in_place: bool) -> None:
         """The link to each server, with the gradient and weight buffers they share
         (see psframe.transport.links.open_worker_links)."""
         self.window, self.links, self._weights_dev = open_worker_links(
@@ -116,11 +123,11 @@ class Worker:
         self.grad, self.weights = self.link.gradient, self.link.weights
         self._staged = self.weights is not self._weights_dev
 
-    def release(self):
+    def release(self) -> None:
         """Free the shared window (collective with the server and this node's workers)."""
         self.window.close()
 
-    def run(self):
+    def run(self) -> None:
         t0, cpu0 = time.perf_counter(), time.process_time()
         step = self.start_step
         with self.backend.activate():  # the GPU path's kernels run on the worker's CUDA stream
@@ -149,7 +156,7 @@ class Worker:
                         # Static data: the next rows do not depend on the reply, so gather them
                         # while the server updates (the model has finished with this batch's
                         # buffers, which the gather reuses).
-                        def meanwhile(next_step=step):
+                        def meanwhile(next_step: int = step) -> None:
                             nonlocal ahead
                             ahead = self._batch_rows(next_step)
                     more = self.push_pull(step - 1, float(loss), len(rows), meanwhile=meanwhile)
@@ -158,7 +165,8 @@ class Worker:
                         self.push(step - 1, float(loss), len(rows))
         self.finish(t0, cpu0, step)
 
-    def compute(self, step, gathered=None):
+    def compute(self, step: int,
+                gathered: Optional[Tuple[np.ndarray, Any, Any]] = None) -> Tuple[Any, np.ndarray]:
         """Step ``step``'s gradient into the push buffer: gather its batch (unless
         ``gathered`` holds its (rows, X, y) already), run the model, pack the gradients.
         Returns (loss, rows)."""
@@ -170,7 +178,7 @@ class Worker:
         self._pack(grads, step)
         return loss, rows
 
-    def set_weights(self, flat=None):
+    def set_weights(self, flat: Optional[np.ndarray] = None) -> None:
         """The weights as a pull leaves them, without a server: ``flat`` (default: what the
         pull buffer holds) into the pull buffer, then on to the device the model computes on."""
         if flat is not None:
@@ -179,7 +187,7 @@ class Worker:
             for a, b in self.layout.frames():
                 self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
-    def _batch_rows(self, step):
+    def _batch_rows(self, step: int) -> Tuple[np.ndarray, Any, Any]:
         """(rows, X, y) of a step: the rows the schedule (or the dispatched batch) gives."""
         rows = self.schedule.rows(self.batch if self.steps is None else step)
         xb, yb = self._gather(rows)
@@ -187,11 +195,11 @@ class Worker:
             xb = part.batch(xb)
         return rows, xb, yb
 
-    def _has_step(self, step):
+    def _has_step(self, step: int) -> bool:
         """Whether step ``step`` is this worker's to take (always, under dynamic dispatch)."""
         return self.steps is None or step < self.steps
 
-    def finish(self, t0, cpu0, steps, **extra):
+    def finish(self, t0: float, cpu0: float, steps: int, **extra: Any) -> None:
         """Tell the server this worker is done (``steps`` taken since wall time ``t0`` and CPU
         time ``cpu0``), with its timing report; the last message a worker sends."""
         for i, (lo, hi) in self._parts(*self.shards):  # every server that serves it
@@ -208,7 +216,7 @@ class Worker:
         }
         self.channel.send_object(report, self.server, Tag.CONTROL)
 
-    def _gather(self, rows):
+    def _gather(self, rows: np.ndarray) -> Tuple[Any, Any]:
         """Rows into preallocated buffers: np.take(out=) instead of a fresh copy per step.
         Several inputs (a Features X) gather each input into a buffer of its own, the batch
         a dict of them."""
@@ -227,13 +235,13 @@ class Worker:
         np.take(self.y, rows, axis=0, out=yb)
         return xb, yb
 
-    def _device_data(self):
+    def _device_data(self) -> Optional[Tuple[Any, Any]]:
         """(X, y) on the device, copied once at the first batch; None if they do not fit."""
         if self._data is _NOT_YET:
             self._data = self.backend.put_data(self.X, self.y)
         return self._data
 
-    def _device_rows(self, rows):
+    def _device_rows(self, rows: np.ndarray) -> Any:
         """``rows`` as a device index array (preallocated per batch size)."""
         key = ("rows", len(rows))
         if key not in self._batches:
@@ -242,7 +250,7 @@ class Worker:
         np.copyto(host, rows)
         return self.backend.to_device(host, out=dev)
 
-    def _take(self, which, rows, out, slot=0):
+    def _take(self, which: int, rows: Any, out: Any, slot: int = 0) -> Any:
         """Rows of X (which=0) or y (which=1) into device array ``out``: gathered on the device
         where the data lives there, else on the host into a pinned buffer (one per ``slot``,
         so a pending copy is never overwritten) and copied over asynchronously."""
@@ -256,7 +264,7 @@ class Worker:
         host = np.take(source, rows, axis=0, out=self._batches[key])
         return self.backend.to_device(host, out=out)
 
-    def _gather_device(self, rows):
+    def _gather_device(self, rows: np.ndarray) -> Tuple[Any, Any]:
         n = len(rows)
         if isinstance(self.X, Features):
             return self._gather_inputs_device(rows)
@@ -267,7 +275,7 @@ class Worker:
         idx = self._device_rows(rows) if self._device_data() is not None else rows
         return self._take(0, idx, xb), self._take(1, idx, yb)
 
-    def _gather_inputs_device(self, rows):
+    def _gather_inputs_device(self, rows: np.ndarray) -> Tuple[Dict[str, Any], Any]:
         """Several inputs on a device: each gathered on the host into a pinned buffer of its
         own and copied over (the data stays on the host: put_data takes one X array)."""
         n = len(rows)
@@ -284,7 +292,7 @@ class Worker:
             self.backend.to_device(pinned[name], out=device[name])
         return {name: device[name] for name in self.X.keys()}, device["y"]
 
-    def waiting_for(self):
+    def waiting_for(self) -> str:
         """What it waits for, in words (the watchdog's diagnostic)."""
         what, rank = self._waiting
         if what == "computing":
@@ -293,7 +301,7 @@ class Worker:
             return f"the reply of server rank {rank} to its pull"
         return f"{what} from rank {rank}"
 
-    def _parts(self, lo, hi):
+    def _parts(self, lo: int, hi: int) -> List[Tuple[int, Tuple[int, int]]]:
         """(server index, shard range) of each server that takes part in shards [lo, hi):
         rank 0 always (it runs the policy: it hears every request, if empty), the others
         where their range meets [lo, hi)."""
@@ -301,14 +309,14 @@ class Worker:
         if parts is None:
             parts = []
             for i, (_, own) in enumerate(self.servers):
-                part = overlap(own, (lo, hi))
+                part = overlap(own, (lo, hi))  # type: ignore[arg-type]  # own: a pair
                 # A part that goes to every server (row-sparse rows) takes them all.
                 if i == 0 or part[0] < part[1] or self._every_server:
                     parts.append((i, part))
             self._parts_of[(lo, hi)] = parts
         return parts
 
-    def pull(self, clock, lo=0, hi=None):
+    def pull(self, clock: int, lo: int = 0, hi: Optional[int] = None) -> bool:
         """Fetch the weights; False when the server says the run is over for this worker."""
         if hi is None:
             lo, hi = self.shards
@@ -320,7 +328,9 @@ class Worker:
                                   for r in part.send(i, push=False, pull=True)])
         return self._receive_weights(posted)
 
-    def push_pull(self, clock, loss, samples, lo=0, hi=None, meanwhile=None):
+    def push_pull(self, clock: int, loss: float, samples: int, lo: int = 0,
+                  hi: Optional[int] = None,
+                  meanwhile: Optional[Callable[[], None]] = None) -> bool:
         """Push step ``clock``'s gradient and pull the weights of step ``clock + 1`` in one
         request; False when the server says the run is over for this worker. ``meanwhile``
         runs after the push has left, while the server updates (the next batch's gather)."""
@@ -335,10 +345,10 @@ class Worker:
         with self.waiting:
             return self._receive_weights(posted)
 
-    def _pull_status(self):
+    def _pull_status(self) -> Status:
         return Status.INTERRUPT if self._stop_requested else Status.OK
 
-    def _post_pull(self, lo, hi):
+    def _post_pull(self, lo: int, hi: int) -> List[Tuple[int, Tuple[int, int], Any, Landing]]:
         """Post the receives of each server's reply and weight frames, before asking for
         them, so the weights land straight in the weight buffer.
         Returns [(server index, its shard range, reply request, frame requests)]."""
@@ -352,7 +362,8 @@ class Worker:
                               for r in part.post_pull(i)]
         return posted
 
-    def _receive_weights(self, posted, wait_frames=True):
+    def _receive_weights(self, posted: Sequence[Tuple[int, Tuple[int, int], Any, Landing]],
+                         wait_frames: bool = True) -> bool:
         """Wait for each server's reply; then, with ``wait_frames``, for the weights (else
         the caller waits for them: a layer-wise worker, layer by layer)."""
         # Every server answers with rank 0's status: each follows rank 0's decisions.
@@ -392,14 +403,16 @@ class Worker:
         for a, b in landing.in_order():
             self.backend.to_device(self.weights[a:b], out=self._weights_dev[a:b])
 
-    def push(self, clock, loss, samples, lo=0, hi=None):
+    def push(self, clock: int, loss: float, samples: int, lo: int = 0,
+             hi: Optional[int] = None) -> None:
         if hi is None:
             lo, hi = self.shards
         if self._device:
             self.backend.synchronize()  # the gradient's copies must be done before MPI reads
         self._send_gradient(Op.PUSH, clock, loss, samples, lo, hi)
 
-    def _send_gradient(self, op, clock, loss, samples, lo, hi, status=Status.OK):
+    def _send_gradient(self, op: int, clock: int, loss: float, samples: int, lo: int, hi: int,
+                       status: int = Status.OK) -> None:
         """Each server's request header, then its range of the gradient's frames, all in
         flight at once; returns once MPI has them all."""
         flags = 0
@@ -419,23 +432,24 @@ class Worker:
                 sends += part.send(i, push=True, pull=pull)
         self.channel.wait_frames(sends)
 
-    def _push_order(self, lo, hi):
+    def _push_order(self, lo: int, hi: int) -> Optional[List[Tuple[int, int]]]:
         """The frames of a push of shards [lo, hi) in the order the servers expect them."""
         if self.layer_shards is None:
             return None
         return self.layout.layer_frames((lo, hi), self.layer_shards)
 
-    def request_stop(self):
+    def request_stop(self) -> None:
         """Ask the server to stop the run (signal-safe: the next pull carries the request)."""
         self._stop_requested = True
 
-    def _send_header(self, op, clock, lo, hi, count=0, loss=0.0, samples=0, status=Status.OK,
-                     flags=0, to=0):
+    def _send_header(self, op: int, clock: int, lo: int, hi: int, count: int = 0,
+                     loss: float = 0.0, samples: int = 0, status: int = Status.OK,
+                     flags: int = 0, to: int = 0) -> None:
         fill_header(self._request, op, self.index, clock, lo, hi, count, self.version, loss,
                     samples, status, self.batch, flags)
         self.channel.send_header(self._request, self.servers[to][0], Tag.REQUEST)
 
-    def _pack(self, grads, step):
+    def _pack(self, grads: Any, step: int) -> None:
         """Copy the model's gradients into the flat push buffer, checking names and shapes."""
         if not isinstance(grads, dict) or grads.keys() != self.grad_views.keys():
             got = sorted(grads) if isinstance(grads, dict) else type(grads).__name__
@@ -449,7 +463,7 @@ class Worker:
         for part in self.parts:
             part.pack(grads)
 
-    def _pack_one(self, name, g):
+    def _pack_one(self, name: str, g: Any) -> None:
         """One parameter's gradient into its place in the push buffer, checking its shape."""
         view = self.grad_views[name]
         if g.shape != view.shape:
