@@ -173,7 +173,7 @@ class ParameterServer:
             return book.poll()
 
         if not poll():
-            self.channel.waiter.until_settled(poll, book.moved, self.channel.idle_s)
+            self.channel.until_settled(poll, book.moved)
         return book.next_ready()
 
     # -- handlers ---------------------------------------------------------------------------

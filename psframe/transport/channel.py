@@ -1,7 +1,7 @@
 """Channel: every communicator call of a run, on one communicator, waited by one Waiter."""
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -49,6 +49,11 @@ class Channel:
         """Yield each frame's (start, stop) as its request completes, in arrival order."""
         for i in self.waiter.completed(requests, self.idle_s):
             yield frames[i]
+
+    def until_settled(self, done: Callable[[], bool], moved: Callable[[], bool]) -> None:
+        """Wait until ``done()``, testing without a pause while ``moved()`` says transfers are
+        still completing (a server whose pushes land meanwhile; see Waiter.until_settled)."""
+        self.waiter.until_settled(done, moved, self.idle_s)
 
     def each_index(self, requests: Sequence[MPI.Request]) -> Iterator[int]:
         """Yield each request's index as it completes, in arrival order."""
