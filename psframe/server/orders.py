@@ -8,8 +8,8 @@ import numpy as np
 
 from ..errors import ProtocolError
 from ..policies import DelayCompensation, PushDecision
-from ..transport import Tag, loss_of
-from ..transport.wire import loss_bits
+from ..transport import Tag, float_of
+from ..transport.wire import float_bits
 
 if TYPE_CHECKING:
     from ..transport.channel import Channel
@@ -59,11 +59,11 @@ def _decision_of(f: Sequence[int]) -> PushDecision:
     bits = _Bit(f[BITS])
     compensation = None
     if bits & _Bit.COMPENSATE:
-        compensation = _compensation(loss_of(f[LAM]), bool(bits & _Bit.ADAPTIVE),
-                                     loss_of(f[DECAY]))
+        compensation = _compensation(float_of(f[LAM]), bool(bits & _Bit.ADAPTIVE),
+                                     float_of(f[DECAY]))
     return PushDecision(drop=bool(bits & _Bit.DROP), accumulate=bool(bits & _Bit.ACCUMULATE),
                         apply=bool(bits & _Bit.APPLY), complete=bool(bits & _Bit.COMPLETE),
-                        scale=loss_of(f[SCALE]), weight=loss_of(f[WEIGHT]),
+                        scale=float_of(f[SCALE]), weight=float_of(f[WEIGHT]),
                         staleness=f[STALENESS], compensation=compensation)
 
 
@@ -107,9 +107,9 @@ class OrderWriter:
         comp = decision.compensation
         if comp is not None:
             bits |= _Bit.COMPENSATE | (_Bit.ADAPTIVE if comp.adaptive else 0)
-            b[LAM], b[DECAY] = loss_bits(comp.lam), loss_bits(comp.decay)
+            b[LAM], b[DECAY] = float_bits(comp.lam), float_bits(comp.decay)
         b[BITS] = int(bits)
-        b[SCALE], b[WEIGHT] = loss_bits(decision.scale), loss_bits(decision.weight)
+        b[SCALE], b[WEIGHT] = float_bits(decision.scale), float_bits(decision.weight)
         b[STALENESS] = decision.staleness
         b[N_REPLIES] = len(replies)
         for i, reply in enumerate(replies):

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from ..errors import ProtocolError, TrainingInterrupted
 from ..metrics import Stopwatch, TrainResult
 from ..policies import PushDecision
-from ..transport import Channel, Field, Op, Status, Tag, fill_header, loss_of
+from ..transport import Channel, Field, Op, Status, Tag, fill_header, float_of
 from .checkpoint_state import save_server_state
 from .executor import Executor, Pull
 from .group import Group
@@ -210,7 +210,7 @@ class ParameterServer:
         if accepted:
             ex.accepted(worker)
         self.recorder.pushed(worker, int(header[Field.COUNT]) * self.layout.dtype.itemsize,
-                             accepted, int(header[Field.SAMPLES]), loss_of(header[Field.LOSS]),
+                             accepted, int(header[Field.SAMPLES]), float_of(header[Field.LOSS]),
                              int(header[Field.BATCH]))
         decision = group.policy.push(local, clock, int(header[Field.VERSION]), accepted=accepted)
         serve = (self._register_pull(worker, header, group, local, clock + 1)

@@ -7,9 +7,9 @@ from .links import (LINKS, Landing, Link, MessageLink, Sends, SharedLink, make_l
                     open_server_links, open_worker_links)
 from .shm import SharedWindow
 from .waits import Waiter, transfer_idle_s
-from .wire import HEADER_LEN, Field, Flag, Op, Status, Tag, fill_header, loss_of, new_header
+from .wire import HEADER_LEN, Field, Flag, Op, Status, Tag, fill_header, float_of, new_header
 
 __all__ = ["Channel", "Waiter", "Link", "MessageLink", "SharedLink", "Landing", "Sends", "LINKS",
            "make_link", "SharedWindow", "Codec", "Identity", "codec_for",
            "open_server_links", "open_worker_links", "Tag", "Op", "Status", "Field", "Flag",
-           "HEADER_LEN", "new_header", "fill_header", "loss_of", "transfer_idle_s"]
+           "HEADER_LEN", "new_header", "fill_header", "float_of", "transfer_idle_s"]

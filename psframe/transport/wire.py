@@ -7,7 +7,7 @@ import struct
 import numpy as np
 
 __all__ = ["Tag", "Op", "Field", "Flag", "Status", "HEADER_LEN", "new_header", "fill_header",
-           "loss_bits", "loss_of"]
+           "float_bits", "float_of"]
 
 
 class Tag(enum.IntEnum):
@@ -75,13 +75,14 @@ def new_header() -> np.ndarray:
     return np.zeros(HEADER_LEN, dtype=np.int64)
 
 
-def loss_bits(loss: float) -> int:
-    """The int64 that holds float64 ``loss`` bit for bit (the LOSS field)."""
-    return struct.unpack("=q", struct.pack("=d", loss))[0]
+def float_bits(value: float) -> int:
+    """The int64 that holds float64 ``value`` bit for bit (a header's LOSS field, an
+    order's scale, weight and compensation)."""
+    return struct.unpack("=q", struct.pack("=d", value))[0]
 
 
-def loss_of(bits: int) -> float:
-    """The float64 loss whose bits a LOSS field holds."""
+def float_of(bits: int) -> float:
+    """The float64 whose bits an int64 field holds (see float_bits)."""
     return struct.unpack("=d", struct.pack("=q", bits))[0]
 
 
@@ -89,7 +90,7 @@ def fill_header(header: np.ndarray, op: int, worker: int, clock: int, lo: int, h
                 count: int, version: int, loss: float, samples: int, status: int, batch: int,
                 flags: int = 0) -> None:
     """Every field at once, in Field order: one write instead of twelve, on every step."""
-    header[:] = (op, worker, clock, lo, hi, count, version, loss_bits(loss), samples, status,
+    header[:] = (op, worker, clock, lo, hi, count, version, float_bits(loss), samples, status,
                  batch, flags)
 
 
