@@ -17,16 +17,36 @@ import math
 import numbers
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 from ..errors import ProtocolError
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from .mixed import MixedState
+__all__ = ["Policy", "PolicyState", "AnyPolicyState", "PushDecision", "positive_number"]
 
-__all__ = ["Policy", "PolicyState", "PushDecision", "positive_number"]
+
+class AnyPolicyState(Protocol):
+    """What the runtime reads and calls on a policy's state: a PolicyState, or a state that
+    hands on to one (psframe.policies.mixed.MixedState). Named here so that this contract
+    needs no import of the policies built on it."""
+
+    n_workers: int
+    version: int
+    clocks: List[int]
+    done: Set[int]
+    held: Dict[int, int]
+    gaps: "Counter[int]"
+
+    def pull(self, worker: int, clock: int) -> bool: ...
+
+    def push(self, worker: int, clock: int, pulled_version: int,
+             accepted: bool = True) -> "PushDecision": ...
+
+    def finish(self, worker: int) -> "PushDecision": ...
+
+    def restore(self, version: int, clocks: Sequence[int]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +131,7 @@ class Policy:
         from every worker may claim it (a subclass may also set ``lockstep = True``)."""
         return False
 
-    def state(self, n_workers: int, version: int = 0) -> Union[PolicyState, MixedState]:
+    def state(self, n_workers: int, version: int = 0) -> AnyPolicyState:
         raise NotImplementedError
 
     def validate(self, n_workers: int) -> None:
@@ -148,7 +168,7 @@ class PolicyState:
         self.held: Dict[int, int] = {}  # worker -> clock of its held pull: the one record of it
         self.gaps: Counter[int] = Counter()
 
-    def adopt(self, previous: Union[PolicyState, MixedState]) -> Self:
+    def adopt(self, previous: AnyPolicyState) -> Self:
         """Continue from another state's clocks (a Mixed phase switch)."""
         self.version = previous.version
         self.clocks = list(previous.clocks)

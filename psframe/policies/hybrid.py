@@ -1,15 +1,14 @@
 """Hybrid: dense parameters under one policy, row-sparse tables applied on arrival."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional
 
 from .base import Policy
 from .on_arrival import Async, _OnArrival, push_weight
 from .sync import Sync
 
 if TYPE_CHECKING:
-    from .base import PolicyState
-    from .mixed import MixedState
+    from .base import AnyPolicyState
 
 __all__ = ["Hybrid"]
 
@@ -61,7 +60,7 @@ class Hybrid(Policy):
             raise AttributeError(f"{type(sparse).__name__} has no push scale")
         return push_weight(sparse.scale, n_workers, 1)
 
-    def state(self, n_workers: int, version: int = 0) -> Union[PolicyState, MixedState]:
+    def state(self, n_workers: int, version: int = 0) -> AnyPolicyState:
         return self.dense.state(n_workers, version)
 
     def validate(self, n_workers: int) -> None:

@@ -1,17 +1,15 @@
 """Mixed: phases of policies switched on the fly, e.g. Sync for K updates, then Async."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
-from .base import Policy, PushDecision
+from .base import AnyPolicyState, Policy, PolicyState, PushDecision
 from .on_arrival import Async
 from .single_spec import single_policy_from_spec, spec_name
 from .sync import Sync
 
 if TYPE_CHECKING:
     from typing import Self
-
-    from .base import PolicyState
 
 # A phase: how many updates it lasts (None: to the end of the run), and its policy.
 Phase = Tuple[Optional[int], Policy]
@@ -68,7 +66,7 @@ class MixedState:
     def __init__(self, n_workers: int, phases: Sequence[Phase], version: int = 0) -> None:
         self.phases = phases
         self.phase = 0
-        self.inner: Union[PolicyState, MixedState] = phases[0][1].state(n_workers, version)
+        self.inner: AnyPolicyState = phases[0][1].state(n_workers, version)
         self.phase_start = version
         self.switches: List[int] = []  # versions at which each later phase began
 
@@ -104,7 +102,9 @@ class MixedState:
         # Phase over: the next state takes the clocks and re-decides the pulls still held.
         old = self.inner
         self.phase += 1
-        self.inner = self.phases[self.phase][1].state(old.n_workers).adopt(old)
+        new = self.phases[self.phase][1].state(old.n_workers)
+        assert isinstance(new, PolicyState)  # a phase is one policy, never a Mixed
+        self.inner = new.adopt(old)
         self.phase_start = old.version
         self.switches.append(old.version)
         release = list(decision.release)

@@ -1,15 +1,14 @@
 """Sync: bulk synchronous updates, one per step, the mean of that step's gradients."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Set, Union
+from typing import TYPE_CHECKING, Optional, Set
 
 from ..errors import ProtocolError
-from .base import Policy, PolicyState, PushDecision
+from .base import AnyPolicyState, Policy, PolicyState, PushDecision
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from .mixed import MixedState
 
 __all__ = ["Sync", "SyncState"]
 
@@ -78,7 +77,7 @@ class SyncState(PolicyState):
         self.arrived: Set[int] = set()
         self.n_accepted = 0
 
-    def adopt(self, previous: Union[PolicyState, MixedState]) -> Self:
+    def adopt(self, previous: AnyPolicyState) -> Self:
         super().adopt(previous)
         self.start_version = self.version
         return self
