@@ -231,6 +231,12 @@ class ParamLayout:
         self.tensors = TensorOffsets(shapes)
         self.server_cuts = ServerCuts(self.tensors, balance, cuts)
         self.frame_plan = FramePlan(self.tensors, int(shard_elems), self.server_cuts.cuts)
+        # Asked several times a step by the server and every worker: bound straight to the
+        # frame plan's methods, with no call in between (the methods below document them).
+        plan = self.frame_plan
+        self.shard_range = plan.shard_range  # type: ignore[method-assign]
+        self.shards_of_range = plan.shards_of_range  # type: ignore[method-assign]
+        self.frames = plan.frames  # type: ignore[method-assign]
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], dtype: Any = "float32",

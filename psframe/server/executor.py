@@ -10,7 +10,7 @@ from ..transport.parts import ServerPart
 from .checkpoint_state import restore_server_state
 from .group import Group
 from .inbox import GradientInbox
-from .pushes import Push, PushBook
+from .pushes import Push, PushBook, PushState
 from .recorder import Recorder
 from .updates import Update, UpdateEngine
 
@@ -75,6 +75,7 @@ class Executor:
         self.inbox = GradientInbox(layout, self.links, recorder.stats, on_bad_gradient,
                                    layer_shards)
         self.book = PushBook(n)
+        self._sends = Sends(channel)  # one answer's sends at a time: reused
         self._reply_headers = [new_header() for _ in range(n)]
         dense = dense_own[1] - dense_own[0]
         self.n_params = dense + sum(p.params() for p in self.parts)
@@ -106,7 +107,8 @@ class Executor:
             return None
         group, _ = self.group_of[worker]
         lo, hi = self.check_shards(worker, fields, group)
-        self.book.make_room(worker, fields[Field.CLOCK])
+        if worker in self.book.pushes:  # its last push, unless freed already
+            self.book.make_room(worker, fields[Field.CLOCK])
         landing = self.inbox.post(worker, lo, hi, int(fields[Field.COUNT]))
         push = Push(worker, fields, landing, self.streams(worker, fields, landing),
                     self.inbox.check_frame)
@@ -128,16 +130,15 @@ class Executor:
     def land(self, worker: int, fields: List[int], push: Push) -> bool:
         """Land and check worker's push (its dense frames; a streamed one: its size only, its
         frames as the update reads them). True if it is usable."""
-        group, _ = self.group_of[worker]
-        lo, hi = self.check_shards(worker, fields, group)
+        # Its shard range was checked when it was announced.
+        lo, hi = int(fields[Field.SHARD_LO]), int(fields[Field.SHARD_HI])
         count, clock = int(fields[Field.COUNT]), int(fields[Field.CLOCK])
         if push.streamed:  # finite by its worker's check; frames checked as they land
             self.inbox.check_size(worker, lo, hi, count, clock)
-            accepted = True
-        else:
-            accepted = self.inbox.receive(worker, lo, hi, count, clock,
-                                          int(fields[Field.FLAGS]), push.landing)
-        self.book.handled(push, accepted)
+            return True
+        accepted = self.inbox.receive(worker, lo, hi, count, clock, int(fields[Field.FLAGS]),
+                                      push.landing)
+        push.state = PushState.LANDED
         return accepted
 
     def land_parts(self, worker: int, push: bool) -> bool:
@@ -190,7 +191,7 @@ class Executor:
 
     def update_and_send(self, group: Group, update: Optional[Update], reads: Sequence[int],
                         pulls: Sequence[Pull], answer: Callable[[int, Group, Any], bool],
-                        before: Callable[[], None] = lambda: None) -> None:
+                        before: Optional[Callable[[], None]] = None) -> None:
         """Run ``update`` over the group's shards, sending the new weights to every answered
         pull frame by frame (UpdateEngine.update_and_send). ``answer(worker, group, clock)``
         fills each pull's reply header and says whether weights follow; ``before()`` runs
@@ -199,31 +200,34 @@ class Executor:
         others' once all their frames are there. ``reads``: the workers whose pushes
         ``update`` reads; those still landing are waited for frame by frame."""
         book = self.book
-        read = book.read_by_update(reads) if update is not None else []
+        read = book.read_by_update(reads) if update is not None and reads else []
         for w, _ in pulls:
             book.answered(w, read)
         answered = [(w, self.links[w]) for w, clock in pulls if answer(w, group, clock)]
-        before()
+        if before is not None:
+            before()
         for w, _ in pulls:
             if self.links[w].reply_first:
                 self.send_reply(w)
-        sends = Sends(self.channel)
-        landing = [p for p in read if p.streamed]
+        sends = self._sends
+        landing = [p for p in read if p.streamed] if read else []
         self.engine.update_and_send(group.shard_range, update, answered, sends, landing)
-        for w, _ in answered:  # before the shared links' replies: their parts are there
-            for part in self.parts:
-                self.recorder.moved(w, pulled=part.serve(w, sends.requests))
+        if self.parts:
+            for w, _ in answered:  # before the shared links' replies: their parts are there
+                for part in self.parts:
+                    self.recorder.moved(w, pulled=part.serve(w, sends.requests))
         last = [w for w, _ in pulls if not self.links[w].reply_first]
-        for link in {self.links[w].ready_key: self.links[w] for w in last}.values():
-            link.replies_ready()  # once per window, however many workers share it
-        gathered = set(book.gathering())
-        for w in last:
-            if w in gathered:  # its reply would let it overwrite that gradient
-                raise ProtocolError(f"the policy answered worker {w}'s pull while its "
-                                    "shared gradient still waits for an update")
-            self.send_reply(w)
+        if last:
+            for link in {self.links[w].ready_key: self.links[w] for w in last}.values():
+                link.replies_ready()  # once per window, however many workers share it
+            for w in last:
+                if book.is_gathered(w):  # its reply would let it overwrite that gradient
+                    raise ProtocolError(f"the policy answered worker {w}'s pull while its "
+                                        "shared gradient still waits for an update")
+                self.send_reply(w)
         sends.wait()
-        book.freed(read)
+        if read:
+            book.freed(read)
 
     # -- replies ----------------------------------------------------------------------------
     def reply_header(self, worker: int) -> Any:

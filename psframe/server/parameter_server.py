@@ -167,14 +167,14 @@ class ParameterServer:
 
         def poll() -> bool:
             for w in self.requests.arrived():
-                if not book.in_hand(w):  # one request per worker in hand at a time
+                if w not in book.arriving:  # one request per worker in hand at a time
                     fields = self.requests.take(w)
                     book.queue(w, fields, self.executor.announce(w, fields))
-            return book.poll()
+            return book.poll() if book.arriving else bool(book.ready)
 
         if not poll():
             self.channel.until_settled(poll, book.moved)
-        return book.next_ready()
+        return book.ready.pop(0)
 
     # -- handlers ---------------------------------------------------------------------------
     def _on_pull(self, worker: int, header: List[int], push: Optional[Push] = None) -> None:
@@ -205,10 +205,11 @@ class ParameterServer:
         ex = self.executor
         assert push is not None
         accepted = ex.land(worker, header, push)
-        if not ex.land_parts(worker, push=True) and accepted:
-            accepted = ex.inbox.reject(worker, clock)
-        if accepted:
-            ex.accepted(worker)
+        if ex.parts:  # the push's other parts (row-sparse rows): one refusal refuses it all
+            if not ex.land_parts(worker, push=True) and accepted:
+                accepted = ex.inbox.reject(worker, clock)
+            if accepted:
+                ex.accepted(worker)
         self.recorder.pushed(worker, int(header[Field.COUNT]) * self.layout.dtype.itemsize,
                              accepted, int(header[Field.SAMPLES]), float_of(header[Field.LOSS]),
                              int(header[Field.BATCH]))
@@ -241,14 +242,17 @@ class ParameterServer:
                reads: Sequence[int], pulls: Sequence[Pull]) -> None:
         """Run the update and answer ``pulls``; the other servers get the order for this
         request (``decision`` and the replies) before this one starts on its own range."""
-        def order() -> None:
-            if self.followers is not None:
-                replies = [(w, *(int(self.executor.reply_header(w)[f])
-                                 for f in (Field.STATUS, Field.VERSION, Field.BATCH)))
-                           for w, _ in pulls]
-                self.followers.request(*self._event, decision, replies)
+        followers = self.followers
 
-        self.executor.update_and_send(group, update, reads, pulls, self._answer, order)
+        def order() -> None:
+            assert followers is not None
+            replies = [(w, *(int(self.executor.reply_header(w)[f])
+                             for f in (Field.STATUS, Field.VERSION, Field.BATCH)))
+                       for w, _ in pulls]
+            followers.request(*self._event, decision, replies)
+
+        self.executor.update_and_send(group, update, reads, pulls, self._answer,
+                                      order if followers is not None else None)
 
     def _updated(self, staleness: int, weight: float = 1.0) -> None:
         version = self.version

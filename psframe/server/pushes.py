@@ -111,11 +111,6 @@ class PushBook:
         else:
             self.arriving[worker] = push
 
-    def in_hand(self, worker: int) -> bool:
-        """Whether worker's push is still landing, not handed on (its next request waits:
-        one request per worker in hand at a time)."""
-        return worker in self.arriving
-
     def landing(self) -> List[int]:
         """Workers whose push is still arriving: announced ones not yet ready, and streamed
         ones not yet landed whole."""
@@ -140,15 +135,7 @@ class PushBook:
         self._landed_frames = done
         return moved
 
-    def next_ready(self) -> Tuple[int, List[int], Optional[Push]]:
-        return self.ready.pop(0)
-
     # -- decisions --------------------------------------------------------------------------
-    def handled(self, push: Push, accepted: bool) -> None:
-        """The server has checked ``push`` (a streamed one: its size only, yet)."""
-        if not push.streamed:
-            push.state = PushState.LANDED
-
     def gather(self, worker: int) -> None:
         self.pushes[worker].state = PushState.GATHERED
 
@@ -156,6 +143,10 @@ class PushBook:
         """Which of ``workers`` have a push kept for the step, in worker order."""
         return sorted(w for w in workers
                       if w in self.pushes and self.pushes[w].state is PushState.GATHERED)
+
+    def is_gathered(self, worker: int) -> bool:
+        push = self.pushes.get(worker)
+        return push is not None and push.state is PushState.GATHERED
 
     def drop(self, worker: int) -> None:
         push = self.pushes.pop(worker, None)

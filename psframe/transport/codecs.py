@@ -22,6 +22,9 @@ class Codec:
     """
 
     name = "codec"
+    #: Frames are sent and received where they lie, and decode does nothing: a landing then
+    #: needs no bookkeeping of which frames it has decoded.
+    in_place = False
 
     def __init__(self, dtype: np.dtype) -> None:
         self.dtype = np.dtype(dtype)  # the flat buffer's element type
@@ -52,6 +55,7 @@ class Identity(Codec):
     """The buffer's own elements, sent and received in place."""
 
     name = "none"
+    in_place = True
 
     @property
     def wire_dtype(self) -> np.dtype:

@@ -63,15 +63,16 @@ class Landing:
 
     def _decoded(self, i: int) -> Frame:
         a, b = self.frames[i]
-        if i not in self._decoded_frames:  # once: a real codec's decode is not idempotent
+        if not self.codec.in_place and i not in self._decoded_frames:  # once: a real codec's decode is not idempotent
             self._decoded_frames.add(i)
             self.codec.decode(self.flat, a, b)
         return a, b
 
     def arrivals(self) -> Iterator[Frame]:
         """Each frame as it lands, decoded, in the order they complete."""
-        for i in self.channel.each_index(self.requests):
-            yield self._decoded(i)
+        if self.codec.in_place:
+            return self.channel.each_frame(self.requests, self.frames)
+        return (self._decoded(i) for i in self.channel.each_index(self.requests))
 
     def in_order(self) -> Iterator[Frame]:
         """Each frame in frame order, once it has landed and is decoded (a GPU worker copies
@@ -82,6 +83,9 @@ class Landing:
 
     def wait(self) -> None:
         """Every frame landed and decoded."""
+        if self.codec.in_place:
+            self.channel.wait_frames(self.requests)
+            return
         for _ in self.arrivals():
             pass
 
@@ -117,8 +121,9 @@ class Sends:
             self.channel.progress(self.requests)
 
     def wait(self) -> None:
-        self.channel.wait_frames(self.requests)
-        self.requests = []
+        if self.requests:
+            self.channel.wait_frames(self.requests)
+            self.requests = []
 
 
 class Link:
@@ -217,9 +222,12 @@ class MessageLink(Link):
         self.streams = streams
 
     def _post(self, flat: np.ndarray, frames: Sequence[Frame], tag: int) -> Landing:
-        codec, channel = self.codec, self.channel
-        requests = [channel.irecv_array(codec.landing(flat, a, b), self.peer, tag)
-                    for a, b in frames]
+        codec, channel, peer = self.codec, self.channel, self.peer
+        if codec.in_place:  # the common case, on every step: no call per frame
+            requests = [channel.irecv_array(flat[a:b], peer, tag) for a, b in frames]
+        else:
+            requests = [channel.irecv_array(codec.landing(flat, a, b), peer, tag)
+                        for a, b in frames]
         return Landing(channel, flat, frames, requests, codec)
 
     def post_push(self, lo: int, hi: int,
@@ -233,8 +241,8 @@ class MessageLink(Link):
         yield from landing.arrivals()
 
     def send_frame(self, weights: np.ndarray, a: int, b: int, sends: List[Any]) -> None:
-        sends.append(self.channel.isend_array(self.codec.encode(weights, a, b), self.peer,
-                                              Tag.WEIGHTS))
+        frame = weights[a:b] if self.codec.in_place else self.codec.encode(weights, a, b)
+        sends.append(self.channel.isend_array(frame, self.peer, Tag.WEIGHTS))
 
     def post_weights(self, lo: int, hi: int) -> Landing:
         return self._post(self.weights, self.channel.layout.frames(lo, hi), Tag.WEIGHTS)
@@ -244,8 +252,11 @@ class MessageLink(Link):
 
     def post_frames(self, lo: int, hi: int,
                     frames: Optional[Sequence[Frame]] = None) -> List[Any]:
-        codec, flat = self.codec, self.gradient
-        return [self.channel.isend_array(codec.encode(flat, a, b), self.peer, Tag.PUSH)
+        codec, flat, channel, peer = self.codec, self.gradient, self.channel, self.peer
+        if codec.in_place:
+            return [channel.isend_array(flat[a:b], peer, Tag.PUSH)
+                    for a, b in self._frames(lo, hi, frames)]
+        return [channel.isend_array(codec.encode(flat, a, b), peer, Tag.PUSH)
                 for a, b in self._frames(lo, hi, frames)]
 
 
@@ -266,6 +277,7 @@ class SharedLink(Link):
         super().__init__(channel, peer, gradient, weights)
         self.window = window
         self.name = "shared-copy" if server_writes else "shared-read"
+        self._nothing_to_land = Landing(channel, weights, [], [], self.codec)
 
     def pushed_frames(self, lo: int, hi: int, frames: Optional[Sequence[Frame]] = None,
                       landing: Optional[Landing] = None) -> Iterator[Frame]:
@@ -284,8 +296,9 @@ class SharedLink(Link):
         return id(self.window)  # one fence orders this rank's writes to the whole window
 
     def post_weights(self, lo: int, hi: int) -> Landing:
-        # The server writes them in place, then answers: nothing to land.
-        return Landing(self.channel, self.weights, [], [], self.codec)
+        # The server writes them in place, then answers: nothing to land (one empty
+        # landing serves every pull).
+        return self._nothing_to_land
 
     def await_reply(self, reply: Any, lo: int, hi: int) -> None:
         # No transfer to keep moving: the reply comes when the server's update is done.

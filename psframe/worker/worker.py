@@ -358,8 +358,9 @@ class Worker:
         for i, (a, b) in self._parts(lo, hi):
             reply = self.channel.irecv_header(self._replies[i], self.servers[i][0], Tag.REPLY)
             posted.append((i, (a, b), reply, self.links[i].post_weights(a, b)))
-        self._parts_posted = [r for i, *_ in posted for part in self.parts
-                              for r in part.post_pull(i)]
+        if self.parts:
+            self._parts_posted = [r for i, *_ in posted for part in self.parts
+                                  for r in part.post_pull(i)]
         return posted
 
     def _receive_weights(self, posted: Sequence[Tuple[int, Tuple[int, int], Any, Landing]],
@@ -457,6 +458,10 @@ class Worker:
                 f"loss_and_grad must return a gradient for exactly the parameters "
                 f"{sorted(self.grad_views)}; got {got} at step {step}"
             )
+        if not self.parts:
+            for name, g in grads.items():
+                self._pack_one(name, g)
+            return
         for name, g in grads.items():
             if not any(part.packs(name) for part in self.parts):
                 self._pack_one(name, g)
