@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ProtocolError
 from ..policies import PushDecision
+from ..sparse.server_rows import ServerRows
 from ..transport import Channel, Field, Flag, Op, Sends, Tag, new_header, open_server_links
 from ..transport.parts import ServerPart
 from .checkpoint_state import restore_server_state
@@ -64,8 +65,6 @@ class Executor:
         # row-sparse tables' rows, when the model has some.
         self.parts: List[ServerPart] = []
         if sparse is not None:
-            from ..sparse.server_rows import ServerRows
-
             rows = ServerRows(sparse, self.engine.weights, optimizer, self.engine.opt_state,
                               self.links, index=index, on_arrival=sparse_on_arrival)
             if weights is not initial:  # moved into the shared window: its rows too
