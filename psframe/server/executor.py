@@ -73,7 +73,7 @@ class Executor:
         self.engine.parts = self.parts  # checkpointed with the engine's state
         self.inbox = GradientInbox(layout, self.links, recorder.stats, on_bad_gradient,
                                    layer_shards)
-        self.book = PushBook(n)
+        self.book = PushBook()
         self._sends = Sends(channel)  # one answer's sends at a time: reused
         self._reply_headers = [new_header() for _ in range(n)]
         dense = dense_own[1] - dense_own[0]

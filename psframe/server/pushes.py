@@ -75,13 +75,12 @@ class PushBook:
       desynchronizing it).
     """
 
-    def __init__(self, n_workers: int) -> None:
+    def __init__(self) -> None:
         self.ready: List[Tuple[int, List[int], Optional[Push]]] = []
         self.pushes: Dict[int, Push] = {}
         self.arriving: Dict[int, Push] = {}  # pushes to hand on once landed whole
         self.awaiting: Set[int] = set()
         self._landed_frames = 0
-        self.n_workers = n_workers
 
     # -- landing ----------------------------------------------------------------------------
     def make_room(self, worker: int, clock: int) -> None:
@@ -141,8 +140,7 @@ class PushBook:
 
     def gathered(self, workers: Sequence[int]) -> List[int]:
         """Which of ``workers`` have a push kept for the step, in worker order."""
-        return sorted(w for w in workers
-                      if w in self.pushes and self.pushes[w].state is PushState.GATHERED)
+        return sorted(w for w in workers if self.is_gathered(w))
 
     def is_gathered(self, worker: int) -> bool:
         push = self.pushes.get(worker)

@@ -13,7 +13,7 @@ whole arrays through ``post_array``/``send_array``, on links that move payload.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class Landing:
         self.frames = list(frames)
         self.requests = requests
         self.codec = codec
-        self._decoded_frames: set = set()
+        self._landed: Set[int] = set()  # frames waited for (and decoded), by index
 
     def done(self) -> bool:
         """Whether every frame has landed (not yet decoded: see wait_frame, arrivals)."""
@@ -63,9 +63,10 @@ class Landing:
 
     def _decoded(self, i: int) -> Frame:
         a, b = self.frames[i]
-        if not self.codec.in_place and i not in self._decoded_frames:  # once: a real codec's decode is not idempotent
-            self._decoded_frames.add(i)
-            self.codec.decode(self.flat, a, b)
+        if i not in self._landed:  # once: a real codec's decode is not idempotent
+            self._landed.add(i)
+            if not self.codec.in_place:
+                self.codec.decode(self.flat, a, b)
         return a, b
 
     def arrivals(self) -> Iterator[Frame]:
@@ -92,7 +93,7 @@ class Landing:
     def wait_within(self, start: int, stop: int) -> None:
         """The frames that meet elements [start, stop) (a layer's weights), landed."""
         needed = [i for i, (a, b) in enumerate(self.frames)
-                  if a < stop and b > start and i not in self._decoded_frames]
+                  if a < stop and b > start and i not in self._landed]
         if needed:
             self.channel.wait_frames([self.requests[i] for i in needed])
             for i in needed:
@@ -100,7 +101,7 @@ class Landing:
 
     def cancel(self) -> None:
         """Withdraw the frames: no payload follows (the pull was answered without weights)."""
-        self.channel.cancel([r for r in self.requests if r is not None])
+        self.channel.cancel(self.requests)
 
 
 class Sends:

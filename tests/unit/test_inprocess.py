@@ -438,7 +438,7 @@ def test_the_fake_matches_by_source_and_tag_in_order_and_refuses_truncation():
 
 def test_the_fake_refuses_a_send_buffer_changed_in_flight():
     world = World(2)
-    zero, one = FakeChannel(world, 0, LAYOUT), FakeChannel(world, 1, LAYOUT)
+    _, one = FakeChannel(world, 0, LAYOUT), FakeChannel(world, 1, LAYOUT)
     buf = np.zeros(4)
     request = one.isend_array(buf, 0, 5)
     buf[0] = 1.0  # before the send was seen complete: MPI may still be reading it
